@@ -1,0 +1,136 @@
+"""Who am I: rank, local rank, world size, node, job id and rendezvous address, read from the
+environment that torchrun, SLURM (srun / submitit) or nothing at all left for this process.
+
+Stdlib only, so the launcher can use it on a login node without importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClusterEnv:
+    """The process's place in the job."""
+
+    launcher: str  # "torchrun" | "slurm" | "single"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    job_id: str = ""
+    restart_count: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def torch_env(self) -> dict[str, str]:
+        """The variables torch.distributed's env:// rendezvous (and accelerate) read."""
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
+    """torchrun's variables win (torchrun may itself run inside a SLURM allocation), then SLURM tasks."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torchrun(env)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        return _from_slurm(env)
+    return ClusterEnv(launcher="single", job_id=env.get("SLURM_JOB_ID", ""))
+
+
+def _from_torchrun(env: Mapping[str, str]) -> ClusterEnv:
+    world = int(env["WORLD_SIZE"])
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    return ClusterEnv(
+        launcher="torchrun",
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", 0)),
+        world_size=world,
+        local_world_size=local_world,
+        node_rank=int(env.get("GROUP_RANK", 0)),
+        num_nodes=max(1, world // max(1, local_world)),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT", 29500)),
+        job_id=env.get("SLURM_JOB_ID", env.get("TORCHELASTIC_RUN_ID", "")),
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", 0))),
+    )
+
+
+def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
+    job_id = env["SLURM_JOB_ID"]
+    nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+    world = int(env["SLURM_NTASKS"])
+    num_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", len(nodes) or 1)))
+    return ClusterEnv(
+        launcher="slurm",
+        rank=int(env["SLURM_PROCID"]),
+        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        world_size=world,
+        local_world_size=_tasks_on_this_node(env, world, num_nodes),
+        node_rank=int(env.get("SLURM_NODEID", 0)),
+        num_nodes=num_nodes,
+        master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
+        master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
+        job_id=job_id,
+        restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
+    )
+
+
+def _tasks_on_this_node(env: Mapping[str, str], world: int, num_nodes: int) -> int:
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
+    match = re.match(r"(\d+)", per_node)
+    return int(match.group(1)) if match else max(1, world // max(1, num_nodes))
+
+
+def port_for_job(job_id: str) -> int:
+    """A rendezvous port every task of a job derives alike, spread so that two jobs sharing a node
+    rarely collide; kept clear of the ephemeral range Linux hands out (32768+)."""
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return 15000 + int(digits) % 15000
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Expand a SLURM hostlist: `gpu[01-03,07],login1` -> gpu01, gpu02, gpu03, gpu07, login1."""
+    hosts: list[str] = []
+    for part in _split_top_level(text.strip()):
+        match = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            width = len(lo)
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{width}d}{suffix}")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        parts.append(cur)
+    return parts

@@ -1,0 +1,1 @@
+"""Subcommands of the `disttrain` CLI (ckpt, status, plot): one module each."""

@@ -1,0 +1,424 @@
+"""Typed configuration: nested dataclasses, YAML load with `base:` inheritance, dotted overrides,
+validation that names the key and says what to write instead.
+
+Everything here is pure data and stdlib + yaml: nothing touches the disk except reading config files,
+so a bad config is refused before any run directory exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+DEFAULT_PIPELINE = "disttrain.pipelines.digits:DigitsPipeline"
+SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I)
+REDACTED = "***REDACTED***"
+_SCI_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """Bad user input; the entry point prints the message on one line and exits with code 2."""
+
+
+def _f(default: Any, doc: str, **checks: Any) -> Any:
+    """A dataclass field carrying its one-line doc and validation rules (choices, min, max, secret)."""
+    meta = {"doc": doc, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    max_steps: int = _f(300, "number of optimizer steps to train for", min=1)
+    eval_every: int = _f(100, "evaluate every N optimizer steps (0: only at the end)", min=0)
+    log_every: int = _f(10, "write train metrics every N optimizer steps", min=1)
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", min=1)
+    mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
+    grad_clip: float = _f(1.0, "max global gradient norm (0: no clipping)", min=0.0)
+    progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "off"))
+    collective_timeout_s: float = _f(600.0, "seconds before a stuck collective aborts the job", min=1.0)
+    cpu: bool = _f(False, "train on CPU even when a GPU is present")
+
+
+@dataclass
+class DataConfig:
+    """Batching and loading. Batch sizes are global: summed over ranks and accumulation steps."""
+
+    batch_size: int = _f(64, "global training batch per optimizer step", min=1)
+    eval_batch_size: int = _f(256, "global evaluation batch", min=1)
+    num_workers: int = _f(0, "DataLoader worker processes per rank", min=0)
+    shuffle: bool = _f(True, "reshuffle the training set every epoch (order fixed by seed and epoch)")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer."""
+
+    name: str = _f("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = _f(3e-3, "peak learning rate", min=0.0)
+    weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 penalty (sgd, adam)", min=0.0)
+    betas: list[float] = _f([0.9, 0.999], "Adam betas")
+    momentum: float = _f(0.9, "SGD momentum", min=0.0)
+    fused: bool = _f(False, "use the fused CUDA kernel (GPU only)")
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning-rate schedule, stepped once per optimizer step."""
+
+    name: str = _f("constant", "schedule after warmup", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = _f(0, "linear warmup from 0 to optim.lr over N steps", min=0)
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of optim.lr (cosine, linear)", min=0.0, max=1.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = _f(100, "save every N optimizer steps (0: never by step count)", min=0)
+    every_minutes: float = _f(0.0, "also save every N minutes of wall clock (0: off)", min=0.0)
+    keep_last: int = _f(3, "number of newest checkpoints to keep", min=1)
+    keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0: off)", min=0)
+    async_save: bool = _f(False, "write in a background thread; the step blocks only for the host copy")
+    save_final: bool = _f(True, "save when training finishes")
+    load_mode: str = _f("all", "who reads a checkpoint", choices=("all", "broadcast"))
+
+
+@dataclass
+class LogConfig:
+    """Writers. Only rank 0 writes; other ranks get a null writer."""
+
+    jsonl: bool = _f(True, "write RUN_DIR/metrics.jsonl")
+    console: bool = _f(True, "print metrics on rank 0")
+    wandb: bool = _f(False, "log to Weights & Biases (respects WANDB_MODE; offline works without network)")
+    wandb_project: str = _f("disttrain", "wandb project")
+    wandb_entity: str | None = _f(None, "wandb entity (team or user)")
+    wandb_tags: list[str] = _f([], "wandb run tags")
+    tensorboard: bool = _f(False, "write TensorBoard events under RUN_DIR/tb/")
+    plot: bool = _f(True, "draw RUN_DIR/curves.png at the end of a run (needs matplotlib)")
+
+
+@dataclass
+class PipelineConfig:
+    """The user's model, data and loss: a Pipeline subclass named by import path."""
+
+    target: str = _f(DEFAULT_PIPELINE, "import path `package.module:ClassName` of a Pipeline subclass")
+    args: dict[str, Any] = _f({}, "keyword arguments passed to the pipeline's constructor")
+
+
+@dataclass
+class Config:
+    """A whole run. Top-level keys describe the run itself; sections configure components."""
+
+    run_dir: str = _f("runs/digits", "where config, metrics, events and checkpoints go (path or fsspec URL)")
+    seed: int = _f(0, "seed for model init, data order and per-rank RNG", min=0)
+    resume: str = _f("auto", "auto: newest verified checkpoint in run_dir; never: refuse if any; or a path")
+    name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+# Keys whose change makes an existing checkpoint meaningless for this run (model shape, data order,
+# optimizer state layout). Other changes (max_steps, log cadence) are allowed on resume and noted.
+RESUME_CRITICAL_KEYS = ("seed", "data.batch_size", "optim.name", "pipeline.target", "pipeline.args")
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path` (following `base:`), apply `key=value` overrides and validate. Raises ConfigError."""
+    raw = _read_with_bases(path, seen=()) if path else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    source = path or "the built-in default"
+    cfg = _build(Config, raw, prefix="", source=source)
+    validate(cfg, source)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`optim.lr=3e-4` -> ("optim.lr", 0.0003). Values are YAML, so `x=[1,2]` is a list."""
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} has no '=': write it as key=value, e.g. trainer.max_steps=200")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: take it as the literal string the user typed
+    return key.strip(), value
+
+
+def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    real = os.path.abspath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself; remove one of the `base:` lines")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `base:` must be a path to another YAML file, got {base!r}")
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(real), base)
+    return _deep_merge(_read_with_bases(base_path, seen + (real,)), data)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} not found: check the path given to --config")
+    if os.path.isdir(path):
+        raise ConfigError(f"config path {path!r} is a directory: pass a YAML file to --config")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if "\t" in line[: len(line) - len(line.lstrip())]:
+            raise ConfigError(f"{path}:{line_no}: malformed YAML: tab used for indentation; indent with spaces")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = err.problem or err.context or "invalid syntax"
+        raise ConfigError(f"{where}: malformed YAML: {problem}; fix the syntax at that line") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: malformed YAML: {err}; fix the file's syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys (run_dir:, trainer:, ...), not {_tname(data)}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "args":
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section; drop the part after it")
+        node = child
+    node[parts[-1]] = value
+
+
+# ----------------------------------------------------------------------------------------- build
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a section (mapping), got {_tname(raw)} [{source}]")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(prefix, str(key), names, source))
+    kwargs = {}
+    for fld in dataclasses.fields(cls):
+        if fld.name not in raw:
+            continue
+        hint = hints[fld.name]
+        key = prefix + fld.name
+        if dataclasses.is_dataclass(hint):
+            kwargs[fld.name] = _build(hint, raw[fld.name], key + ".", source)
+        else:
+            kwargs[fld.name] = _coerce(raw[fld.name], hint, key, source)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(prefix: str, key: str, names: list[str], source: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys here: {', '.join(names)}"
+    return f"unknown config key {prefix}{key}: {hint} [{source}]"
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, value, "true or false", source)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _type_error(key, value, "an integer", source)
+    if hint is float:
+        # YAML 1.1 reads `3e-4` (no dot) as a string; a number in scientific notation is what users mean.
+        if isinstance(value, str) and _SCI_NUMBER.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, value, "a number", source)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, value, "a string", source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, "a list like [a, b]", source)
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, "a mapping like {k: v}", source)
+        return dict(value)
+    raise AssertionError(f"unsupported config type {hint} for {key}")
+
+
+def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r} ({_tname(value)}) [{source}]")
+
+
+def _tname(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# ------------------------------------------------------------------------------------- validate
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Range and choice checks from field metadata, then cross-field rules. Raises ConfigError."""
+    for key, value, meta in _walk(cfg):
+        if "choices" in meta and value not in meta["choices"]:
+            options = " | ".join(map(str, meta["choices"]))
+            raise ConfigError(f"{key}: {value!r} is not one of {options} [{source}]")
+        if "min" in meta and value is not None and value < meta["min"]:
+            raise ConfigError(f"{key}: {value} is below the minimum {meta['min']} [{source}]")
+        if "max" in meta and value is not None and value > meta["max"]:
+            raise ConfigError(f"{key}: {value} is above the maximum {meta['max']} [{source}]")
+    if not cfg.run_dir.strip():
+        raise ConfigError(f"run_dir: must not be empty; write run_dir=runs/my_run [{source}]")
+    if not cfg.resume.strip():
+        raise ConfigError(f"resume: must be auto, never or a checkpoint path [{source}]")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999] [{source}]")
+    if cfg.scheduler.warmup_steps > cfg.trainer.max_steps:
+        raise ConfigError(
+            f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds trainer.max_steps "
+            f"{cfg.trainer.max_steps}; lower the warmup [{source}]"
+        )
+    if ":" not in cfg.pipeline.target or cfg.pipeline.target.endswith(":"):
+        raise ConfigError(
+            f"pipeline.target: {cfg.pipeline.target!r} must look like package.module:ClassName [{source}]"
+        )
+
+
+def check_batch_divides(cfg: Config, world_size: int) -> None:
+    """The global batch must split evenly into world_size ranks x grad_accum micro-batches."""
+    parts = world_size * cfg.trainer.grad_accum
+    if cfg.data.batch_size % parts:
+        lower = (cfg.data.batch_size // parts) * parts or parts
+        upper = lower + parts if lower < cfg.data.batch_size else lower
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} does not divide into {world_size} rank(s) x "
+            f"trainer.grad_accum={cfg.trainer.grad_accum}; use a multiple of {parts}, e.g. "
+            f"data.batch_size={upper}"
+        )
+    if cfg.data.eval_batch_size % world_size:
+        fixed = -(-cfg.data.eval_batch_size // world_size) * world_size
+        raise ConfigError(
+            f"data.eval_batch_size: {cfg.data.eval_batch_size} does not divide into {world_size} rank(s); "
+            f"use data.eval_batch_size={fixed}"
+        )
+
+
+def _walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
+    for fld in dataclasses.fields(obj):
+        value = getattr(obj, fld.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, prefix + fld.name + ".")
+        else:
+            yield prefix + fld.name, value, dict(fld.metadata)
+
+
+# ----------------------------------------------------------------------------------------- dump
+
+
+def to_dict(cfg: Config, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data; with `redact`, values under secret-looking keys are replaced."""
+    data = dataclasses.asdict(cfg)
+    return _redact(data) if redact else data
+
+
+def _redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (REDACTED if SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") else _redact(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_redact(v) for v in node]
+    return node
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved, redacted config as YAML (what RUN_DIR/config.yaml holds)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def get_dotted(data: dict[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def resume_fingerprint(cfg: Config) -> dict[str, Any]:
+    """The values of RESUME_CRITICAL_KEYS, compared against a checkpoint's before resuming."""
+    data = to_dict(cfg, redact=True)
+    return {key: get_dotted(data, key) for key in RESUME_CRITICAL_KEYS}
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved, redacted config; goes into checkpoint manifests."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every leaf key: used for the README config reference and `disttrain config`."""
+    rows: list[tuple[str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    default = cls()
+    for fld in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[fld.name]):
+            rows += field_docs(hints[fld.name], prefix + fld.name + ".")
+        else:
+            rows.append((prefix + fld.name, getattr(default, fld.name), fld.metadata.get("doc", "")))
+    return rows

@@ -79,7 +79,7 @@ class OptimConfig:
 class SchedulerConfig:
     """The learning-rate schedule, stepped once per optimizer step."""
 
-    name: str = _f("constant", "schedule after warmup", choices=("constant", "cosine", "linear"))
+    name: str = _f("cosine", "schedule after warmup", choices=("constant", "cosine", "linear"))
     warmup_steps: int = _f(0, "linear warmup from 0 to optim.lr over N steps", min=0)
     min_lr_ratio: float = _f(0.0, "final lr as a fraction of optim.lr (cosine, linear)", min=0.0, max=1.0)
 

@@ -110,3 +110,26 @@ def destroy() -> None:
     if initialized():
         tdist.destroy_process_group()
 
+
+
+class PendingFlag:
+    """An any-rank flag all-reduced in the background: started at one step boundary, read at the next.
+
+    Agreement this way costs the loop no wait for a network round trip; every rank reads the same
+    result at the same boundary, so all ranks still stop at the same step (one step later).
+    """
+
+    def __init__(self, flag: bool):
+        self.local = flag
+        self.tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
+        self.work = tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
+
+    def result(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+        return bool(self.tensor.item())
+
+
+def start_any_flag(flag: bool) -> PendingFlag:
+    """Begin agreeing on `flag`; `.result()` later returns True if any rank set it. Must be called on all ranks."""
+    return PendingFlag(flag)

@@ -74,7 +74,8 @@ class SlurmCluster:
 
     def __init__(self, workdir, *, nodes=("node1", "node2"), cpus_per_node=2,
                  real_memory_mb=1000, grace_time_s=30, min_job_age_s=60, kill_wait_s=5,
-                 ctld_port=None, node_ports=None, cluster_name="disttrain", debug="info"):
+                 ctld_port=None, node_ports=None, cluster_name="disttrain", debug="info",
+                 extra_conf=()):
         self.workdir = Path(workdir).resolve()
         self.nodes = tuple(nodes)
         self.cpus_per_node = cpus_per_node
@@ -84,6 +85,7 @@ class SlurmCluster:
         self.kill_wait_s = kill_wait_s
         self.cluster_name = cluster_name
         self.debug = debug
+        self.extra_conf = [extra_conf] if isinstance(extra_conf, str) else list(extra_conf)
         ports = free_ports(1 + len(self.nodes))
         self.ctld_port = ctld_port or ports[0]
         self.node_ports = list(node_ports or ports[1:])
@@ -149,11 +151,8 @@ class SlurmCluster:
     def stop(self, timeout: float = 30) -> None:
         """Cancel all jobs, stop the daemons this object started, kill leftover job steps."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
-            self._run(["scancel", "--full", "--user", "root"], check=False)  # best effort
-            with contextlib.suppress(SlurmError):
-                self._wait(lambda: not self._run(["squeue", "-h", "-t", "R,CG"],
-                                                 check=False).stdout.strip(),
-                           min(timeout, 15), "jobs to end")
+            with contextlib.suppress(SlurmError, subprocess.TimeoutExpired):
+                self.cancel_all(timeout=min(timeout, 20))
         for name in [n for n in self._procs if n.startswith("slurmd.")] + ["slurmctld",
                                                                              "munged"]:
             proc = self._procs.pop(name, None)
@@ -238,6 +237,12 @@ class SlurmCluster:
     def cancel(self, job_id) -> None:
         self._run(["scancel", str(job_id)], check=False)
 
+    def cancel_all(self, timeout: float = 30) -> None:
+        """Cancel every job and wait until nothing runs or completes (tests call it between)."""
+        self._run(["scancel", "--full", "--user", "root"], check=False)
+        self._wait(lambda: not self._run(["squeue", "-h"], check=False).stdout.strip(),
+                   timeout, "all jobs to leave the queue")
+
     def logs(self, tail: int = 60) -> str:
         """The last lines of every daemon log, for a failing test's report."""
         parts = []
@@ -292,12 +297,12 @@ class SlurmCluster:
             "SlurmctldTimeout=30",
             "SlurmdTimeout=60",
             "MessageTimeout=10",
-            "SlurmctldParameters=enable_configless",
         ]
         for node, port in zip(self.nodes, self.node_ports):
             lines.append(f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} "
                          f"Port={port} CPUs={self.cpus_per_node} "
                          f"RealMemory={self.real_memory_mb} State=UNKNOWN")
+        lines += self.extra_conf  # e.g. "PreemptParameters=send_user_signal"
         nodes = ",".join(self.nodes)
         lines += [
             f"PartitionName=low Nodes={nodes} Default=YES PriorityTier=1 "

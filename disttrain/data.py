@@ -1,0 +1,146 @@
+"""Resumable data order and dataloaders.
+
+One global sample order per (seed, epoch). An optimizer step consumes the next `batch_size` samples of
+that order; they are cut into `grad_accum` micro-batches and each micro-batch into `world_size` rank
+slices. The cursor is the number of samples of the current epoch already consumed, so a resume jumps
+straight to it (O(1), no iterating through data), and a resume at another world size with the same
+global batch consumes exactly the same samples per step: none repeated, none skipped.
+
+Each epoch trains on floor(N / batch_size) full batches; the remainder of the shuffled order is left
+for that epoch (a different remainder every epoch, so every sample is still seen).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+# Signals the preemption protocol handles in the main process. A DataLoader worker that received one
+# would die mid-batch and take the step with it, so workers ignore them (DESIGN §5).
+_WORKER_IGNORED = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGCONT")
+
+
+@dataclass
+class DataCursor:
+    """Where training is in the data: epoch and samples consumed within it (global, all ranks)."""
+
+    epoch: int = 0
+    offset: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    @classmethod
+    def from_state(cls, state: dict[str, int]) -> DataCursor:
+        return cls(epoch=int(state["epoch"]), offset=int(state["offset"]))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    """The global sample order of one epoch: the same on every rank and every run."""
+    if not shuffle:
+        return torch.arange(num_samples)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=gen)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches (lists of indices) forever, starting at a cursor.
+
+    The sampler never holds state the trainer depends on: DataLoader workers prefetch ahead, so the
+    trainer advances its own DataCursor by `batch_size` per optimizer step (`advance`).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        grad_accum: int,
+        seed: int,
+        shuffle: bool,
+        start: DataCursor,
+    ):
+        if num_samples < batch_size:
+            raise ValueError(
+                f"the training set has {num_samples} samples, fewer than data.batch_size={batch_size}; "
+                f"lower data.batch_size to at most {num_samples}"
+            )
+        self.n, self.batch, self.rank, self.world = num_samples, batch_size, rank, world_size
+        self.accum, self.seed, self.shuffle, self.start = grad_accum, seed, shuffle, start
+        self.micro = batch_size // (world_size * grad_accum)  # per rank, per micro-batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, offset = self.start.epoch, self.start.offset
+        while True:
+            order = epoch_order(self.n, self.seed, epoch, self.shuffle)
+            for begin in range(offset, self.steps_per_epoch * self.batch, self.batch):
+                step_ids = order[begin : begin + self.batch]
+                for m in range(self.accum):
+                    lo = (m * self.world + self.rank) * self.micro
+                    yield step_ids[lo : lo + self.micro].tolist()
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:  # DataLoader asks; the stream is endless, report one epoch
+        return self.steps_per_epoch * self.accum
+
+
+def advance(cursor: DataCursor, batch_size: int, num_samples: int) -> DataCursor:
+    """The cursor after one optimizer step."""
+    offset = cursor.offset + batch_size
+    if offset + batch_size > num_samples:
+        return DataCursor(cursor.epoch + 1, 0)
+    return DataCursor(cursor.epoch, offset)
+
+
+class ShardedEvalBatches(Sampler[list[int]]):
+    """Evaluation order without padding: global batch i is indices [i*B, (i+1)*B), and each rank takes
+    its contiguous slice. Every rank runs the same number of batches (so ranks can agree between
+    batches); slices at the end may be short or empty, and no sample is counted twice."""
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int):
+        self.n, self.batch, self.rank, self.world = num_samples, global_batch, rank, world_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.batch // self.world
+        for begin in range(0, self.n, self.batch):
+            lo = begin + self.rank * per_rank
+            yield list(range(lo, min(lo + per_rank, begin + self.batch, self.n)))
+
+
+def collate_or_empty(items: list[Any]) -> Any:
+    """default_collate, but an empty slice (a rank with nothing left to evaluate) becomes None."""
+    return default_collate(items) if items else None
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    for name in _WORKER_IGNORED:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_or_empty,
+        pin_memory=pin,
+        worker_init_fn=_ignore_signals if num_workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

@@ -1,0 +1,46 @@
+"""Optimizers and learning-rate schedules from config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from disttrain.config import OptimConfig, SchedulerConfig
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, on_cuda: bool) -> torch.optim.Optimizer:
+    """Weight decay applies to matrices and embeddings only: decaying biases and norm gains hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    extra = {"fused": True} if cfg.fused and on_cuda else {}
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **extra)
+
+
+def lr_factor(cfg: SchedulerConfig, max_steps: int, step: int) -> float:
+    """Multiplier of optim.lr for the update made at 0-based optimizer step `step`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.name == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:  # linear
+        shape = 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: lr_factor(cfg, max_steps, step))

@@ -1,0 +1,41 @@
+"""Rank discovery from torchrun, SLURM and plain environments."""
+
+from disttrain.cluster import detect, expand_hostlist, port_for_job
+
+
+def test_single_process_defaults():
+    env = detect({})
+    assert (env.launcher, env.rank, env.world_size, env.is_distributed) == ("single", 0, 1, False)
+
+
+def test_torchrun_env():
+    env = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+                  "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234", "TORCHELASTIC_RESTART_COUNT": "2"})  # fmt: skip
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.num_nodes) == ("torchrun", 3, 1, 8, 4)
+    assert (env.master_addr, env.master_port, env.restart_count) == ("10.0.0.1", 1234, 2)
+
+
+def test_slurm_env_derives_master_from_nodelist_and_port_from_job():
+    raw = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8",
+           "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_NUM_NODES": "4",
+           "SLURM_NTASKS_PER_NODE": "2", "SLURM_RESTART_COUNT": "1"}  # fmt: skip
+    env = detect(raw)
+    assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("slurm", 5, 1, 8)
+    assert (env.master_addr, env.master_port, env.job_id, env.restart_count) == ("gpu07", port_for_job("4242"), "4242", 1)
+    assert env.torch_env()["MASTER_ADDR"] == "gpu07" and env.torch_env()["WORLD_SIZE"] == "8"
+
+
+def test_torchrun_inside_slurm_uses_torchrun_ranks():
+    env = detect({"RANK": "1", "WORLD_SIZE": "2", "SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (env.launcher, env.rank, env.job_id) == ("torchrun", 1, "9")
+
+
+def test_hostlist_expansion():
+    assert expand_hostlist("node1") == ["node1"]
+    assert expand_hostlist("node[1-3]") == ["node1", "node2", "node3"]
+    assert expand_hostlist("gpu[01-02,07],login1") == ["gpu01", "gpu02", "gpu07", "login1"]
+
+
+def test_port_is_deterministic_and_outside_ephemeral_range():
+    assert port_for_job("123") == port_for_job("123") != port_for_job("124")
+    assert all(1024 < port_for_job(str(j)) < 32768 for j in range(0, 100000, 997))

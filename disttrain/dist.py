@@ -105,9 +105,16 @@ def timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def destroy() -> None:
-    """Tear down the process group so the process exits without a hang or a warning."""
+def destroy(clean: bool = True) -> None:
+    """Tear down the process group. Must be called on all ranks when `clean`.
+
+    The barrier first matters: a rank that closes its gloo sockets while a peer is still finishing its
+    last collective makes the peer's transport thread abort the process ("terminate called ...").
+    After a failure the peers may be gone, so `clean=False` skips it.
+    """
     if initialized():
+        if clean:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

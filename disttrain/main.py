@@ -85,13 +85,15 @@ def run(cfg: Config, env: cluster_mod.ClusterEnv, test: bool = False) -> int:
     from disttrain import dist
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
-    trainer = None
+    trainer, clean = None, False
     try:
         trainer = Trainer(cfg, env)
         if test:
             trainer.test()
+            clean = True
             return EXIT_OK
         outcome = trainer.fit()
+        clean = True
         if outcome == "stopped":
             return EXIT_STOPPED.get(trainer.signal.received or "", EXIT_STOPPED_DEFAULT)
         return EXIT_OK
@@ -109,7 +111,7 @@ def run(cfg: Config, env: cluster_mod.ClusterEnv, test: bool = False) -> int:
         print(f"disttrain: rank {env.rank}: training failed: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
-        dist.destroy()
+        dist.destroy(clean=clean)
 
 
 def _setup_logging(rank: int) -> None:

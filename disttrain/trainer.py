@@ -334,7 +334,8 @@ def _make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         mixed_precision=cfg.trainer.mixed_precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum,
-        cpu=cfg.trainer.cpu,
+        # accelerate only sets up CPU DDP (gloo) when told cpu=True; without a GPU, say so.
+        cpu=cfg.trainer.cpu or not torch.cuda.is_available(),
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )

@@ -48,7 +48,7 @@ class TrainerConfig:
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", min=1)
     mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     grad_clip: float = _f(1.0, "max global gradient norm (0: no clipping)", min=0.0)
-    progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "off"))
+    progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "none"))
     collective_timeout_s: float = _f(600.0, "seconds before a stuck collective aborts the job", min=1.0)
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
 

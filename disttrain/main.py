@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def preflight(argv: Sequence[str] | None) -> tuple[Config, cluster_mod.ClusterEnv, bool]:
     """Everything that can be refused is refused here, before anything is created on disk."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may sit between overrides
     cfg = load_config(args.config, args.overrides)
     env = cluster_mod.detect()
     check_batch_divides(cfg, env.world_size)

@@ -1,0 +1,474 @@
+"""Checkpoints (DESIGN.md section 4): what is saved, the publish protocol, retention, verify, discovery.
+
+`RUN_DIR/checkpoints/step_%08d/` holds model.safetensors (rank 0's weights), state.pt (optimizer,
+scheduler, scaler, trainer, hooks), ranks.pt (each rank's RNG states and data cursor) and, written last,
+manifest.json (step, time, world size, config hash, versions, size and sha256 of every file). A directory
+without a manifest does not exist for readers. `.pt` files are unpickled only after their bytes matched
+the manifest, and only with `torch.load(weights_only=True)`: a replaced file is refused twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import random
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from disttrain import __version__, dist, fs
+from disttrain.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+State = dict[str, Any]
+Make = Callable[[], State]
+
+FILES = ("model.safetensors", "state.pt", "ranks.pt")
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+# What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
+# at save time, so a checkpoint that saved is one that loads.
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, read or trusted; the message names the file and the problem."""
+
+
+@dataclass
+class CheckpointInfo:
+    """One committed checkpoint, as `list()` sees it."""
+
+    step: int
+    path: str
+    time: float
+    bytes: int
+    verified: bool
+    problem: str | None
+    world_size: int
+
+
+def capture_rank_state() -> State:
+    """This rank's RNG states (torch, CUDA, numpy, python) as data weights_only loading accepts."""
+    name, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
+    version, internal, gauss_next = random.getstate()
+    state: State = {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": (version, list(internal), gauss_next),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rank_state(state: State) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda is not None:
+        log.warning("checkpoint holds CUDA RNG states of %d device(s); not restored here", len(cuda))
+
+
+class CheckpointManager:
+    """Saves, lists, verifies and loads the checkpoints under RUN_DIR/checkpoints."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        cfg: CheckpointConfig,
+        *,
+        config_hash: str = "",
+        fingerprint: State | None = None,
+        versions: dict[str, str] | None = None,
+    ) -> None:
+        self.run_dir = run_dir[len("file://") :] if run_dir.startswith("file://") else run_dir
+        self.dir = fs.join(self.run_dir, "checkpoints")
+        self.cfg = cfg
+        own = {"torch": torch.__version__, "disttrain": __version__, "python": platform.python_version()}
+        self._meta = {"config_hash": config_hash, "fingerprint": fingerprint or {}}
+        self._meta["versions"] = {**own, **(versions or {})}
+        self._thread: threading.Thread | None = None
+        self._error: Exception | None = None
+        self._last_time = time.monotonic()
+        self._last_step: int | None = None
+
+    def maybe_save(self, step: int, make_state: Make, rank_state: Make, *, final: bool = False) -> bool:
+        """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
+        if final and self._last_step == step:
+            self.wait()  # this step is saved already (perhaps in flight): make sure it is committed
+            return False
+        if not (self.cfg.save_final if final else self._due(step)):
+            self.check()
+            return False
+        self.save(step, make_state(), rank_state(), sync=final)
+        return True
+
+    def _due(self, step: int) -> bool:
+        by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
+        if by_steps or self.cfg.every_minutes <= 0:
+            return by_steps  # every rank sees the same step: deciding needs no collective
+        # Clocks differ between hosts, so rank 0's decides and one all-reduce tells every rank.
+        late = dist.is_main() and time.monotonic() - self._last_time >= self.cfg.every_minutes * 60
+        return dist.any_flag(late)
+
+    def save(self, step: int, app_state: State, rank_state: State, *, sync: bool = False) -> None:
+        """Must be called on all ranks. Blocks for the host copy; writes in the background if async."""
+        self._join()  # one save in flight: a new one waits for the previous
+
+        def prepare() -> tuple[Any, Any]:
+            self.check()  # a failed background save fails this save on every rank, not only on rank 0
+            mine = _host_copy(rank_state, "rank_state")
+            return (_host_copy(app_state, "app_state") if dist.is_main() else None), mine
+
+        host, mine = _agreed(prepare)
+        ranks = dist.gather_to_main(mine)
+        self._last_step, self._last_time = step, time.monotonic()
+        if sync or not self.cfg.async_save:
+            _agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
+        elif dist.is_main():
+            self._thread = threading.Thread(target=self._background, args=(step, host, ranks))
+            self._thread.start()
+
+    def check(self) -> None:
+        """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def wait(self) -> None:
+        """Block until no save is in flight; raise its failure."""
+        self._join()
+        self.check()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _background(self, step: int, host: State, ranks: list[Any]) -> None:
+        try:
+            self._write(step, host, ranks)
+        except Exception as err:  # kept and raised at the next step: a background failure is never lost
+            self._error = err if isinstance(err, CheckpointError) else CheckpointError(f"step {step}: {err}")
+
+    def _write(self, step: int, host: State, ranks: list[Any]) -> None:
+        """Rank 0: write the files, the manifest last, then `latest`, then apply retention."""
+        final = self._path(step)
+        # Local disks: a temporary directory renamed into place. Object stores: in place, manifest last.
+        work = f"{final}.tmp-{secrets.token_hex(4)}" if fs.is_local(final) else final
+        try:
+            self._clean_stale()
+            if work == final:
+                fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
+            files = _write_files(work, host, ranks)
+            manifest = {"format": 1, "step": step, "time": time.time(), "world_size": len(ranks)}
+            _publish(work, final, {**manifest, **self._meta, "files": files})
+        except Exception as err:
+            fs.remove(work, recursive=True)
+            msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
+            raise CheckpointError(msg) from err
+        try:
+            fs.atomic_write(fs.join(self.dir, "latest"), fs.basename(final))
+            self._retain(step)
+        except Exception as err:
+            raise CheckpointError(f"checkpoint step {step} is committed, but then failed: {err}") from err
+
+    def _intact(self) -> str:
+        older = self.list()
+        return f"previous checkpoint step {older[0].step} is intact" if older else "there is no earlier one"
+
+    def _clean_stale(self) -> None:
+        """Remove what a killed save or deletion left: `*.tmp-*` dirs, step dirs without a manifest."""
+        for name in fs.listdir(self.dir):
+            path = fs.join(self.dir, name)
+            committed = _STEP_DIR.fullmatch(name) and fs.exists(fs.join(path, MANIFEST))
+            if name.startswith("step_") and not committed:
+                fs.remove(path, recursive=True)
+
+    def _retain(self, saved: int) -> None:
+        """Keep keep_last newest, keep_every milestones, the one just saved and the newest verified."""
+        infos = self.list()
+        keep = {i.step for i in infos[: self.cfg.keep_last]} | {saved, self._newest_verified(infos, saved)}
+        if self.cfg.keep_every:
+            keep |= {i.step for i in infos if i.step % self.cfg.keep_every == 0}
+        for info in infos:
+            if info.step not in keep:
+                fs.remove(fs.join(info.path, MANIFEST))  # first: a half-deleted dir is never "committed"
+                fs.remove(info.path, recursive=True)
+
+    def _newest_verified(self, infos: list[CheckpointInfo], saved: int) -> int:
+        for info in infos:  # newest first; ones newer than `saved` exist only after a fallback
+            if info.step <= saved:
+                return saved  # hashed as it was written
+            if _problem(info.path, full=True) is None:
+                return info.step
+        return saved
+
+    def list(self, full: bool = False) -> list[CheckpointInfo]:
+        """Committed checkpoints, newest first, checked by file size (or by sha256 with `full`)."""
+        infos = [self._info(name, full) for name in fs.listdir(self.dir) if _STEP_DIR.fullmatch(name)]
+        return sorted((i for i in infos if i is not None), key=lambda i: i.step, reverse=True)
+
+    def _info(self, name: str, full: bool) -> CheckpointInfo | None:
+        path = fs.join(self.dir, name)
+        try:
+            m = read_manifest(path)
+        except CheckpointError as err:
+            if not fs.exists(fs.join(path, MANIFEST)):
+                return None  # not committed: does not exist for readers
+            return CheckpointInfo(int(name[5:]), path, 0.0, 0, False, str(err), 0)
+        problem = _files_problem(path, m, full)
+        size = sum(f["bytes"] for f in m["files"].values())
+        return CheckpointInfo(int(name[5:]), path, m["time"], size, problem is None, problem, m["world_size"])
+
+    def verify(self, step: int | str) -> str | None:
+        """None if every file matches the manifest (size and sha256), else what is wrong and where."""
+        return _problem(self._path(step) if isinstance(step, int) else step, full=True)
+
+    def latest_verified(self) -> CheckpointInfo | None:
+        """The newest checkpoint that fully verifies; each newer one skipped is logged as a warning."""
+        for info in self.list():
+            problem = info.problem or _problem(info.path, full=True)
+            if problem is None:
+                return dataclasses.replace(info, verified=True)
+            log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
+        return None
+
+    def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
+        """The resume fingerprint recorded in a checkpoint's manifest."""
+        path = info.path if isinstance(info, CheckpointInfo) else info
+        return dict(read_manifest(path).get("fingerprint") or {})
+
+    def load(self, path_or_step: str | int | None = None) -> tuple[State, State | None]:
+        """(app_state, this rank's rank_state, or None if the world size changed). Must be called on all ranks.
+
+        None: the newest verified checkpoint; an int: that step; a str: a checkpoint directory (or a run
+        dir, meaning its newest verified checkpoint). Tensors load to CPU.
+        """
+        path = _from_main(lambda: self._resolve(path_or_step))
+        if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
+            app, ranks = _from_main(lambda: read_checkpoint(path))
+        else:
+            app, ranks = _agreed(lambda: read_checkpoint(path))
+        return app, (ranks[dist.rank()] if len(ranks) == dist.world_size() else None)
+
+    def export(self, out: str, step: int | None = None) -> int:
+        """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
+        path = self._resolve(step)
+        m = read_manifest(path)
+        fs.atomic_write(out, _read_verified(path, "model.safetensors", m))
+        return int(m["step"])
+
+    def _resolve(self, path_or_step: str | int | None) -> str:
+        if isinstance(path_or_step, int):
+            return self._path(path_or_step)
+        if path_or_step is not None:
+            path = path_or_step.rstrip("/")
+            if fs.exists(fs.join(path, MANIFEST)) or not fs.exists(fs.join(path, "checkpoints")):
+                return path
+            return CheckpointManager(path, self.cfg)._resolve(None)  # a run dir: its newest checkpoint
+        info = self.latest_verified()
+        if info is None:
+            raise CheckpointError(f"no verified checkpoint under {self.dir}")
+        return info.path
+
+    def _path(self, step: int) -> str:
+        return fs.join(self.dir, f"step_{step:08d}")
+
+
+def _agreed(fn: Callable[[], Any]) -> Any:
+    """Run fn on every rank; if it raised CheckpointError on any rank, raise on all. All ranks."""
+    out, err = None, None
+    try:
+        out = fn()
+    except CheckpointError as caught:
+        err = caught
+    if dist.any_flag(err is not None):
+        raise err or CheckpointError("checkpoint operation failed on another rank; see rank 0's log")
+    return out
+
+
+def _from_main(fn: Callable[[], Any]) -> Any:
+    """Rank 0 runs fn; every rank gets its result or raises its CheckpointError. All ranks."""
+    out, err = None, None
+    if dist.is_main():
+        try:
+            out = fn()
+        except CheckpointError as caught:
+            err = str(caught)
+    out, err = dist.broadcast_from_main((out, err))
+    if err is not None:
+        raise CheckpointError(err)
+    return out
+
+
+def _host_copy(obj: Any, where: str) -> Any:
+    """A CPU copy of the tensors in nested plain data; refuses what weights_only loading would refuse."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_host_copy(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
+        return obj
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
+        "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
+    )
+
+
+def _write_files(work: str, host: State, ranks: list[Any]) -> dict[str, State]:
+    fs.makedirs(work)
+    # The host copy gave every tensor its own storage; contiguous too, and tied weights save fine.
+    model = {name: t.contiguous() for name, t in host["model"].items()}
+    blobs = {
+        "model.safetensors": safetensors.torch.save(model),
+        "state.pt": _torch_bytes({k: v for k, v in host.items() if k != "model"}),
+        "ranks.pt": _torch_bytes(ranks),
+    }
+    return {name: _put(fs.join(work, name), data) for name, data in blobs.items()}
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _put(path: str, data: bytes) -> State:
+    with fs.open_file(path, "wb") as fh:
+        fh.write(data)
+        if fs.is_local(path):
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename that publishes it
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _publish(work: str, final: str, manifest: State) -> None:
+    _put(fs.join(work, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    if work != final:
+        fs.fsync_dir(work)
+        fs.remove(final, recursive=True)  # an earlier save of this step, e.g. a corrupt one skipped
+        fs.rename(work, final)  # atomic on one filesystem; fs.rename fsyncs the parent
+
+
+def read_manifest(path: str) -> State:
+    """The manifest of the checkpoint at `path`, checked for shape; raises CheckpointError."""
+    where = fs.join(path, MANIFEST)
+    try:
+        m = json.loads(fs.read_text(where))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing, so {path} is not a committed checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where}: unreadable ({err})") from None
+    problem = _manifest_problem(m)
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+    return m
+
+
+def _manifest_problem(m: Any) -> str | None:
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
+        return "not a disttrain manifest (no files table)"
+    if not all(isinstance(m.get(key), (int, float)) for key in ("step", "time", "world_size")):
+        return "step, time or world_size is missing or not a number"
+    if any(name not in m["files"] for name in FILES):
+        return f"does not list all of {', '.join(FILES)}"
+    for name, meta in m["files"].items():
+        if "/" in name or name.startswith(".") or not isinstance(meta, dict):
+            return f"bad file entry {name!r}"
+        if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            return f"file entry {name!r} lacks bytes or sha256"
+    return None
+
+
+def _problem(path: str, full: bool) -> str | None:
+    try:
+        return _files_problem(path, read_manifest(path), full)
+    except CheckpointError as err:
+        return str(err)
+
+
+def _files_problem(path: str, m: State, full: bool) -> str | None:
+    for name, meta in m["files"].items():
+        where = fs.join(path, name)
+        try:
+            n = fs.size(where)
+        except FileNotFoundError:
+            return f"{where}: missing (the manifest lists it with {meta['bytes']} bytes)"
+        problem = _mismatch(where, meta, n, _sha256_file(where) if full and n == meta["bytes"] else None)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _mismatch(where: str, meta: State, n: int, digest: str | None) -> str | None:
+    if n != meta["bytes"]:
+        return f"{where}: {n} bytes, but the manifest says {meta['bytes']} (truncated or overwritten)"
+    if digest is not None and digest != meta["sha256"]:
+        expected = meta["sha256"][:16]
+        return f"{where}: sha256 {digest[:16]}... does not match the manifest's {expected}... (corrupted or replaced)"
+    return None
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_file(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_verified(path: str, name: str, m: State) -> bytes:
+    where = fs.join(path, name)
+    try:
+        data = fs.read_bytes(where)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing (the manifest lists it)") from None
+    problem = _mismatch(where, m["files"][name], len(data), hashlib.sha256(data).hexdigest())
+    if problem is not None:
+        raise CheckpointError(problem)
+    return data
+
+
+def read_checkpoint(path: str) -> tuple[State, list[Any]]:
+    """(app_state, per-rank states) of the checkpoint at `path`; every file is checked before use."""
+    m = read_manifest(path)
+    blobs = {name: _read_verified(path, name, m) for name in FILES}
+    try:
+        model = safetensors.torch.load(blobs["model.safetensors"])
+    except Exception as err:  # the safetensors parser's own error types
+        raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
+    state = _torch_load(blobs["state.pt"], fs.join(path, "state.pt"))
+    ranks = _torch_load(blobs["ranks.pt"], fs.join(path, "ranks.pt"))
+    if not isinstance(state, dict) or not isinstance(ranks, list):
+        raise CheckpointError(f"{path}: state.pt or ranks.pt does not hold what disttrain writes")
+    return {"model": model, **state}, ranks
+
+
+def _torch_load(data: bytes, where: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a broken archive
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{where}: refused by torch.load(weights_only=True): {first}") from None

@@ -1,0 +1,112 @@
+"""`disttrain ckpt ls|verify|export RUN_DIR`: inspect, check and export a run's checkpoints.
+
+Exit codes: 0 fine, 1 a checkpoint failed (the message names the file), 2 bad input (one line, no
+traceback). Works on local run dirs and fsspec URLs (s3://bucket/prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from disttrain import fs
+from disttrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
+from disttrain.config import CheckpointConfig
+
+
+class BadInput(Exception):
+    """Maps to exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadInput(f"{self.prog}: {message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="disttrain ckpt", description="Inspect, verify and export checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ls = sub.add_parser("ls", help="list committed checkpoints: step, size, time, verified (sha256)")
+    ls.add_argument("run_dir")
+    verify = sub.add_parser("verify", help="check every file against its manifest; exit 1 on a mismatch")
+    verify.add_argument("run_dir")
+    verify.add_argument("--step", type=int, help="only this step (default: all committed checkpoints)")
+    export = sub.add_parser("export", help="write the model weights alone as one safetensors file")
+    export.add_argument("run_dir")
+    export.add_argument("--step", type=int, help="which step (default: the newest that verifies)")
+    export.add_argument("--out", required=True, help="output path, e.g. model.safetensors")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        manager = _manager(args.run_dir)
+        return {"ls": _ls, "verify": _verify, "export": _export}[args.command](manager, args)
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _manager(run_dir: str) -> CheckpointManager:
+    try:
+        found = fs.exists(run_dir)
+    except (RuntimeError, ValueError) as err:  # no filesystem for that protocol, malformed URL
+        raise BadInput(f"cannot open {run_dir}: {err}") from None
+    if not found:
+        raise BadInput(f"run dir {run_dir} does not exist")
+    return CheckpointManager(run_dir, CheckpointConfig())
+
+
+def _infos(manager: CheckpointManager, step: int | None = None) -> list[CheckpointInfo]:
+    infos = manager.list(full=True)
+    if step is not None:
+        infos = [i for i in infos if i.step == step]
+        if not infos:
+            raise BadInput(f"no committed checkpoint step {step} under {manager.dir}")
+    return infos
+
+
+def _ls(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    infos = _infos(manager)
+    if not infos:
+        print(f"no committed checkpoints under {manager.dir}")
+        return 0
+    print(f"{'step':>10}  {'size':>10}  {'time':<19}  verified")
+    for info in infos:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time)) if info.time else "?"
+        status = "yes" if info.verified else f"NO: {info.problem}"
+        print(f"{info.step:>10}  {_human(info.bytes):>10}  {when:<19}  {status}")
+    return 0
+
+
+def _verify(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    infos = _infos(manager, args.step)
+    if not infos:
+        print(f"no committed checkpoints under {manager.dir}", file=sys.stderr)
+        return 1
+    for info in infos:
+        print(f"step {info.step}: OK" if info.verified else f"step {info.step}: FAILED: {info.problem}")
+    return 0 if all(i.verified for i in infos) else 1
+
+
+def _export(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    if args.step is not None:
+        _infos(manager, args.step)  # a step that does not exist is bad input, not a failed check
+    step = manager.export(args.out, args.step)
+    print(f"exported the model weights of step {step} to {args.out}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

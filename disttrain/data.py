@@ -133,7 +133,12 @@ def _ignore_signals(_worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin: bool) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int, pin: bool, seed: int = 0
+) -> DataLoader:
+    # Every DataLoader iterator draws a base seed for its workers. From the global RNG, that draw would
+    # shift the training stream (dropout & co) whenever a loader is created, e.g. for eval or on
+    # resume, and break exact resume; a private generator keeps the global stream untouched.
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -143,4 +148,5 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers
         worker_init_fn=_ignore_signals if num_workers else None,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
     )

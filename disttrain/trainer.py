@@ -313,7 +313,8 @@ class Trainer:
             shuffle=self.cfg.data.shuffle,
             start=self.cursor,
         )
-        return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin())
+        seed = self.cfg.seed * 1000 + self.rank + 7919 * self.step  # worker seeds differ per rank and segment
+        return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin(), seed)
 
     def _pin(self) -> bool:
         return self.device.type == "cuda"

@@ -1,0 +1,54 @@
+"""Pipelines for tests: the digits example with knobs to slow steps down, mark eval, record samples."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch.utils.data import Dataset
+
+from disttrain.pipelines.digits import DigitsPipeline
+
+
+class Indexed(Dataset):
+    """Returns (x, y, index) so a test can see exactly which samples were consumed."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        x, y = self.inner[i]
+        return x, y, torch.tensor(i)
+
+
+class ProbeDigits(DigitsPipeline):
+    """Digits with a per-step delay (so a signal lands where a test wants it), a marker file written
+    when an eval starts, and, with `record_dir`, a file per process listing every sample trained on."""
+
+    def __init__(self, step_delay: float = 0.0, eval_delay: float = 0.0, marker_dir: str = "",
+                 record_dir: str = "", **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        self.step_delay, self.eval_delay = step_delay, eval_delay
+        self.marker_dir, self.record_dir = marker_dir, record_dir
+
+    def datasets(self):
+        return {name: Indexed(ds) for name, ds in super().datasets().items()}
+
+    def loss(self, model, batch):
+        x, y, idx = batch
+        if self.record_dir:
+            with open(os.path.join(self.record_dir, f"samples_{os.getpid()}.txt"), "a") as fh:
+                fh.write(" ".join(map(str, idx.tolist())) + "\n")
+        time.sleep(self.step_delay)
+        return super().loss(model, (x, y))
+
+    def eval_step(self, model, batch):
+        x, y, _ = batch
+        if self.marker_dir:
+            open(os.path.join(self.marker_dir, f"eval_{os.getpid()}"), "a").close()
+        time.sleep(self.eval_delay)
+        return super().eval_step(model, (x, y))

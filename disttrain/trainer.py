@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, send_to_device
 
 from disttrain import __version__, dist, fs
 from disttrain.checkpoint import CheckpointManager, capture_rank_state, restore_rank_state
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, config_hash, dump_yaml, resume_fingerprint
+from disttrain.config import Config, ConfigError, config_hash, dump_yaml, resume_fingerprint, to_dict
 from disttrain.data import DataCursor, ResumableBatchSampler, ShardedEvalBatches, advance, make_loader
 from disttrain.hooks import Hook, default_hooks
 from disttrain.optim import build_optimizer, build_scheduler
@@ -291,16 +292,31 @@ class Trainer:
     # ---------------------------------------------------------------------------------- helpers
 
     def _start_run_dir(self) -> None:
+        changed: list[str] = []
         if dist.is_main():
             fs.makedirs(self.run_dir)
+            if self.resumed_from is not None:
+                changed = self._config_changes()
             fs.atomic_write(fs.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
         dist.barrier()  # nobody writes into run_dir before it exists
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
+        if changed:
+            print(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}", flush=True)
+            self.events.emit("config_changed", step=self.step, changes=changed)
         if self.resumed_from is not None:
             self.events.emit("resume", step=self.resumed_from, cause=_resume_cause(self.cluster))
             if dist.is_main():
                 print(f"resumed from step {self.resumed_from}", flush=True)
+
+    def _config_changes(self) -> list[str]:
+        """`key: old -> new` for every key that differs from the previous segment's config.yaml."""
+        path = fs.join(self.run_dir, "config.yaml")
+        if not fs.exists(path):
+            return []
+        old = _flatten(yaml.safe_load(fs.read_text(path)) or {})
+        new = _flatten(to_dict(self.cfg))
+        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
     def _train_loader(self) -> Any:
         sampler = ResumableBatchSampler(
@@ -340,6 +356,16 @@ def _make_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and key != "args":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _seed_all(seed: int) -> None:

@@ -113,10 +113,10 @@ class CheckpointManager:
 
     def maybe_save(self, step: int, make_state: Make, rank_state: Make, *, final: bool = False) -> bool:
         """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
-        if final and self._last_step == step:
-            self.wait()  # this step is saved already (perhaps in flight): make sure it is committed
+        if final and (self._last_step == step or not self.cfg.save_final):
+            self.wait()  # nothing new to save, but what is in flight must be committed before the end
             return False
-        if not (self.cfg.save_final if final else self._due(step)):
+        if not (final or self._due(step)):
             self.check()
             return False
         self.save(step, make_state(), rank_state(), sync=final)

@@ -54,9 +54,11 @@ def _worker(run_dir: str) -> None:
         restore_rank_state(mine["rng"])
         assert torch.equal(torch.rand(3), after), f"{mode}: rank {rank} did not get its own RNG state"
 
-    clock = CheckpointManager(f"{run_dir}-clock", CheckpointConfig(every_steps=0, every_minutes=0.02 / 60))
+    clock = CheckpointManager(
+        f"{run_dir}-clock", CheckpointConfig(every_steps=0, every_minutes=0.05 / 60, async_save=True)
+    )
     decided = []
-    for step in range(1, 16):
+    for step in range(1, 21):
         time.sleep(0.004 * (1 + rank))  # the ranks' clocks run apart; rank 0's decides for both
         decided.append(clock.maybe_save(step, lambda: {"model": model.state_dict()}, lambda: {}))
     everyone = dist.gather_to_main(decided)
@@ -76,6 +78,12 @@ def _worker(run_dir: str) -> None:
     dist.destroy()
 
 
+def _pythonpath() -> str:
+    """This checkout first, so a child process runs the code under test even without an editable install."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,6 +95,7 @@ def test_two_ranks_gather_and_get_their_own_state_back(tmp_path):
 
     run_dir = str(tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env["PYTHONPATH"] = _pythonpath()
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, run_dir],

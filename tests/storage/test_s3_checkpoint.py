@@ -31,6 +31,12 @@ pytestmark = pytest.mark.storage
 BUCKET = "ckpts"
 
 
+def _pythonpath() -> str:
+    """This checkout first, so a child process runs the code under test even without an editable install."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -153,7 +159,8 @@ CHILD = textwrap.dedent(
 def test_kill_9_while_saving_then_resume(run_dir):
     """A writer on S3 killed mid-save leaves at most a manifest-less prefix: invisible, then cleaned."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, run_dir], env={**os.environ, "OMP_NUM_THREADS": "1"}
+        [sys.executable, "-c", CHILD, run_dir],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()},
     )
     mgr = CheckpointManager(run_dir, CheckpointConfig(keep_last=2))
     try:

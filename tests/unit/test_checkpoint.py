@@ -294,6 +294,21 @@ def test_resaving_a_step_replaces_a_corrupt_one(tmp_path):
     assert mgr.verify(2) is None and mgr.latest_verified().step == 2
 
 
+def test_memory_url_run_dir(tmp_path):
+    run = f"memory://ckpt-{tmp_path.name}"
+    try:
+        mgr, model = _saved(run, [1, 2, 3], keep_last=2)
+        assert _steps(mgr) == [3, 2]
+        mem = fsspec.filesystem("memory")
+        assert mem.cat(f"{run}/checkpoints/latest") == b"step_00000003"
+        mem.pipe(f"{run}/checkpoints/step_00000003/ranks.pt", b"x")
+        assert "ranks.pt: 1 bytes" in mgr.verify(3)
+        loaded, _ = mgr.load()
+        assert loaded["trainer"]["step"] == 2
+    finally:
+        fsspec.filesystem("memory").rm(run, recursive=True)
+
+
 # -------------------------------------------------------------------------------------- retention
 
 
@@ -494,9 +509,9 @@ def test_maybe_save_by_steps_final_and_clock(tmp_path):
     assert mgr.maybe_save(7, make, _rank, final=True)
     assert not mgr.maybe_save(7, make, _rank, final=True)  # already saved
     assert _steps(mgr) == [7, 6, 3]
-    clock = CheckpointManager(str(tmp_path / "clock"), _cfg(every_steps=0, every_minutes=0.2 / 60))
+    clock = CheckpointManager(str(tmp_path / "clock"), _cfg(every_steps=0, every_minutes=0.5 / 60))
     assert not clock.maybe_save(1, make, _rank)
-    time.sleep(0.25)
+    time.sleep(0.55)
     assert clock.maybe_save(2, make, _rank) and not clock.maybe_save(3, make, _rank)
     off = CheckpointManager(str(tmp_path / "off"), _cfg(save_final=False))
     assert not off.maybe_save(1, make, _rank, final=True) and _steps(off) == []

@@ -101,9 +101,15 @@ def _resumed(run_dir: str) -> dict[int, int]:
         return {int(p): int(s) for p, s in (line.split() for line in fh.read().splitlines())}
 
 
+def _pythonpath() -> str:
+    """This checkout first, so a child process runs the code under test even without an editable install."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.fixture
 def zygote(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
     errors = open(tmp_path / "zygote.err", "w+")  # noqa: SIM115 - closed after the test
     proc = subprocess.Popen(
         [sys.executable, __file__, "zygote"],

@@ -11,7 +11,7 @@ call ``scontrol requeue $SLURM_JOB_ID`` on itself.
 
     cluster = SlurmCluster("/tmp/slurm")
     cluster.start()
-    job = cluster.sbatch("--nodes=2", wrap="srun hostname")
+    job = cluster.sbatch("--nodes=2", wrap="srun hostname")  # -> job id
     cluster.wait_state(job, {"COMPLETED"}, timeout=30)
     cluster.stop()
 """
@@ -31,8 +31,20 @@ from pathlib import Path
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel", "srun")
 # A job that is no longer queued or running; the cluster forgets it after MinJobAge.
-FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                      "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"})
+FINISHED = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+    }
+)
+MAX_WORKDIR_CHARS = 70
 _MARKER = "DISTTRAIN_SLURM_CLUSTER"  # set in daemon env: finds leftover slurmstepd in stop()
 
 
@@ -72,11 +84,29 @@ class SlurmCluster:
     with PreemptMode=REQUEUE.
     """
 
-    def __init__(self, workdir, *, nodes=("node1", "node2"), cpus_per_node=2,
-                 real_memory_mb=1000, grace_time_s=30, min_job_age_s=60, kill_wait_s=5,
-                 ctld_port=None, node_ports=None, cluster_name="disttrain", debug="info",
-                 extra_conf=()):
+    def __init__(
+        self,
+        workdir,
+        *,
+        nodes=("node1", "node2"),
+        cpus_per_node=2,
+        real_memory_mb=1000,
+        grace_time_s=30,
+        min_job_age_s=60,
+        kill_wait_s=5,
+        ctld_port=None,
+        node_ports=None,
+        cluster_name="disttrain",
+        debug="info",
+        extra_conf=(),
+    ):
         self.workdir = Path(workdir).resolve()
+        if len(str(self.workdir)) > MAX_WORKDIR_CHARS:
+            # munged's socket and slurmstepd's sockets (spool/<node>/<node>_<job>.<step>)
+            # are AF_UNIX paths, limited to 108 bytes.
+            raise ValueError(
+                f"workdir path too long for unix sockets (> {MAX_WORKDIR_CHARS} chars): {self.workdir}"
+            )
         self.nodes = tuple(nodes)
         self.cpus_per_node = cpus_per_node
         self.real_memory_mb = real_memory_mb
@@ -95,7 +125,6 @@ class SlurmCluster:
         self.munge_socket = self.workdir / "munge" / "munge.socket"
         self.log_dir = self.workdir / "log"
         self._procs: dict[str, subprocess.Popen] = {}
-        self._open_logs: list = []
 
     # -- environment -------------------------------------------------------------------
 
@@ -123,25 +152,27 @@ class SlurmCluster:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         """Write config, start munged, slurmctld and every slurmd; wait until all nodes idle."""
         ok, reason = is_available()
         if not ok:
             raise SlurmError(reason)
         for sub in ("state", "spool", "run", "log", "munge"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir / "munge", 0o700)
+        os.chmod(self.workdir / "munge", 0o755)  # munged: not group/other-writable
         _ensure_hosts(self.nodes)
         self._write_munge_key()
         self.conf_path.write_text(self.slurm_conf())
         try:
             self._start_munged()
             self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf_path)])
-            self._wait(lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
-                       timeout, "slurmctld to answer ping")
+            self._wait(
+                lambda: self._run(["scontrol", "ping"], check=False).returncode == 0,
+                timeout,
+                "slurmctld to answer ping",
+            )
             for node in self.nodes:
-                self._spawn(f"slurmd.{node}",
-                            ["slurmd", "-D", "-N", node, "-f", str(self.conf_path)])
+                self._spawn(f"slurmd.{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf_path)])
             self.wait_idle(timeout)
         except BaseException:
             self.stop()
@@ -153,14 +184,10 @@ class SlurmCluster:
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             with contextlib.suppress(SlurmError, subprocess.TimeoutExpired):
                 self.cancel_all(timeout=min(timeout, 20))
-        for name in [n for n in self._procs if n.startswith("slurmd.")] + ["slurmctld",
-                                                                             "munged"]:
+        for name in [n for n in self._procs if n.startswith("slurmd.")] + ["slurmctld", "munged"]:
             proc = self._procs.pop(name, None)
             if proc is not None:
                 _terminate(proc, timeout)
-        for log in self._open_logs:
-            log.close()
-        self._open_logs.clear()
         self._kill_leftover_steps()
 
     def __enter__(self):
@@ -171,30 +198,37 @@ class SlurmCluster:
 
     def wait_idle(self, timeout: float = 60) -> None:
         """Wait until every node reports idle (no jobs, not down/drained)."""
+
         def idle():
             out = self._run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout
             states = dict(line.split()[:2] for line in out.splitlines() if line.strip())
             return all(states.get(n, "").rstrip("*~#") == "idle" for n in self.nodes)
+
         self._wait(idle, timeout, "all nodes idle")
 
     # -- client helpers ----------------------------------------------------------------
 
-    def sbatch(self, *args: str, script: str | None = None, wrap: str | None = None,
-               test_only: bool = False) -> int | str:
-        """Submit a job; returns its id (or sbatch's message with test_only=True).
+    def sbatch(self, *args: str, script: str | None = None, wrap: str | None = None) -> int:
+        """Submit a job; returns its id.
 
         ``script`` is the text of a batch script (passed on stdin), ``wrap`` a command line;
-        extra ``args`` are sbatch options, e.g. ``"--partition=high", "--nodes=2"``.
+        ``args`` are sbatch options, e.g. ``"--partition=high", "--nodes=2"``. The job runs in
+        the cluster's workdir unless ``--chdir`` is given; its environment is this process's
+        plus SLURM_CONF (sbatch exports everything by default).
         """
-        cmd = ["sbatch", "--parsable", f"--chdir={self.workdir}", *args]
-        if test_only:
-            cmd.append("--test-only")
-        if wrap is not None:
-            cmd.append(f"--wrap={wrap}")
-        res = self._run(cmd, input=script)
-        if test_only:
-            return res.stderr.strip() or res.stdout.strip()
+        res = self._run(self._sbatch_cmd(args, wrap), input=script)
         return int(res.stdout.strip().split(";")[0])
+
+    def sbatch_test_only(self, *args: str, script: str | None = None, wrap: str | None = None) -> str:
+        """``sbatch --test-only``: validate and estimate without submitting (no job is queued,
+        though a job id is used up). Returns sbatch's "Job N to start at ..." line; raises
+        SlurmError with sbatch's reason ("Invalid partition name specified", ...) if refused."""
+        res = self._run(self._sbatch_cmd((*args, "--test-only"), wrap), input=script)
+        return (res.stderr.strip() or res.stdout.strip()).removeprefix("sbatch: ")
+
+    def _sbatch_cmd(self, args, wrap) -> list[str]:
+        cmd = ["sbatch", "--parsable", f"--chdir={self.workdir}", *args]
+        return cmd + ([f"--wrap={wrap}"] if wrap is not None else [])
 
     def squeue(self, job_id) -> str | None:
         """The job's state as squeue reports it (PENDING, RUNNING, ...), None once gone."""
@@ -223,8 +257,9 @@ class SlurmCluster:
                 seen.append(state)
             return state in states
 
-        self._wait(reached, timeout, f"job {job_id} to reach {sorted(states)} "
-                                     f"(states seen: {seen})", poll=poll)
+        self._wait(
+            reached, timeout, f"job {job_id} to reach {sorted(states)} (states seen: {seen})", poll=poll
+        )
         return seen[-1]
 
     def release_now(self, job_id) -> None:
@@ -238,10 +273,19 @@ class SlurmCluster:
         self._run(["scancel", str(job_id)], check=False)
 
     def cancel_all(self, timeout: float = 30) -> None:
-        """Cancel every job and wait until nothing runs or completes (tests call it between)."""
-        self._run(["scancel", "--full", "--user", "root"], check=False)
-        self._wait(lambda: not self._run(["squeue", "-h"], check=False).stdout.strip(),
-                   timeout, "all jobs to leave the queue")
+        """Cancel every job and wait until the queue is empty (tests call it between).
+
+        scancel is repeated: a job that requeues itself on SIGTERM (as disttrain's do) turns
+        the first scancel into a requeue, and only a second one cancels it while pending.
+        """
+
+        def empty():
+            if not self._run(["squeue", "-h"], check=False).stdout.strip():
+                return True
+            self._run(["scancel", "--user", "root"], check=False)
+            return False
+
+        self._wait(empty, timeout, "all jobs to leave the queue", poll=1)
 
     def logs(self, tail: int = 60) -> str:
         """The last lines of every daemon log, for a failing test's report."""
@@ -299,16 +343,17 @@ class SlurmCluster:
             "MessageTimeout=10",
         ]
         for node, port in zip(self.nodes, self.node_ports):
-            lines.append(f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} "
-                         f"Port={port} CPUs={self.cpus_per_node} "
-                         f"RealMemory={self.real_memory_mb} State=UNKNOWN")
-        lines += self.extra_conf  # e.g. "PreemptParameters=send_user_signal"
+            lines.append(
+                f"NodeName={node} NodeAddr=127.0.0.1 NodeHostname={node} "
+                f"Port={port} CPUs={self.cpus_per_node} "
+                f"RealMemory={self.real_memory_mb} State=UNKNOWN"
+            )
+        lines += self.extra_conf  # e.g. "SlurmctldParameters=preempt_send_user_signal"
         nodes = ",".join(self.nodes)
         lines += [
             f"PartitionName=low Nodes={nodes} Default=YES PriorityTier=1 "
             f"GraceTime={self.grace_time_s} PreemptMode=REQUEUE MaxTime=INFINITE State=UP",
-            f"PartitionName=high Nodes={nodes} PriorityTier=10 PreemptMode=OFF "
-            "MaxTime=INFINITE State=UP",
+            f"PartitionName=high Nodes={nodes} PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP",
         ]
         return "\n".join(lines) + "\n"
 
@@ -322,32 +367,45 @@ class SlurmCluster:
 
     def _start_munged(self) -> None:
         m = self.workdir / "munge"
-        self._spawn("munged", [
-            "munged", "-F", "--force", f"--socket={self.munge_socket}",
-            f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
-            f"--seed-file={m / 'munged.seed'}", f"--log-file={self.log_dir / 'munged.log'}",
-        ])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={m / 'munge.key'}",
+                f"--pid-file={m / 'munged.pid'}",
+                f"--seed-file={m / 'munged.seed'}",
+                f"--log-file={self.log_dir / 'munged.log'}",
+            ],
+        )
         self._wait(self.munge_socket.exists, 15, "munged socket")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
-        out = open(self.log_dir / f"{name}.stdout.log", "ab")
-        self._open_logs.append(out)
         env = self.env
         env[_MARKER] = str(self.workdir)
-        self._procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env,
-                                             start_new_session=True)
+        # the daemon keeps its own copy of the log fd; ours can close at once
+        with open(self.log_dir / f"{name}.stdout.log", "ab") as out:
+            self._procs[name] = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         time.sleep(0.2)
         if self._procs[name].poll() is not None:
-            raise SlurmError(f"{name} exited at once (rc={self._procs[name].returncode})\n"
-                             + self.logs())
+            raise SlurmError(f"{name} exited at once (rc={self._procs[name].returncode})\n" + self.logs())
 
     def _run(self, cmd, check=True, input=None, timeout=30) -> subprocess.CompletedProcess:
-        res = subprocess.run(cmd, env=self.env, input=input, capture_output=True, text=True,
-                             timeout=timeout)
+        stdin = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        res = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, **stdin)
         if check and res.returncode != 0:
-            raise SlurmError(f"{' '.join(cmd)} -> rc {res.returncode}\n"
-                             f"stdout: {res.stdout}\nstderr: {res.stderr}")
+            raise SlurmError(
+                f"{' '.join(cmd)} -> rc {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
+            )
         return res
 
     def _wait(self, predicate, timeout: float, what: str, poll: float = 0.5) -> None:
@@ -357,15 +415,17 @@ class SlurmCluster:
                 return
             for name, proc in self._procs.items():
                 if proc.poll() is not None:
-                    raise SlurmError(f"{name} died (rc={proc.returncode}) while waiting for "
-                                     f"{what}\n{self.logs()}")
+                    raise SlurmError(
+                        f"{name} died (rc={proc.returncode}) while waiting for {what}\n{self.logs()}"
+                    )
             time.sleep(poll)
         raise SlurmError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
 
     def _kill_leftover_steps(self) -> None:
-        """slurmstepd detaches from slurmd; kill any that our daemons spawned."""
-        marker = f"{_MARKER}={self.workdir}".encode()
-        for pid in _pids_with_env(marker):
+        """Safety net after the daemons are gone: slurmstepd detaches from slurmd (it carries
+        our marker) and job processes carry SLURM_CONF of this cluster; kill what is left."""
+        markers = {f"{_MARKER}={self.workdir}".encode(), f"SLURM_CONF={self.conf_path}".encode()}
+        for pid in _pids_with_env(markers):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -389,12 +449,13 @@ def _terminate(proc: subprocess.Popen, timeout: float) -> None:
             proc.wait(5)
 
 
-def _pids_with_env(marker: bytes) -> list[int]:
+def _pids_with_env(markers: set[bytes]) -> list[int]:
+    """Processes whose initial environment holds one of ``markers`` (never this process)."""
     pids = []
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+        if entry.name.isdigit() and int(entry.name) not in (os.getpid(), os.getppid()):
             with contextlib.suppress(OSError):
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                if markers & set((entry / "environ").read_bytes().split(b"\0")):
                     pids.append(int(entry.name))
     return pids
 
@@ -403,8 +464,9 @@ def _ensure_hosts(names) -> None:
     """slurmd resolves its own NodeHostname: map the node names to loopback."""
     hosts = Path("/etc/hosts")
     text = hosts.read_text() if hosts.exists() else ""
-    known = {tok for line in text.splitlines() for tok in line.split()[1:]
-             if not line.lstrip().startswith("#")}
+    known = {
+        tok for line in text.splitlines() for tok in line.split()[1:] if not line.lstrip().startswith("#")
+    }
     missing = [n for n in names if n not in known]
     if missing:
         sep = "" if text.endswith("\n") or not text else "\n"

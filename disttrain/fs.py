@@ -130,6 +130,7 @@ def atomic_write(path: str, data: bytes | str) -> None:
     folder = os.path.dirname(local) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(local)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
@@ -140,6 +141,12 @@ def atomic_write(path: str, data: bytes | str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def append_text(path: str, text: str) -> None:

@@ -1,0 +1,35 @@
+"""`disttrain plot RUN_DIR [--out FILE.png] [--metrics train/loss,eval/accuracy]`: the curves of a run
+(local or s3://) as a PNG, one panel per metric, with the resumes marked (drawing: writers.write_curves,
+which the trainer's curves writer also uses at the end of every segment when log.plot is on)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from disttrain import fs
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="disttrain plot", description="Draw the curves of a run as a PNG.")
+    parser.add_argument("run_dir", help="run directory: a path or a URL such as s3://bucket/prefix")
+    parser.add_argument("--out", help="where to write the PNG, path or URL (default: RUN_DIR/curves.png)")
+    parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
+    args = parser.parse_args(list(argv))
+    if not fs.exists(fs.join(args.run_dir, "metrics.jsonl")):
+        print(
+            f"disttrain plot: error: {args.run_dir} has no metrics.jsonl; give the run_dir of a run",
+            file=sys.stderr,
+        )
+        return 2
+    from disttrain.writers import write_curves  # lazy: torch and matplotlib only once input is valid
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    try:
+        out = write_curves(args.run_dir, out=args.out, metrics=metrics)
+    except ValueError as err:
+        print(f"disttrain plot: error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -10,11 +10,7 @@ the manifest, and only with `torch.load(weights_only=True)`: a replaced file is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
-import json
 import logging
-import os
 import platform
 import random
 import re
@@ -26,26 +22,25 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from disttrain import __version__, dist, fs
+from disttrain import ckpt_format as fmt
+from disttrain.ckpt_format import FILES, MANIFEST, CheckpointError, read_checkpoint, read_manifest
 from disttrain.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
 Make = Callable[[], State]
 
-FILES = ("model.safetensors", "state.pt", "ranks.pt")
-MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 # What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
 # at save time, so a checkpoint that saved is one that loads.
+__all__ = [
+    "FILES", "MANIFEST", "CheckpointError", "CheckpointInfo", "CheckpointManager", "capture_rank_state",
+    "read_checkpoint", "read_manifest", "restore_rank_state",
+]  # fmt: skip
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, read or trusted; the message names the file and the problem."""
 
 
 @dataclass
@@ -179,9 +174,9 @@ class CheckpointManager:
             self._clean_stale()
             if work == final:
                 fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
-            files = _write_files(work, host, ranks)
+            files = fmt.write_files(work, host, ranks)
             manifest = {"format": 1, "step": step, "time": time.time(), "world_size": len(ranks)}
-            _publish(work, final, {**manifest, **self._meta, "files": files})
+            fmt.publish(work, final, {**manifest, **self._meta, "files": files})
         except Exception as err:
             fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
@@ -219,7 +214,7 @@ class CheckpointManager:
         for info in infos:  # newest first; ones newer than `saved` exist only after a fallback
             if info.step <= saved:
                 return saved  # hashed as it was written
-            if _problem(info.path, full=True) is None:
+            if fmt.problem(info.path, full=True) is None:
                 return info.step
         return saved
 
@@ -231,23 +226,23 @@ class CheckpointManager:
     def _info(self, name: str, full: bool) -> CheckpointInfo | None:
         path = fs.join(self.dir, name)
         try:
-            m = read_manifest(path)
+            m = fmt.read_manifest(path)
         except CheckpointError as err:
             if not fs.exists(fs.join(path, MANIFEST)):
                 return None  # not committed: does not exist for readers
             return CheckpointInfo(int(name[5:]), path, 0.0, 0, False, str(err), 0)
-        problem = _files_problem(path, m, full)
+        problem = fmt.files_problem(path, m, full)
         size = sum(f["bytes"] for f in m["files"].values())
         return CheckpointInfo(int(name[5:]), path, m["time"], size, problem is None, problem, m["world_size"])
 
     def verify(self, step: int | str) -> str | None:
         """None if every file matches the manifest (size and sha256), else what is wrong and where."""
-        return _problem(self._path(step) if isinstance(step, int) else step, full=True)
+        return fmt.problem(self._path(step) if isinstance(step, int) else step, full=True)
 
     def latest_verified(self) -> CheckpointInfo | None:
         """The newest checkpoint that fully verifies; each newer one skipped is logged as a warning."""
         for info in self.list():
-            problem = info.problem or _problem(info.path, full=True)
+            problem = info.problem or fmt.problem(info.path, full=True)
             if problem is None:
                 return dataclasses.replace(info, verified=True)
             log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
@@ -256,7 +251,7 @@ class CheckpointManager:
     def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
         """The resume fingerprint recorded in a checkpoint's manifest."""
         path = info.path if isinstance(info, CheckpointInfo) else info
-        return dict(read_manifest(path).get("fingerprint") or {})
+        return dict(fmt.read_manifest(path).get("fingerprint") or {})
 
     def load(self, path_or_step: str | int | None = None) -> tuple[State, State | None]:
         """(app_state, this rank's rank_state, or None if the world size changed). Must be called on all ranks.
@@ -266,16 +261,16 @@ class CheckpointManager:
         """
         path = _from_main(lambda: self._resolve(path_or_step))
         if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
-            app, ranks = _from_main(lambda: read_checkpoint(path))
+            app, ranks = _from_main(lambda: fmt.read_checkpoint(path))
         else:
-            app, ranks = _agreed(lambda: read_checkpoint(path))
+            app, ranks = _agreed(lambda: fmt.read_checkpoint(path))
         return app, (ranks[dist.rank()] if len(ranks) == dist.world_size() else None)
 
     def export(self, out: str, step: int | None = None) -> int:
         """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
         path = self._resolve(step)
-        m = read_manifest(path)
-        fs.atomic_write(out, _read_verified(path, "model.safetensors", m))
+        m = fmt.read_manifest(path)
+        fs.atomic_write(out, fmt.read_verified(path, "model.safetensors", m))
         return int(m["step"])
 
     def _resolve(self, path_or_step: str | int | None) -> str:
@@ -335,140 +330,3 @@ def _host_copy(obj: Any, where: str) -> Any:
         f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
         "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
     )
-
-
-def _write_files(work: str, host: State, ranks: list[Any]) -> dict[str, State]:
-    fs.makedirs(work)
-    # The host copy gave every tensor its own storage; contiguous too, and tied weights save fine.
-    model = {name: t.contiguous() for name, t in host["model"].items()}
-    blobs = {
-        "model.safetensors": safetensors.torch.save(model),
-        "state.pt": _torch_bytes({k: v for k, v in host.items() if k != "model"}),
-        "ranks.pt": _torch_bytes(ranks),
-    }
-    return {name: _put(fs.join(work, name), data) for name, data in blobs.items()}
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _put(path: str, data: bytes) -> State:
-    with fs.open_file(path, "wb") as fh:
-        fh.write(data)
-        if fs.is_local(path):
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the rename that publishes it
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _publish(work: str, final: str, manifest: State) -> None:
-    _put(fs.join(work, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    if work != final:
-        fs.fsync_dir(work)
-        fs.remove(final, recursive=True)  # an earlier save of this step, e.g. a corrupt one skipped
-        fs.rename(work, final)  # atomic on one filesystem; fs.rename fsyncs the parent
-
-
-def read_manifest(path: str) -> State:
-    """The manifest of the checkpoint at `path`, checked for shape; raises CheckpointError."""
-    where = fs.join(path, MANIFEST)
-    try:
-        m = json.loads(fs.read_text(where))
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: missing, so {path} is not a committed checkpoint") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{where}: unreadable ({err})") from None
-    problem = _manifest_problem(m)
-    if problem is not None:
-        raise CheckpointError(f"{where}: {problem}")
-    return m
-
-
-def _manifest_problem(m: Any) -> str | None:
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
-        return "not a disttrain manifest (no files table)"
-    if not all(isinstance(m.get(key), (int, float)) for key in ("step", "time", "world_size")):
-        return "step, time or world_size is missing or not a number"
-    if any(name not in m["files"] for name in FILES):
-        return f"does not list all of {', '.join(FILES)}"
-    for name, meta in m["files"].items():
-        if "/" in name or name.startswith(".") or not isinstance(meta, dict):
-            return f"bad file entry {name!r}"
-        if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            return f"file entry {name!r} lacks bytes or sha256"
-    return None
-
-
-def _problem(path: str, full: bool) -> str | None:
-    try:
-        return _files_problem(path, read_manifest(path), full)
-    except CheckpointError as err:
-        return str(err)
-
-
-def _files_problem(path: str, m: State, full: bool) -> str | None:
-    for name, meta in m["files"].items():
-        where = fs.join(path, name)
-        try:
-            n = fs.size(where)
-        except FileNotFoundError:
-            return f"{where}: missing (the manifest lists it with {meta['bytes']} bytes)"
-        problem = _mismatch(where, meta, n, _sha256_file(where) if full and n == meta["bytes"] else None)
-        if problem is not None:
-            return problem
-    return None
-
-
-def _mismatch(where: str, meta: State, n: int, digest: str | None) -> str | None:
-    if n != meta["bytes"]:
-        return f"{where}: {n} bytes, but the manifest says {meta['bytes']} (truncated or overwritten)"
-    if digest is not None and digest != meta["sha256"]:
-        expected = meta["sha256"][:16]
-        return f"{where}: sha256 {digest[:16]}... does not match the manifest's {expected}... (corrupted or replaced)"
-    return None
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open_file(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_verified(path: str, name: str, m: State) -> bytes:
-    where = fs.join(path, name)
-    try:
-        data = fs.read_bytes(where)
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: missing (the manifest lists it)") from None
-    problem = _mismatch(where, m["files"][name], len(data), hashlib.sha256(data).hexdigest())
-    if problem is not None:
-        raise CheckpointError(problem)
-    return data
-
-
-def read_checkpoint(path: str) -> tuple[State, list[Any]]:
-    """(app_state, per-rank states) of the checkpoint at `path`; every file is checked before use."""
-    m = read_manifest(path)
-    blobs = {name: _read_verified(path, name, m) for name in FILES}
-    try:
-        model = safetensors.torch.load(blobs["model.safetensors"])
-    except Exception as err:  # the safetensors parser's own error types
-        raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
-    state = _torch_load(blobs["state.pt"], fs.join(path, "state.pt"))
-    ranks = _torch_load(blobs["ranks.pt"], fs.join(path, "ranks.pt"))
-    if not isinstance(state, dict) or not isinstance(ranks, list):
-        raise CheckpointError(f"{path}: state.pt or ranks.pt does not hold what disttrain writes")
-    return {"model": model, **state}, ranks
-
-
-def _torch_load(data: bytes, where: str) -> Any:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a broken archive
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{where}: refused by torch.load(weights_only=True): {first}") from None

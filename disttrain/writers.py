@@ -8,6 +8,7 @@ step logged before an interruption and replayed after the resume is never shown 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from disttrain import dist, fs
-from disttrain.config import REDACTED, SECRET_KEY_PATTERN, Config, to_dict
+from disttrain.config import REDACTED, SECRET_KEY_PATTERN, Config, ConfigError, to_dict
 
 
 class Writer:
@@ -213,18 +214,23 @@ class TensorBoardWriter(Writer):
 # ------------------------------------------------------------------------------------ wandb
 
 
+STEP_KEY = "trainer/step"  # the x-axis of every metric in wandb: the global optimizer step
+
+
 class WandbWriter(Writer):
     """Weights & Biases: one wandb run per run dir. Its id is created once (RUN_DIR/wandb_id.txt) and
     every segment resumes it (resume="allow"), online or with WANDB_MODE=offline (files under
     RUN_DIR/wandb/; for a remote run dir they are staged locally and copied up, see _Staging).
 
-    Each step reaches wandb once, in order, across segments. The floor is the last step wandb holds
-    durably: read from earlier segments' .wandb logs (offline and online runs both keep one), and online
-    also from the resumed run's starting step. Steps up to the floor are not logged again (wandb keeps
-    the interrupted segment's value, which exact resume reproduces). Steps between the floor and the
-    checkpoint resumed from, which wandb lost (its log is written in 32 KiB blocks, so a kill -9 loses
-    the tail), are re-sent from metrics.jsonl. wandb's rewind (`resume_from=`) is not used: it needs the
-    server, so it cannot serve offline runs."""
+    Each (metric, step) reaches wandb once, in order, across segments. Metrics are plotted against
+    `trainer/step` (define_metric) rather than wandb's own `_step`, which only grows: so an eval that a
+    stop cut short, and that the next segment redoes at a step whose train metrics wandb already has,
+    can still be logged. Per metric, the floor is the last step wandb holds durably, read from earlier
+    segments' .wandb logs (online runs keep one too). Steps up to it are not logged again: wandb keeps
+    the first value, which exact resume reproduces. Steps between the floor and the checkpoint resumed
+    from, which wandb lost (it writes its log in 32 KiB blocks, so a kill -9 loses the tail), are
+    re-sent from metrics.jsonl. wandb's rewind (`resume_from=`) is not used: it needs the server, so
+    it cannot serve offline runs."""
 
     def __init__(self, cfg: Config, run_dir: str, resumed_step: int, fallback_floor: int | None = None):
         import wandb  # lazy: heavy, and only rank 0 of a run with log.wandb needs it
@@ -232,7 +238,7 @@ class WandbWriter(Writer):
         self._errors: tuple[type[BaseException], ...] = (wandb.errors.Error, OSError)
         self.stage = _Staging(fs.join(run_dir, "wandb"))
         self.run_id = wandb_run_id(run_dir)
-        self.floor = _logged_floor(self.stage.target, self.run_id, fallback_floor)
+        self.floors, self.default_floor = _logged_floors(self.stage.target, self.run_id, fallback_floor)
         try:
             self.run = _init_wandb(wandb, cfg, run_dir, self.run_id, os.path.dirname(self.stage.local))
         except wandb.errors.Error as err:
@@ -240,7 +246,6 @@ class WandbWriter(Writer):
                 f"log.wandb: wandb could not start ({err}); run `wandb login` or set WANDB_API_KEY, "
                 "or set WANDB_MODE=offline to log without network"
             ) from err
-        self.floor = max(self.floor, int(getattr(self.run, "starting_step", 0) or 0) - 1)
         resent = self._backfill(run_dir, resumed_step)
         mode = getattr(getattr(self.run, "settings", None), "mode", "disabled")
         notes = [f"re-sent {resent} logged steps wandb had lost"] if resent else []
@@ -248,20 +253,24 @@ class WandbWriter(Writer):
         print(f"wandb: run {self.run_id} ({mode})" + "".join(f"; {n}" for n in notes), flush=True)
 
     def _backfill(self, run_dir: str, resumed_step: int) -> int:
-        """Re-send metrics.jsonl's rows in (floor, resumed_step]; returns how many steps."""
+        """Re-send what metrics.jsonl holds up to resumed_step above the floors; returns how many steps."""
         steps = set()
         for row in read_jsonl(fs.join(run_dir, "metrics.jsonl")):
             step = row.pop("step", None)
-            if isinstance(step, int) and self.floor < step <= resumed_step:
+            if isinstance(step, int) and step <= resumed_step and self._fresh(step, row):
                 self.log(step, {k: v for k, v in row.items() if v is not None})
                 steps.add(step)
         return len(steps)
 
+    def _fresh(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in metrics.items() if step > self.floors.get(k, self.default_floor)}
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.run is None or step <= self.floor:
+        fresh = self._fresh(step, metrics)
+        if self.run is None or not fresh:
             return
         try:
-            self.run.log(dict(metrics), step=step)
+            self.run.log({**fresh, STEP_KEY: step})
         except self._errors as err:  # wandb's service died (e.g. killed with the job): training goes on
             print(f"disttrain: wandb logging stopped: {err}", file=sys.stderr)
             self.run = None
@@ -274,7 +283,7 @@ class WandbWriter(Writer):
             if self.run is not None:
                 self.run.finish()
             # finish() returns before wandb's service has written the whole .wandb log; teardown waits
-            # for it, so the copy to a remote run dir (and the next segment's floor) sees every row.
+            # for it, so the copy to a remote run dir (and the next segment's floors) sees every row.
             wandb.teardown()
         except self._errors as err:
             print(f"disttrain: wandb did not finish cleanly: {err}", file=sys.stderr)
@@ -290,7 +299,7 @@ def _init_wandb(wandb: Any, cfg: Config, run_dir: str, run_id: str, parent: str)
     secrets = secret_values(cfg)
     config = json.loads(redact_text(json.dumps(to_dict(cfg), default=str), secrets))
     with _argv_redacted(secrets):  # wandb records sys.argv, where key=value overrides live
-        return wandb.init(
+        run = wandb.init(
             project=cfg.log.wandb_project,
             entity=cfg.log.wandb_entity,
             tags=cfg.log.wandb_tags or None,
@@ -301,6 +310,9 @@ def _init_wandb(wandb: Any, cfg: Config, run_dir: str, run_id: str, parent: str)
             config=config,
             settings=wandb.Settings(console="off", silent=True, save_code=False, disable_job_creation=True),
         )
+    run.define_metric(STEP_KEY)
+    run.define_metric("*", step_metric=STEP_KEY)
+    return run
 
 
 def wandb_run_id(run_dir: str) -> str:
@@ -313,18 +325,26 @@ def wandb_run_id(run_dir: str) -> str:
     return run_id
 
 
-def _logged_floor(wandb_dir: str, run_id: str, fallback: int | None) -> int:
-    """The highest step earlier segments of this wandb run have in their .wandb logs (-1: none)."""
-    last = -1
+def _logged_floors(wandb_dir: str, run_id: str, fallback: int | None) -> tuple[dict[str, int], int]:
+    """Per metric, the highest step earlier segments of this wandb run hold in their .wandb logs; and
+    the floor for metrics not seen there (-1, or metrics.jsonl's last step when a log is unreadable)."""
+    floors: dict[str, int] = {}
+    default = -1
     for path in fs.walk_files(wandb_dir):
         if fs.basename(path) != f"run-{run_id}.wandb":
             continue
         try:
-            last = max([last, *(step for step, _ in wandb_history(fs.read_bytes(path)))])
+            rows = wandb_history(fs.read_bytes(path))
         except ValueError as err:  # a future wandb changed its log format: fall back to metrics.jsonl
             print(f"disttrain: cannot read {path} ({err}); using metrics.jsonl's last step", file=sys.stderr)
-            last = max(last, fallback if fallback is not None else -1)
-    return last
+            default = max(default, fallback if fallback is not None else -1)
+            continue
+        for wandb_step, row in rows:
+            step = int(row.get(STEP_KEY, wandb_step))
+            for key in row:
+                if not key.startswith("_") and key != STEP_KEY:
+                    floors[key] = max(floors.get(key, -1), step)
+    return floors, default
 
 
 _WANDB_HEADER = b":W&B" + struct.pack("<HB", 0xBEE1, 0)  # ident, magic, version 0
@@ -348,12 +368,8 @@ def wandb_history(data: bytes) -> list[tuple[int, dict[str, Any]]]:
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             items = record.history.item
-            rows.append(
-                (
-                    int(record.history.step.num),
-                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items},
-                )
-            )
+            row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+            rows.append((int(record.history.step.num), row))
     return rows
 
 
@@ -525,10 +541,24 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ build
 
 
+_EXTRAS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+def check_writers(cfg: Config) -> None:
+    """Refuse a config whose writers are not installed (cheap: no import). Raises ConfigError."""
+    for key, (module, extra) in _EXTRAS.items():
+        if getattr(cfg.log, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"log.{key}=true but {module} is not installed: pip install 'disttrain[{extra}]', "
+                f"or set log.{key}=false"
+            )
+
+
 def build_writer(cfg: Config, run_dir: str, *, resumed_step: int, use_tqdm: bool) -> Writer:
     """The writers the config asks for on rank 0; NullWriter on every other rank."""
     if not dist.is_main():
         return NullWriter()
+    check_writers(cfg)
     writers: list[Writer] = []
     if cfg.log.jsonl:
         writers.append(JsonlWriter(run_dir, resumed_step))

@@ -46,4 +46,4 @@ def test_planted_secrets_are_not_in_the_output(run):
 
 def test_the_secret_key_stays_visible_redacted(run):
     config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
-    assert config["pipeline"]["args"] == {"step_delay": 0.02, "api_token": REDACTED}
+    assert config["pipeline"]["args"] == {"step_delay": 0.02, "eval_delay": 0.08, "api_token": REDACTED}

@@ -5,8 +5,9 @@ planted in the environment and in `pipeline.args.api_token`, taken through every
 
 1. kill -9 after the step-20 checkpoint, with steps up to >= 30 logged (they are redone);
 2. resumed from 20, fails in the user's loss after step 50 (exit 1; the step-40 checkpoint survives);
-3. resumed from 40, SIGTERM once step 60 is logged (saves, exit 143);
-4. resumed from the stop step, runs to step 80 (exit 0).
+3. resumed from 40, SIGTERM once step 60's train metrics are logged: it lands in the (slowed) eval
+   of step 60, which is cut short; saves at 60, exit 143;
+4. resumed from 60, redoes the eval of step 60, runs to step 80 (exit 0).
 
 Built once per pytest session (about 25 s on two cores) and read by every test that needs it.
 """
@@ -41,7 +42,9 @@ ARGS = (
     "log.wandb_tags=[ci]",
     "log.tensorboard=true",
     "pipeline.target=tests.unit.test_secrets_pipeline:SecretDigits",
+    "data.eval_batch_size=64",  # 5 eval batches: a stop is agreed between them
     "pipeline.args.step_delay=0.02",
+    "pipeline.args.eval_delay=0.08",
     f"pipeline.args.api_token={CONFIG_SECRET}",
 )
 

@@ -9,11 +9,12 @@ import sys
 import pytest
 
 from disttrain import fs
-from disttrain.config import REDACTED, load_config
+from disttrain.config import REDACTED, ConfigError, load_config
 from disttrain.writers import (
     EventLog,
-    _logged_floor,
+    _logged_floors,
     _Staging,
+    check_writers,
     redact_argv,
     secret_values,
     truncate_after,
@@ -128,5 +129,21 @@ def test_the_wandb_floor_is_read_from_a_remote_run_dir(wandb_log):
     # A segment on another node finds what earlier segments copied up to s3:// (memory:// here).
     fs.write_bytes("memory://floor/run/wandb/offline-run-20260101_000000-blocks/run-blocks.wandb", wandb_log)
     fs.write_bytes("memory://floor/run/wandb/offline-run-20260101_000000-other/run-other.wandb", b"junk")
-    assert _logged_floor("memory://floor/run/wandb", "blocks", None) == 600
-    assert _logged_floor("memory://floor/run/wandb", "missing", None) == -1
+    assert _logged_floors("memory://floor/run/wandb", "blocks", None) == ({"loss": 600, "note": 600}, -1)
+    assert _logged_floors("memory://floor/run/wandb", "missing", None) == ({}, -1)
+    # an unreadable log (a future format): every metric's floor is metrics.jsonl's last step
+    assert _logged_floors("memory://floor/run/wandb", "other", 42) == ({}, 42)
+
+
+def test_a_writer_that_is_not_installed_is_refused_with_a_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    check_writers(load_config(None, ["log.tensorboard=true"]))
+    with pytest.raises(
+        ConfigError, match=r"log.wandb=true but wandb is not installed: pip install 'disttrain\[wandb\]'"
+    ):
+        check_writers(load_config(None, ["log.wandb=true"]))

@@ -74,7 +74,7 @@ class Trainer:
             versions={"disttrain": __version__, "torch": torch.__version__},
         )
         self.resumed_from = self._maybe_resume()
-        self.events = EventLog(self.run_dir, cluster.job_id, cluster.restart_count)
+        self.events = EventLog(self.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
         self.writer: Any = None
 
     # ------------------------------------------------------------------------------------ resume
@@ -154,7 +154,9 @@ class Trainer:
         Must be called on all ranks."""
         if self.step >= self.cfg.trainer.max_steps:
             if dist.is_main():
-                print(f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do")
+                print(
+                    f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
+                )
             return "already_done"
         self._start_run_dir()
         self.signal.install()
@@ -172,7 +174,9 @@ class Trainer:
             self.signal.uninstall()
             self.writer.close()
         outcome = "stopped" if self.stopping else "finished"
-        self.events.emit("finish" if outcome == "finished" else "stopped", step=self.step, signal=self.signal.received)
+        self.events.emit(
+            "finish" if outcome == "finished" else "stopped", step=self.step, signal=self.signal.received
+        )
         return outcome
 
     def train_step(self, batches: Any) -> None:
@@ -237,7 +241,9 @@ class Trainer:
 
     def _saved(self, t0: float, reason: str) -> None:
         self._last_saved_step = self.step
-        self.events.emit("checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 4), reason=reason)
+        self.events.emit(
+            "checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 4), reason=reason
+        )
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -302,10 +308,21 @@ class Trainer:
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
         if changed:
-            print(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}", flush=True)
+            print(
+                f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}",
+                flush=True,
+            )
             self.events.emit("config_changed", step=self.step, changes=changed)
         if self.resumed_from is not None:
-            self.events.emit("resume", step=self.resumed_from, cause=_resume_cause(self.cluster))
+            # interrupted_at: the last step logged before the interruption, so `disttrain status` and the
+            # curves can say exactly how many steps a kill -9 cost.
+            interrupted_at = getattr(self.writer, "logged_through", None)
+            self.events.emit(
+                "resume",
+                step=self.resumed_from,
+                cause=_resume_cause(self.cluster),
+                interrupted_at=interrupted_at,
+            )
             if dist.is_main():
                 print(f"resumed from step {self.resumed_from}", flush=True)
 
@@ -316,7 +333,11 @@ class Trainer:
             return []
         old = _flatten(yaml.safe_load(fs.read_text(path)) or {})
         new = _flatten(to_dict(self.cfg))
-        return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        return [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
 
     def _train_loader(self) -> Any:
         sampler = ResumableBatchSampler(

@@ -10,7 +10,8 @@ import torch
 from disttrain.data import DataCursor, ResumableBatchSampler, ShardedEvalBatches, advance, epoch_order
 
 
-def sampler(n=100, batch=12, rank=0, world=1, accum=1, seed=0, start=DataCursor(), shuffle=True):
+def sampler(n=100, batch=12, rank=0, world=1, accum=1, seed=0, start=None, shuffle=True):
+    start = start or DataCursor()
     return ResumableBatchSampler(n, batch, rank=rank, world_size=world, grad_accum=accum, seed=seed,
                                  shuffle=shuffle, start=start)  # fmt: skip
 

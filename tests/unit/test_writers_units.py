@@ -12,8 +12,8 @@ from disttrain import fs
 from disttrain.config import REDACTED, ConfigError, load_config
 from disttrain.writers import (
     EventLog,
+    Staging,
     _logged_floors,
-    _Staging,
     check_writers,
     redact_argv,
     secret_values,
@@ -109,7 +109,7 @@ def test_truncate_after_returns_the_last_step_before(tmp_path):
 
 
 def test_staging_copies_new_and_changed_files_to_a_remote_dir(tmp_path):
-    stage = _Staging("memory://bucket/run/tb")
+    stage = Staging("memory://bucket/run/tb")
     local = stage.local
     (tmp_path / "elsewhere").write_text("x")
     with open(f"{local}/events.1", "w") as fh:

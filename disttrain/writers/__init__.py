@@ -1,0 +1,94 @@
+"""Where metrics and lifecycle events go. Rank roles are decided once, here: rank 0 gets real writers,
+every other rank gets NullWriter, so the loop never asks "am I rank 0?".
+
+Writers continue across segments of one run (requeue, restart): the resumed step is passed in, and a
+step logged before an interruption and replayed after the resume is never shown twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from typing import Any
+
+from disttrain import dist, fs
+from disttrain.config import Config, ConfigError
+from disttrain.writers.base import (
+    ConsoleWriter,
+    JsonlWriter,
+    MultiWriter,
+    NullWriter,
+    Writer,
+    read_jsonl,
+    truncate_after,
+)
+from disttrain.writers.curves import CurvesWriter, resume_spans, write_curves
+from disttrain.writers.redact import redact_argv, redact_text, secret_values
+from disttrain.writers.staging import Staging
+from disttrain.writers.tensorboard import TensorBoardWriter
+from disttrain.writers.wandb_writer import STEP_KEY, WandbWriter, _logged_floors, wandb_history, wandb_run_id
+
+_EXTRAS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+
+__all__ = [
+    "STEP_KEY", "ConsoleWriter", "CurvesWriter", "EventLog", "JsonlWriter", "MultiWriter", "NullWriter", "Staging",
+    "TensorBoardWriter", "WandbWriter", "Writer", "_logged_floors", "build_writer", "check_writers", "read_jsonl",
+    "redact_argv", "redact_text", "resume_spans", "secret_values", "truncate_after", "wandb_history",
+    "wandb_run_id", "write_curves",
+]  # fmt: skip
+
+
+def check_writers(cfg: Config) -> None:
+    """Refuse a config whose writers are not installed (cheap: no import). Raises ConfigError."""
+    for key, (module, extra) in _EXTRAS.items():
+        if getattr(cfg.log, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"log.{key}=true but {module} is not installed: pip install 'disttrain[{extra}]', "
+                f"or set log.{key}=false"
+            )
+
+
+def build_writer(cfg: Config, run_dir: str, *, resumed_step: int, use_tqdm: bool) -> Writer:
+    """The writers the config asks for on rank 0; NullWriter on every other rank."""
+    if not dist.is_main():
+        return NullWriter()
+    check_writers(cfg)
+    writers: list[Writer] = []
+    if cfg.log.jsonl:
+        writers.append(JsonlWriter(run_dir, resumed_step))
+    logged_through = writers[0].logged_through if writers else None
+    if cfg.log.console:
+        writers.append(ConsoleWriter(cfg.trainer.max_steps, use_tqdm))
+    if cfg.log.tensorboard:
+        writers.append(TensorBoardWriter(run_dir, resumed_step))
+    if cfg.log.wandb:
+        writers.append(WandbWriter(cfg, run_dir, resumed_step, fallback_floor=logged_through))
+    if cfg.log.plot:
+        writers.append(CurvesWriter(run_dir))
+    return MultiWriter(writers)
+
+
+class EventLog:
+    """RUN_DIR/events.jsonl: start, resume, signal, checkpoint, requeue, finish, error (DESIGN §3).
+
+    Free text (an error message) can carry a credential; known secret values are masked first."""
+
+    def __init__(self, run_dir: str, job_id: str = "", restart_count: int = 0, cfg: Config | None = None):
+        self.path = fs.join(run_dir, "events.jsonl")
+        self.job_id = job_id
+        self.restart_count = restart_count
+        self.enabled = dist.is_main()
+        self.secrets = secret_values(cfg) if self.enabled else []
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), "event": event, "job_id": self.job_id}
+        record["restart_count"] = self.restart_count
+        record.update(fields)
+        try:
+            fs.append_text(self.path, redact_text(json.dumps(record, default=str), self.secrets) + "\n")
+        except OSError as err:  # an event must never take the run down; say so on stderr
+            print(f"disttrain: could not write {self.path}: {err}", file=sys.stderr)

@@ -1,0 +1,133 @@
+"""Writer base classes, the JSONL and console writers, and the JSONL reader."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from typing import Any
+
+from disttrain import fs
+
+
+class Writer:
+    """Receives `{"train/loss": ..., ...}` at a global optimizer step."""
+
+    # Highest step an earlier segment wrote to metrics.jsonl (before the resume dropped replayed lines):
+    # where the interruption happened. None when unknown or on a fresh run.
+    logged_through: int | None = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullWriter(Writer):
+    """What ranks other than 0 write to."""
+
+
+class MultiWriter(Writer):
+    def __init__(self, writers: list[Writer]):
+        self.writers = writers
+        self.logged_through = max(
+            (w.logged_through for w in writers if w.logged_through is not None), default=None
+        )
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for w in self.writers:
+            w.log(step, metrics)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+class JsonlWriter(Writer):
+    """RUN_DIR/metrics.jsonl: one object a line, `{"step": N, "train/loss": ...}`.
+
+    On resume from step S, lines after S (written after the checkpoint, before the interruption) are
+    dropped first: the resumed run recomputes those steps, and a reader must never see a step twice.
+    """
+
+    def __init__(self, run_dir: str, resumed_step: int):
+        self.path = fs.join(run_dir, "metrics.jsonl")
+        if fs.exists(self.path):
+            self.logged_through = truncate_after(self.path, resumed_step)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        fs.append_text(self.path, json.dumps({"step": step, **_finite(metrics)}) + "\n")
+
+
+def truncate_after(path: str, step: int) -> int | None:
+    """Keep only the records of `path` whose step is at most `step` (atomically). Returns the highest
+    step the file held before (None if it held none)."""
+    lines = [line for line in fs.read_text(path).splitlines() if line.strip()]
+    kept = [line for line in lines if _step_of(line) <= step]
+    if len(kept) != len(lines):
+        fs.atomic_write(path, "".join(line + "\n" for line in kept))
+    return max((_step_of(line) for line in lines), default=None)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0  # a torn last line from a kill -9: keep position, reader skips it
+
+
+class ConsoleWriter(Writer):
+    """Plain metric lines on stdout; through tqdm.write when a progress bar owns the terminal."""
+
+    def __init__(self, max_steps: int, use_tqdm: bool):
+        self.max_steps = max_steps
+        self.use_tqdm = use_tqdm
+        self._first: tuple[int, float] | None = None
+
+    def _eta(self, step: int) -> str:
+        now = time.monotonic()
+        if self._first is None:
+            self._first = (step, now)
+            return ""
+        done, elapsed = step - self._first[0], now - self._first[1]
+        if done <= 0:
+            return ""
+        left = elapsed / done * (self.max_steps - step)
+        return f"eta {int(left // 60)}m{int(left % 60):02d}s"
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        parts = [f"step {step}/{self.max_steps}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
+        if any(k.startswith("train/") for k in metrics) and (eta := self._eta(step)):
+            parts.append(eta)
+        line = " | ".join(parts)
+        if self.use_tqdm:
+            from tqdm import tqdm
+
+            tqdm.write(line)
+        else:
+            print(line, flush=True)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 1e-3)):
+        return f"{value:.3e}"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, Any]:
+    # JSON has no NaN/Infinity; write null so every line stays parseable by strict readers.
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a JSONL file; [] when missing. A torn last line (kill -9) is skipped."""
+    if not fs.exists(path):
+        return []
+    rows = []
+    for line in fs.read_text(path).splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(record := json.loads(line), dict):
+                rows.append(record)
+    return rows

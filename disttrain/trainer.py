@@ -7,6 +7,7 @@ ranks, never behind a rank check.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -294,6 +295,17 @@ class Trainer:
             record = {"step": self.step, "split": split, **metrics}
             fs.atomic_write(fs.join(self.run_dir, "test_metrics.json"), json.dumps(record, indent=2) + "\n")
         return metrics
+
+    def close(self) -> None:
+        """Release the model, optimizer and DDP reducer. Call before the process group is destroyed.
+
+        DDP's reducer keeps its last gloo work objects, which hold tensors. Left to interpreter
+        shutdown, freeing them needs the GIL while it is being torn down, and the process aborts
+        ("terminate called without an active exception") after a run that otherwise succeeded.
+        """
+        self.accelerator.free_memory()
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
 
     # ---------------------------------------------------------------------------------- helpers
 

@@ -29,7 +29,7 @@ def main(out: str, overrides: list[str]) -> None:
         report["eval_dist"], report["eval_single"] = distributed_eval, _reference_eval(trainer, model)
         with open(out, "w") as fh:
             json.dump(report, fh)
-    dist.barrier()
+    trainer.close()
     dist.destroy()
 
 

@@ -1,0 +1,1 @@
+"""disttrain's benchmark harness (`python -m bench`); results in bench/RESULTS.md."""

@@ -1,0 +1,190 @@
+"""Proposed changes to disttrain, written as subclasses so the harness can time them against the stock
+trainer in the same run (interleaved). Each mirrors a unified diff in bench/proposed/; keep them equal.
+
+  fast_step   bench/proposed/01-train-step-fast-path.diff: call the torch optimizer directly when there
+              is no grad scaler (accelerate's wrapper probes for optional packages on every call), and
+              walk the modules with .train() only when the model is not in training mode.
+  stop_every  bench/proposed/02-stop-agreement-cadence.diff: agree on stopping about every 0.1 s of
+              step boundaries instead of at every one; rank 0 picks the cadence and it travels inside the
+              same all-reduce, so every rank polls at the same boundaries.
+  both        the two together.
+  verify_once bench/proposed/03-resume-verify-once.diff: a resume hashes each checkpoint file once, as
+              load() reads it, instead of latest_verified() and then load() each reading everything.
+  nostop      ablation only, not a proposal: no stop agreement at all (what the agreement costs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from disttrain import dist
+from disttrain.data import advance
+from disttrain.trainer import Trainer
+
+MAX_SKIP = 1000
+
+
+class FastStep(Trainer):
+    """01-train-step-fast-path.diff"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module = self.accelerator.unwrap_model(self.model)
+
+    def train_step(self, batches: Any) -> None:
+        if not self._module.training:  # eval restores the mode; walking every module each step costs
+            self.model.train()
+        for _ in range(self.cfg.trainer.grad_accum):
+            batch = self._to_device(next(batches))
+            with self.accelerator.accumulate(self.model):
+                loss = self.pipeline.loss(self.model, batch)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self._optimizer_step()
+            self._window_loss += loss.detach()
+        self.scheduler.step()
+        self.step += 1
+        self._window_steps += 1
+        self.cursor = advance(self.cursor, self.cfg.data.batch_size, len(self.datasets["train"]))
+        self.ckpt.check()
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.trainer.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        optimizer = self.optimizer if self.accelerator.scaler is not None else self.optimizer.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+class PendingMax:
+    """02-stop-agreement-cadence.diff, disttrain/dist.py: an elementwise-max all-reduce in flight."""
+
+    def __init__(self, values: list[int]):
+        self.tensor = torch.tensor(values, dtype=torch.int64, device=dist._device())
+        self.work = (
+            torch.distributed.all_reduce(self.tensor, op=torch.distributed.ReduceOp.MAX, async_op=True)
+            if dist.initialized()
+            else None
+        )
+
+    def result(self) -> list[int]:
+        if self.work is not None:
+            self.work.wait()
+        return [int(v) for v in self.tensor.tolist()]
+
+
+class CadencedStopAgreement:
+    """02-stop-agreement-cadence.diff, disttrain/preemption.py: StopAgreement (the diff also makes the
+    trainer's eval loop poll with kind="eval"; the timed runs here have no eval inside them)."""
+
+    def __init__(self, local: Any, interval_s: float = 0.1):
+        self.local = local
+        self.interval_s = interval_s
+        self._pending: PendingMax | None = None
+        self._skip = 0  # boundaries to pass before reading the pending result: the same on every rank
+        self._kind = "step"
+        self._started: float | None = None  # when the last agreement started (rank 0's clock)
+        self._boundaries = 0  # boundaries polled since then
+        self.agreed = False
+
+    def poll(self, kind: str = "step") -> bool:
+        if self.agreed:
+            return True
+        switched = kind != self._kind
+        if switched:
+            self._kind, self._skip, self._started = kind, 0, None
+        self._boundaries += 1
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        if self._pending is not None:
+            stop, skip = self._pending.result()
+            self._pending = None
+            if stop:
+                self.agreed = True
+                return True
+            self._skip = 0 if switched else skip
+        self._pending = PendingMax([int(self.local.requested), self._proposal()])
+        return False
+
+    def _proposal(self) -> int:
+        now = time.monotonic()
+        started, boundaries = self._started, self._boundaries
+        self._started, self._boundaries = now, 0
+        if started is None or not dist.is_main():
+            return 0
+        per_boundary = (now - started) / max(1, boundaries)
+        return min(MAX_SKIP, int(self.interval_s / max(per_boundary, 1e-6)))
+
+    def drain(self) -> None:
+        if self._pending is not None:
+            self.agreed = bool(self._pending.result()[0]) or self.agreed
+            self._pending = None
+
+
+class StopEvery(Trainer):
+    """02-stop-agreement-cadence.diff"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_agreement = CadencedStopAgreement(self.signal)
+
+
+class Both(FastStep):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_agreement = CadencedStopAgreement(self.signal)
+
+
+def load_newest(mgr: Any) -> Any:
+    """03-resume-verify-once.diff, disttrain/checkpoint.py: CheckpointManager.load_newest."""
+    import dataclasses
+
+    from disttrain import checkpoint
+
+    infos = checkpoint._from_main(mgr.list)
+    for info in infos:
+        try:
+            if info.problem is not None:
+                raise checkpoint.CheckpointError(info.problem)
+            app, rank_state = mgr.load(info.path)
+        except checkpoint.CheckpointError:
+            continue
+        return dataclasses.replace(info, verified=True), app, rank_state
+    return None
+
+
+class VerifyOnce(Trainer):
+    """03-resume-verify-once.diff, disttrain/trainer.py: _maybe_resume."""
+
+    def _maybe_resume(self) -> int | None:
+        mode = self.cfg.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            found = load_newest(self.ckpt)
+            if found is None:
+                return None
+            info, app_state, rank_state = found
+            self._check_compatible(self.ckpt.saved_fingerprint(info))
+        else:
+            app_state, rank_state = self.ckpt.load(mode)
+        self._load_state(app_state, rank_state)
+        return self.step
+
+
+class NoStopPoll(Trainer):
+    """Ablation only (not a proposal): the stock trainer without the per-step stop agreement."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from disttrain.hooks import StopHook
+
+        self.hooks = [h for h in self.hooks if not isinstance(h, StopHook)]
+
+
+TRAINERS: dict[str, type[Trainer]] = {"fast_step": FastStep, "stop_every": StopEvery, "both": Both,
+                                      "nostop": NoStopPoll, "verify_once": VerifyOnce}  # fmt: skip

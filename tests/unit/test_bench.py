@@ -1,0 +1,57 @@
+"""A quick check of the benchmark harness (bench/): statistics, result rows, the report, the CLI's
+section selection and one tiny checkpoint measurement. The benchmarks themselves run with `python -m bench`."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import ckpt
+from bench.common import Section, median, ratio_row, ratios, spread
+from bench.report import write_report
+from bench.run import parse
+
+
+def test_ratio_row_pairs_interleaved_repetitions():
+    row = ratio_row("x", [2.0, 4.0, 3.0], [1.0, 2.0, 3.0], "ms", "<= 1.5", lambda r: r <= 1.5)
+    assert ratios([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == [2.0, 2.0, 1.0]
+    assert row.ratio == 2.0 and row.met is False
+    assert row.value == 3.0 and row.baseline == 2.0
+    assert row.spread == "1.000-2.000 (n=3)"
+    inverted = ratio_row("t", [2.0], [1.0], "s", ">= 0.7", lambda r: r >= 0.7, invert=True)
+    assert inverted.ratio == 0.5 and inverted.met is False
+    assert median([]) != median([])  # nan for no data
+    assert spread([3.0, 1.0]) == (1.0, 3.0)
+
+
+def test_report_has_machine_command_tables_and_gpu_note(tmp_path):
+    sec = Section("ckpt", "2. Checkpoint write")
+    sec.rows.append(ratio_row("local 10 MB", [100.0], [200.0], "MB/s", ">= 0.70", lambda r: r >= 0.70))
+    info = {"date": "today", "nproc": 2, "host_cpus": 2, "cpu_model": "CPU", "ram_gib": 24, "python": "3",
+            "torch": "t", "accelerate": "a", "safetensors": "s", "s3fs": "f", "moto": "m", "numpy": "n",
+            "platform": "p", "git_commit": "c", "total_seconds": 1, "load_avg_at_start": (1.0, 1.0, 1.0),
+            "load_avg_at_end": (1.0, 1.0, 1.0)}  # fmt: skip
+    out = tmp_path / "RESULTS.md"
+    write_report(str(out), [sec], info, "python -m bench --quick", quick=True)
+    text = out.read_text()
+    assert "`python -m bench --quick`" in text and "2 CPUs usable" in text
+    assert "| local 10 MB | 100 MB/s | 200 MB/s | 0.500 | >= 0.70 | **missed** |" in text
+    assert "Why (checkpoint throughput)" in text
+    assert "Not run in this session" in text and "python -m bench --gpu" in text
+
+
+def test_cli_selects_sections():
+    assert parse([]).section_list == ["step", "ckpt", "async", "resume", "data"]
+    assert parse(["--gpu"]).section_list == ["gpu"]
+    assert parse(["--gpu"]).out.endswith("RESULTS_GPU.md")
+    assert parse(["--sections", "ckpt,gpu", "--gpu"]).section_list == ["ckpt", "gpu"]
+    with pytest.raises(SystemExit):
+        parse(["--sections", "nope"])
+
+
+def test_checkpoint_measurement_on_a_tiny_state(tmp_path):
+    m = ckpt.measure_local(ckpt.MB, 1, str(tmp_path))
+    assert set(m) == {"save", "raw_write", "load", "raw_read"}
+    assert all(len(v) == 1 and v[0] > 0 for v in m.values())
+    app, _ = ckpt.make_state(3 * ckpt.MB)
+    assert abs(ckpt.state_bytes(app) - 3 * ckpt.MB) < 16
+    assert list(tmp_path.iterdir()) == []  # every repetition cleans up after itself

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 class ClusterEnv:
     """The process's place in the job."""
 
-    launcher: str  # "torchrun" | "slurm" | "single"
+    launcher: str  # "torchrun" | "slurm" | "local" (submitit's local executor) | "single"
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -51,6 +51,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
         return _from_torchrun(env)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
         return _from_slurm(env)
+    if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
+        return _from_submitit_local(env)
     return ClusterEnv(launcher="single", job_id=env.get("SLURM_JOB_ID", ""))
 
 
@@ -89,6 +91,22 @@ def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
         master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
         job_id=job_id,
         restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
+    )
+
+
+def _from_submitit_local(env: Mapping[str, str]) -> ClusterEnv:
+    """submitit's local executor (`disttrain submit --cluster local`): N tasks on this machine."""
+    job_id = env.get("SUBMITIT_LOCAL_JOB_ID", "")
+    world = int(env["SUBMITIT_LOCAL_NTASKS"])
+    return ClusterEnv(
+        launcher="local",
+        rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+        local_rank=int(env.get("SUBMITIT_LOCAL_LOCALID", 0)),
+        world_size=world,
+        local_world_size=world,
+        master_addr="127.0.0.1",
+        master_port=port_for_job(job_id),
+        job_id=job_id,
     )
 
 

@@ -4,6 +4,8 @@ torchrun or SLURM (the same module, unchanged).
 Exit codes: 0 done (or nothing left to do), 1 failure (committed checkpoints stay intact),
 2 bad input (one line on stderr, nothing created on disk), 143 / 130 stopped by SIGTERM-USR2 / SIGINT
 after a synchronous checkpoint (so `torchrun --max-restarts` brings the job back and it resumes).
+Under SLURM (srun tasks) a stopped job requeues itself when the scheduler asked for the stop (time-limit
+warning, preemption) and the budget allows ($DISTTRAIN_MAX_REQUEUES, default 10); then every rank exits 0.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 
 from disttrain import cluster as cluster_mod
-from disttrain import fs
 from disttrain.config import Config, ConfigError, check_batch_divides, load_config
+from disttrain.launch.job import check_run_dir, continue_after_restart, run_training
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_STOPPED = {"SIGINT": 130}
 EXIT_STOPPED_DEFAULT = 143  # 128 + SIGTERM, what a process killed by SIGTERM would report
+EXIT_CODES = {
+    "finished": EXIT_OK,
+    "already_done": EXIT_OK,
+    "tested": EXIT_OK,
+    "requeued": EXIT_OK,  # SLURM has the job again; this attempt ends cleanly on every rank
+    "failed": EXIT_FAILURE,
+    "bad_input": EXIT_BAD_INPUT,
+    "interrupted": 130,
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--test", action="store_true", help="evaluate the checkpoint `resume` selects on the test split"
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4"
+    )
     return parser
 
 
@@ -45,6 +57,7 @@ def preflight(argv: Sequence[str] | None) -> tuple[Config, cluster_mod.ClusterEn
     cfg = load_config(args.config, args.overrides)
     env = cluster_mod.detect()
     check_batch_divides(cfg, env.world_size)
+    continue_after_restart(cfg, env)
     check_run_dir(cfg, test=args.test)
     from disttrain.pipelines import load_pipeline
 
@@ -52,23 +65,14 @@ def preflight(argv: Sequence[str] | None) -> tuple[Config, cluster_mod.ClusterEn
     return cfg, env, args.test
 
 
-def check_run_dir(cfg: Config, test: bool) -> None:
-    run_dir = cfg.run_dir
-    if fs.exists(run_dir) and not fs.isdir(run_dir):
-        raise ConfigError(f"run_dir: {run_dir!r} is a file, not a directory; choose another run_dir=PATH")
-    checkpoints = fs.join(run_dir, "checkpoints")
-    committed = [n for n in fs.listdir(checkpoints) if n.startswith("step_") and ".tmp" not in n]
-    if cfg.resume == "never" and committed and not test:
-        raise ConfigError(
-            f"resume=never but {run_dir} already holds checkpoints ({committed[-1]}); use a new run_dir, "
-            "resume=auto to continue, or delete the old checkpoints"
-        )
-    if cfg.resume not in ("auto", "never") and not fs.exists(cfg.resume):
-        raise ConfigError(f"resume: checkpoint {cfg.resume!r} does not exist; give a checkpoints/step_N directory")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    rank = cluster_mod.detect().rank
+    launched = cluster_mod.detect()
+    if launched.launcher == "slurm":
+        # Before any heavy import: SLURM's USR2 (time-limit warning) would otherwise kill the task.
+        from disttrain.preemption import SLURM_SIGNALS, StopSignal
+
+        StopSignal(SLURM_SIGNALS).install()
+    rank = launched.rank
     try:
         cfg, env, test = preflight(argv)
     except ConfigError as err:
@@ -76,47 +80,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"disttrain: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     _setup_logging(rank)
+    if env.launcher == "torchrun":
+        _fresh_store_after_torchrun_restart(os.environ)
     if env.launcher == "slurm":
         os.environ.update(env.torch_env())  # srun tasks: hand SLURM's layout to torch.distributed
     return run(cfg, env, test)
 
 
 def run(cfg: Config, env: cluster_mod.ClusterEnv, test: bool = False) -> int:
-    from disttrain import dist
-    from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
+    """Train (or test) on this rank and map how it ended to an exit code. Must be called on all ranks."""
+    from disttrain.preemption import max_requeues_from_env
 
-    trainer, clean = None, False
-    try:
-        trainer = Trainer(cfg, env)
-        if test:
-            trainer.test()
-            clean = True
-            return EXIT_OK
-        outcome = trainer.fit()
-        clean = True
-        if outcome == "stopped":
-            return EXIT_STOPPED.get(trainer.signal.received or "", EXIT_STOPPED_DEFAULT)
-        return EXIT_OK
-    except ConfigError as err:
-        if env.rank == 0:
-            print(f"disttrain: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"disttrain: rank {env.rank}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
-        traceback.print_exc()
-        if trainer is not None and getattr(trainer, "events", None) is not None:
-            trainer.events.emit("error", step=trainer.step, error=f"{type(err).__name__}: {err}")
-        print(f"disttrain: rank {env.rank}: training failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        dist.destroy(clean=clean)
+    result = run_training(cfg, env, test, max_requeues=max_requeues_from_env())
+    if result.outcome == "stopped":
+        return EXIT_STOPPED.get(result.signal or "", EXIT_STOPPED_DEFAULT)
+    return EXIT_CODES[result.outcome]
+
+
+def _fresh_store_after_torchrun_restart(environ) -> None:
+    """torchrun's static rendezvous hands every restart the same TCPStore, still holding the previous
+    attempt's process-group keys (`default_pg/...`): a restarted rank can read a dead peer's address and
+    hang or fail in gloo/NCCL setup (seen with torch 2.13 and `--max-restarts`). From the first restart on,
+    rank 0 hosts a fresh store instead, on a port every rank derives from the agent's port and the count."""
+    restart = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        port = int(environ.get("MASTER_PORT") or 29500)
+        environ["MASTER_PORT"] = str(15000 + (port + 7919 * restart) % 15000)  # below the ephemeral range
 
 
 def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 if __name__ == "__main__":

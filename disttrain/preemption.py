@@ -1,4 +1,4 @@
-"""Stop requests from signals, and agreement between ranks on when to stop.
+"""Stop requests from signals, agreement between ranks on when to stop, and the requeue that follows.
 
 Handlers only set a flag (DESIGN §5): nothing else is safe in a signal handler, and a rank that saved
 or exited on its own would leave the others blocked in a collective. The trainer polls the flag at
@@ -7,32 +7,66 @@ after the same step, saves, and exits.
 
 Why these signals: SLURM sends `--signal=USR2@N` before the time limit (USR1 is claimed by NCCL), and
 SIGTERM on preemption or `scancel`; torchrun forwards SIGTERM to its workers; SIGINT is Ctrl-C.
+
+Requeue (tests/cluster/NOTES.md has the experiments behind each rule): a job that exits cleanly inside
+its preemption grace time is COMPLETED, not requeued, so a stopped SLURM job requeues itself. USR2 is the
+time-limit warning: requeue. SIGTERM is either preemption (`scontrol show job` then shows PreemptTime)
+or a user's `scancel` / the time limit itself (PreemptTime=None): only the first is requeued, so that
+scancel still cancels. Rank 0 alone runs `scontrol requeue`, once, after the checkpoint is committed.
+
+`disttrain.dist` (torch) is imported only where a collective runs, so that a SLURM task can install
+its handlers before any heavy import: USR2's default action would kill the process.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from disttrain import dist
+from disttrain.cluster import ClusterEnv
+
+if TYPE_CHECKING:
+    from disttrain import dist
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
+SLURM_SIGNALS = ("SIGTERM", "SIGUSR2")  # what SLURM sends; Ctrl-C keeps its default until training runs
+MAX_REQUEUES_ENV = "DISTTRAIN_MAX_REQUEUES"
+DEFAULT_MAX_REQUEUES = 10
+SCONTROL_TIMEOUT_S = 30
 
 
 class StopSignal:
-    """Records the first stop signal this process receives. A second SIGINT aborts at once."""
+    """Records the first stop signal this process receives. A second SIGINT aborts at once.
+
+    Installed over another StopSignal (a SLURM task installs one before its slow imports), it inherits
+    a signal that one already recorded, and passes on the ones it receives, so none is lost in between.
+    """
 
     def __init__(self, names: tuple[str, ...] = STOP_SIGNALS):
         self.names = names
         self.received: str | None = None
         self.received_at: float | None = None
+        self.all_received: list[str] = []  # every distinct stop signal, in order (scancel after USR2 counts)
         self._previous: dict[int, object] = {}
+        self._outer: StopSignal | None = None
 
     def install(self) -> None:
         for name in self.names:
             signum = getattr(signal, name)
-            self._previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self._previous[signum] = previous
+            outer = getattr(previous, "__self__", None)
+            if isinstance(outer, StopSignal) and outer is not self:
+                self._outer = outer
+        if self._outer is not None and self._outer.received is not None:
+            if self.received is None:
+                self.received, self.received_at = self._outer.received, self._outer.received_at
+            self.all_received += [n for n in self._outer.all_received if n not in self.all_received]
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
@@ -45,6 +79,16 @@ class StopSignal:
             raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now, not after a save
         if self.received is None:
             self.received, self.received_at = name, time.time()
+        if name not in self.all_received:
+            self.all_received.append(name)
+        if self._outer is not None:
+            self._outer._record(name, self.received_at)
+
+    def _record(self, name: str, at: float | None) -> None:
+        if self.received is None:
+            self.received, self.received_at = name, at
+        if name not in self.all_received:
+            self.all_received.append(name)
 
     @property
     def requested(self) -> bool:
@@ -61,6 +105,8 @@ class StopAgreement:
         self.agreed = False
 
     def poll(self) -> bool:
+        from disttrain import dist
+
         if self.agreed:
             return True
         if self._pending is not None and self._pending.result():
@@ -75,3 +121,113 @@ class StopAgreement:
         if self._pending is not None:
             self.agreed = self._pending.result() or self.agreed
             self._pending = None
+
+
+# --------------------------------------------------------------------------------------- requeue
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """What a stopped SLURM job does next: decided by rank 0, the same on every rank."""
+
+    requeued: bool
+    reason: str  # why, in words, for events.jsonl and the log
+    signal: str | None  # the stop signal, as any rank received it
+    budget_left: int  # requeues still allowed after this one
+
+
+def max_requeues_from_env(environ: dict[str, str] | None = None) -> int:
+    """The requeue budget of a job launched without `disttrain submit` (srun python -m disttrain.main)."""
+    value = (os.environ if environ is None else environ).get(MAX_REQUEUES_ENV, "")
+    return int(value) if value.strip().isdigit() else DEFAULT_MAX_REQUEUES
+
+
+def after_stop(local_signals: list[str], cluster: ClusterEnv, max_requeues: int) -> Requeue:
+    """Decide whether a stopped SLURM job requeues, and requeue it. Must be called on all ranks, after the
+    stop checkpoint is committed: rank 0 decides and runs `scontrol requeue` once, then every rank learns
+    the outcome, so all ranks exit the same way."""
+    from disttrain import dist
+
+    per_rank = dist.gather_to_main(list(local_signals))
+    decision = None
+    if dist.is_main():
+        decision = decide(_deciding_signal(per_rank or []), cluster, max_requeues)
+        if decision.requeued:
+            decision = requeue(cluster.job_id, decision)
+    return dist.broadcast_from_main(decision)
+
+
+def decide(sig: str | None, cluster: ClusterEnv, max_requeues: int, show_job=None) -> Requeue:
+    """The requeue policy, on rank 0. `show_job(job_id) -> {Key: value}` reads `scontrol show job`."""
+    used = cluster.restart_count  # SLURM_RESTART_COUNT: every requeue so far, ours or SLURM's own
+    left = max(0, max_requeues - used - 1)
+
+    def no(reason: str) -> Requeue:
+        return Requeue(False, reason, sig, max(0, max_requeues - used))
+
+    if not cluster.job_id:
+        return no("not a SLURM job")
+    if sig == "SIGUSR2":
+        cause = "time limit warning (SIGUSR2)"
+    elif sig == "SIGTERM":
+        info = (show_job or show_slurm_job)(cluster.job_id)
+        preempt_time = info.get("PreemptTime", "None")
+        if preempt_time in ("None", "Unknown", ""):
+            state = info.get("JobState", "unknown")
+            return no(
+                f"stopped by scancel or the time limit (SIGTERM, JobState={state}, no PreemptTime): not requeued"
+            )
+        cause = f"preempted (SIGTERM, PreemptTime={preempt_time})"
+    else:
+        return no(f"stopped by {sig or 'a stop request'}: not a scheduler signal, not requeued")
+    if used >= max_requeues:
+        return no(f"{cause}, but the requeue budget is spent ({used} of --max-requeues {max_requeues} used)")
+    return Requeue(True, cause, sig, left)
+
+
+def requeue(job_id: str, decision: Requeue) -> Requeue:
+    """`scontrol requeue JOB` on rank 0. SLURM kills the job's tasks right after (KillWait later SIGKILL),
+    keeps the job id, and starts it again once eligible; the tasks then resume from the checkpoint."""
+    try:
+        res = _scontrol("requeue", job_id)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return Requeue(
+            False, f"{decision.reason}; scontrol requeue failed: {err}", decision.signal, decision.budget_left
+        )
+    if res.returncode == 0:
+        return decision
+    detail = (res.stderr or res.stdout).strip()
+    if "pending" in detail.lower():  # SLURM (or a previous attempt) already requeued it: that is the goal
+        return Requeue(
+            True, f"{decision.reason}; already requeued by SLURM", decision.signal, decision.budget_left
+        )
+    return Requeue(
+        False, f"{decision.reason}; scontrol requeue failed: {detail}", decision.signal, decision.budget_left
+    )
+
+
+def show_slurm_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o JOB` as {Key: value}; empty when scontrol fails."""
+    try:
+        res = _scontrol("show", "job", "-o", job_id)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if res.returncode != 0:
+        return {}
+    fields: dict[str, str] = {}
+    for token in res.stdout.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+
+
+def _deciding_signal(per_rank: list[list[str]]) -> str | None:
+    """One signal for the job from every rank's list. SIGTERM first: if it came from a scancel, the user
+    wants the job gone even if the time-limit warning came before; if from preemption, it requeues too."""
+    seen = {name for names in per_rank for name in names}
+    return next((name for name in ("SIGTERM", "SIGUSR2", "SIGINT") if name in seen), None)

@@ -1,0 +1,227 @@
+"""`disttrain submit` arguments: parsing, the `--profile` file of a team's SLURM settings, validation.
+
+Everything here is stdlib + yaml (through config), so `launch/submit.py --help` answers at once on a
+login node. Bad input raises ConfigError with one line that names the flag and says what to write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from disttrain.config import ConfigError
+
+DEFAULT_TIME = "1:00:00"
+DEFAULT_SIGNAL_DELAY_S = 90  # submitit's default; SLURM may send the warning up to ~60 s earlier still
+DEFAULT_MAX_REQUEUES = 10
+CLUSTERS = ("slurm", "local")
+# SLURM time formats (man sbatch): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+_MEM = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
+
+
+@dataclass
+class SubmitOptions:
+    """One submission, after merging CLI flags over the profile over the defaults."""
+
+    config: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # None: one per GPU, or 1 CPU rank per node
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = DEFAULT_TIME
+    job_name: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    signal_delay: int = DEFAULT_SIGNAL_DELAY_S
+    max_requeues: int = DEFAULT_MAX_REQUEUES
+    cluster: str = "slurm"
+    container_image: str | None = None
+    log_dir: str | None = None
+    profile: str | None = None
+    dry_run: bool = False
+    wait: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def time_seconds(self) -> int:
+        return parse_time(self.time)
+
+    @property
+    def time_minutes(self) -> int:
+        return math.ceil(self.time_seconds / 60)
+
+
+# Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
+PROFILE_KEYS = (
+    "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
+    "time", "job_name", "constraint", "exclude", "signal_delay", "max_requeues", "cluster",
+    "container_image", "log_dir",
+)  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise ConfigError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="disttrain submit",
+        description="Submit a training run to SLURM through submitit (one task per GPU, or per CPU rank). "
+        "The job saves and requeues itself on preemption and before its time limit, and resumes.",
+        epilog="Example: python launch/submit.py --config configs/tiny_gpt.yaml --nodes 2 --gpus-per-node 8 "
+        "--partition gpu --time 24:00:00 optim.lr=3e-4",
+    )
+    add = p.add_argument
+    add("--config", help="YAML config of the run (default: the built-in digits example)")
+    add("--profile", help="YAML file of SLURM settings (partition, account, qos, ...); flags given here win")
+    add("--nodes", type=int, help="number of nodes (default 1)")
+    add("--gpus-per-node", type=int, help="GPUs per node, one rank each; 0: CPU ranks over gloo (default 0)")
+    add("--tasks-per-node", type=int, help="ranks per node (default: --gpus-per-node, or 1 without GPUs)")
+    add("--cpus-per-task", type=int, help="CPU cores per rank (SLURM's default if not given)")
+    add("--mem", help="memory per node, SLURM syntax: 64G, 4000M, 0 (all)")
+    add("--partition", help="SLURM partition")
+    add("--account", help="SLURM account")
+    add("--qos", help="SLURM quality of service")
+    add(
+        "--time", help=f"time limit per attempt, SLURM syntax: MM, HH:MM:SS, D-HH:MM (default {DEFAULT_TIME})"
+    )
+    add("--job-name", help="job name (default: the config's name, or the run dir's last part)")
+    add("--constraint", help="node features, e.g. a100")
+    add("--exclude", help="nodes to avoid, e.g. node[3-4]")
+    add(
+        "--signal-delay",
+        type=int,
+        help=f"seconds of warning (SIGUSR2) before the time limit (default {DEFAULT_SIGNAL_DELAY_S})",
+    )
+    add("--max-requeues", type=int, help=f"give up after this many requeues (default {DEFAULT_MAX_REQUEUES})")
+    add(
+        "--cluster",
+        choices=CLUSTERS,
+        help="slurm (default), or local: submitit's local executor, on this machine",
+    )
+    add("--container-image", help="run each task in this image (pyxis: passed to srun as --container-image)")
+    add("--log-dir", help="folder for submitit's job files and logs (default RUN_DIR/slurm)")
+    add(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script and the resolved config; submit nothing",
+    )
+    add(
+        "--wait",
+        action="store_true",
+        help="follow the job (through requeues) until it ends; exit 0 if it finished",
+    )
+    add("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
+    return p
+
+
+def parse(argv: Sequence[str]) -> SubmitOptions:
+    """Flags over profile over defaults, validated. Raises ConfigError (exit 2) on bad input."""
+    args = vars(build_parser().parse_intermixed_args(list(argv)))
+    merged: dict = {}
+    if args.get("profile"):
+        merged.update(read_profile(args["profile"]))
+    merged.update({k: v for k, v in args.items() if v is not None and v is not False})
+    opts = SubmitOptions(**{f.name: merged[f.name] for f in fields(SubmitOptions) if f.name in merged})
+    validate(opts)
+    return opts
+
+
+def read_profile(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"--profile {path!r} not found: give a YAML file such as configs/slurm_example.yaml"
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"--profile {path}: malformed YAML ({str(err).splitlines()[0]}); fix the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"--profile {path}: expected a mapping such as `partition: gpu`, got {type(data).__name__}"
+        )
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in PROFILE_KEYS:
+            close = difflib.get_close_matches(name, PROFILE_KEYS, n=1)
+            hint = (
+                f"did you mean {close[0].replace('_', '-')}?"
+                if close
+                else f"valid keys: {', '.join(PROFILE_KEYS)}"
+            )
+            raise ConfigError(f"--profile {path}: unknown key {key!r}; {hint}")
+        out[name] = str(value) if name in ("time", "mem") else value
+    return out
+
+
+def validate(o: SubmitOptions) -> None:
+    """Range and format checks of the SLURM side; the config is checked separately (load_config)."""
+    for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
+                      ("signal_delay", 0), ("max_requeues", 0)):  # fmt: skip
+        value = getattr(o, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} must be an integer >= {low}")
+    if o.gpus_per_node and o.tasks_per_node not in (None, o.gpus_per_node):
+        raise ConfigError(
+            f"--tasks-per-node {o.tasks_per_node} with --gpus-per-node {o.gpus_per_node}: disttrain runs one "
+            "task per GPU; drop --tasks-per-node"
+        )
+    seconds = parse_time(o.time)
+    if o.signal_delay >= seconds:
+        raise ConfigError(
+            f"--signal-delay {o.signal_delay}s is not shorter than --time {o.time} ({seconds}s); "
+            "the warning must come before the limit"
+        )
+    if o.mem is not None and not _MEM.match(str(o.mem)):
+        raise ConfigError(f"--mem {o.mem!r}: write a SLURM size such as 64G, 4000M or 0")
+    if o.cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster {o.cluster!r}: choose slurm or local")
+    if o.cluster == "local" and o.nodes != 1:
+        raise ConfigError(f"--cluster local runs on this machine: --nodes must be 1, not {o.nodes}")
+    if o.cluster == "local" and o.container_image:
+        raise ConfigError("--container-image needs --cluster slurm (pyxis passes it to srun)")
+    for item in o.overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override {item!r} has no '=': write it as key=value, e.g. trainer.max_steps=200"
+            )
+
+
+def parse_time(text: str) -> int:
+    """A SLURM time limit in seconds. Raises ConfigError for anything sbatch would not take."""
+    match = _TIME.match(str(text).strip())
+    if not match:
+        raise ConfigError(f"--time {text!r}: write minutes (90), HH:MM:SS (24:00:00) or D-HH:MM (2-00:00)")
+    d, a, b, c = (int(g) if g else None for g in match.group("d", "a", "b", "c"))
+    if d is None:  # M, M:S, H:M:S
+        seconds = a * 60 + (b or 0) if c is None else a * 3600 + (b or 0) * 60 + c
+    else:  # D-H, D-H:M, D-H:M:S
+        seconds = d * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if seconds <= 0:
+        raise ConfigError(f"--time {text!r}: the time limit must be positive")
+    return seconds

@@ -1,0 +1,76 @@
+"""The requeue policy and the signal hand-over, without daemons: what rank 0 decides from the signal,
+`scontrol show job` and the budget (the cluster tests drive the same code through real SLURM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from disttrain.cluster import ClusterEnv
+from disttrain.preemption import SLURM_SIGNALS, Requeue, StopSignal, decide, max_requeues_from_env
+
+JOB = ClusterEnv(launcher="slurm", world_size=2, job_id="42")
+
+
+def preempted(_job_id):
+    return {"JobState": "RUNNING", "PreemptTime": "2026-11-21T05:47:13"}
+
+
+def cancelled(_job_id):  # what scancel (and the time limit itself) look like from inside the job
+    return {"JobState": "COMPLETING", "PreemptTime": "None"}
+
+
+@pytest.mark.parametrize(
+    "sig, show, restarts, budget, requeued, reason",
+    [
+        ("SIGUSR2", None, 0, 3, True, "time limit warning (SIGUSR2)"),
+        ("SIGTERM", preempted, 0, 3, True, "preempted (SIGTERM, PreemptTime=2026-11-21T05:47:13)"),
+        ("SIGTERM", cancelled, 0, 3, False, "stopped by scancel or the time limit"),
+        ("SIGTERM", lambda _: {}, 0, 3, False, "no PreemptTime"),  # scontrol failed: never turn scancel into requeue
+        ("SIGUSR2", None, 3, 3, False, "budget is spent (3 of --max-requeues 3 used)"),
+        ("SIGUSR2", None, 0, 0, False, "budget is spent (0 of --max-requeues 0 used)"),
+        ("SIGINT", None, 0, 3, False, "stopped by SIGINT"),
+        (None, None, 0, 3, False, "stopped by a stop request"),
+    ],
+)
+def test_decide(sig, show, restarts, budget, requeued, reason):
+    cluster = ClusterEnv(launcher="slurm", world_size=2, job_id="42", restart_count=restarts)
+    decision = decide(sig, cluster, budget, show_job=show)
+    assert decision.requeued is requeued and reason in decision.reason, decision
+    assert decision.signal == sig
+
+
+def test_budget_left_counts_this_requeue():
+    cluster = ClusterEnv(launcher="slurm", job_id="42", restart_count=1)
+    assert decide("SIGUSR2", cluster, 3) == Requeue(True, "time limit warning (SIGUSR2)", "SIGUSR2", 1)
+
+
+def test_not_a_slurm_job_is_never_requeued():
+    assert not decide("SIGUSR2", ClusterEnv(launcher="torchrun"), 3).requeued
+
+
+def test_budget_from_the_environment():
+    assert max_requeues_from_env({}) == 10
+    assert max_requeues_from_env({"DISTTRAIN_MAX_REQUEUES": "2"}) == 2
+
+
+def test_a_signal_before_training_is_handed_to_the_trainers_handler():
+    """A SLURM task installs a StopSignal before its slow imports; the trainer's, installed later over
+    it, starts with what arrived in between, and reports what comes after back to it."""
+    early, late = StopSignal(SLURM_SIGNALS), StopSignal()
+    early.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        late.install()
+        try:
+            assert (late.received, late.all_received) == ("SIGUSR2", ["SIGUSR2"])
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert late.all_received == ["SIGUSR2", "SIGTERM"]
+        finally:
+            late.uninstall()
+        assert early.all_received == ["SIGUSR2", "SIGTERM"]
+        assert signal.getsignal(signal.SIGTERM) == early._handle  # the early one catches what comes last
+    finally:
+        early.uninstall()

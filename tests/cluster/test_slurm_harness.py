@@ -104,7 +104,7 @@ def test_job_that_requeues_itself_during_grace_time_is_requeued(slurm, tmp_path)
     slurm.wait_state(low, "PENDING", timeout=30)
     assert time.monotonic() - t0 < slurm.grace_time_s, "requeue should not wait for GraceTime"
     info = slurm.scontrol_show_job(low)
-    assert (info["Restarts"], info["Reason"]) == ("1", "BeginTime")
+    assert (info["Restarts"], info["Reason"]) == ("1", "BeginTime"), info
     # The high job runs first; once it is done the released job starts again at once.
     deadline = time.monotonic() + 30
     while slurm.squeue(low) != "RUNNING" and time.monotonic() < deadline:

@@ -21,13 +21,17 @@ step when nothing else got in the way; contention only ever adds time, so it is 
 WHY = {
     "step": """\
 **Why (step overhead).** The plain loop and disttrain do the same math (the weights match bit for bit),
-so the difference is what the trainer does around it. The component table below times each extra on
+so the difference is what the trainer does around it. The component tables above time each extra on
 the real objects: accelerate's `AcceleratedOptimizer.step` asks importlib twice per call whether the
 optional `lomo_optim` package is installed (a `find_spec` scan of `sys.path`, ~0.1 ms), `zero_grad`
 runs `inspect.signature`, `model.train()` walks every module each step, and the stop agreement
 (DESIGN §5) starts one async gloo all-reduce per step, whose dispatch and wait cost 0.1–0.3 ms on
 two oversubscribed cores. On tiny_gpt that is ≲1 % of a 40–90 ms step; on the default digits example
 (3–7 ms steps) it is 5–20 %, and no fixed per-step cost of that size can fit in 1 %. The ablation
+The components add up to less than the measured overhead: the stop agreement's all-reduce also keeps
+gloo's background thread busy, competing with the two ranks for the two cores (the ablation's
+`stop_every` saves more than the poll's own time), and accelerate's `backward` divides the loss by the
+accumulation steps (one more autograd node). The ablation
 table times the two proposed patches (bench/proposed/) in the same run, whole runs alternated; with
 this much noise it confirms the direction, and the component table gives the size: patch 01 removes
 the optimizer-wrapper, zero_grad and `model.train()` rows, patch 02 all but one in ~0.1 s of the stop
@@ -133,7 +137,7 @@ def _step_extras(sec: Section) -> list[str]:
         if comps:
             out += [
                 "",
-                f"### What the trainer adds per step, {wl} (measured call by call, no profiler)",
+                f"### What the trainer adds per step, {wl} (measured call by call, no profiler; fastest of 9 blocks)",
                 "",
                 "| component | disttrain, us | plain equivalent, us | extra, us/step |",
                 "| --- | --- | --- | --- |",
@@ -146,7 +150,8 @@ def _step_extras(sec: Section) -> list[str]:
         prof = sec.extra.get(f"{wl}_profile")
         if prof:
             out += ["", f"### cProfile, {wl}: self time per step, disttrain minus plain (timed steps only; the "
-                    "profiler inflates Python-heavy code, so rank by it, size by the table above)", "",
+                    "profiler inflates Python-heavy code, so rank by it, size by the table above; `run_backward` "
+                "includes waiting in DDP's all-reduce for the other, unprofiled rank)", "",
                     "| function | disttrain, us | plain, us | difference, us | calls/step |",
                     "| --- | --- | --- | --- | --- |"]  # fmt: skip
             out += [f"| `{p['function']}` | {p['a_us']:.0f} | {p['b_us']:.0f} | {p['diff_us']:+.0f} | "

@@ -248,6 +248,24 @@ class CheckpointManager:
             log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
         return None
 
+    def load_newest(self) -> tuple[CheckpointInfo, State, State | None] | None:
+        """Load the newest checkpoint whose files verify, falling back to older ones with a warning; None
+        if there is none. Must be called on all ranks.
+
+        Each file is hashed once, as it is read for loading; latest_verified() followed by load() reads
+        and hashes the whole checkpoint twice (a third of a resume's time, bench/RESULTS.md section 4)."""
+        infos = _from_main(self.list)  # newest first; sizes checked, contents not yet
+        for info in infos:
+            try:
+                if info.problem is not None:
+                    raise CheckpointError(info.problem)
+                app, rank_state = self.load(info.path)
+            except CheckpointError as err:  # raised on every rank alike (load agrees), so all fall back
+                log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, err)
+                continue
+            return dataclasses.replace(info, verified=True), app, rank_state
+        return None
+
     def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
         """The resume fingerprint recorded in a checkpoint's manifest."""
         path = info.path if isinstance(info, CheckpointInfo) else info

@@ -54,6 +54,7 @@ class Trainer:
         model = self.pipeline.build_model()
         optimizer = build_optimizer(cfg.optim, model, on_cuda=self.device.type == "cuda")
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self._module = self.accelerator.unwrap_model(self.model)  # the pipeline's model, inside DDP
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer.optimizer, cfg.trainer.max_steps)
         _seed_all(cfg.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout & co
         self.step, self.cursor = 0, DataCursor()
@@ -86,16 +87,13 @@ class Trainer:
         if mode == "never":
             return None
         if mode == "auto":
-            info = dist.broadcast_from_main(self.ckpt.latest_verified() if dist.is_main() else None)
-            if info is None:
+            found = self.ckpt.load_newest()
+            if found is None:
                 return None
-            source: str | int = info.step
-            saved = self.ckpt.saved_fingerprint(info)
+            info, app_state, rank_state = found
+            self._check_compatible(self.ckpt.saved_fingerprint(info))
         else:
-            source, saved = mode, None
-        app_state, rank_state = self.ckpt.load(source)
-        if saved is not None:
-            self._check_compatible(saved)
+            app_state, rank_state = self.ckpt.load(mode)
         self._load_state(app_state, rank_state)
         return self.step
 
@@ -182,22 +180,33 @@ class Trainer:
 
     def train_step(self, batches: Any) -> None:
         """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only)."""
-        self.model.train()
+        if not self._module.training:  # eval restores the mode; walking every module each step costs
+            self.model.train()
         for _ in range(self.cfg.trainer.grad_accum):
             batch = self._to_device(next(batches))
             with self.accelerator.accumulate(self.model):
                 loss = self.pipeline.loss(self.model, batch)
                 self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients and self.cfg.trainer.grad_clip > 0:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if self.accelerator.sync_gradients:
+                    self._optimizer_step()
             self._window_loss += loss.detach()
         self.scheduler.step()
         self.step += 1
         self._window_steps += 1
         self.cursor = advance(self.cursor, self.cfg.data.batch_size, len(self.datasets["train"]))
         self.ckpt.check()
+
+    def _optimizer_step(self) -> None:
+        """Clip, step and zero, on the micro-batch that ends an optimizer step.
+
+        accelerate's optimizer wrapper asks importlib on every call whether an optional package is
+        installed (two sys.path scans) and inspects a signature: ~0.12 ms a step (bench/RESULTS.md).
+        Without a grad scaler (fp16) it only forwards the call, so call the torch optimizer directly."""
+        if self.cfg.trainer.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        optimizer = self.optimizer if self.accelerator.scaler is not None else self.optimizer.optimizer
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def log_train_window(self) -> None:
         """Reduce the window's mean loss over ranks and write it. Must be called on all ranks."""

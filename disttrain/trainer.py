@@ -63,6 +63,7 @@ class Trainer:
         self.signal = StopSignal()
         self.stop_agreement = StopAgreement(self.signal)
         self.stopping = False
+        self.stop_signals: list[str] = []  # every rank's stop signals, shared once a stop is agreed
         self.last_train_metrics: dict[str, float] = {}
         self.last_eval_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
@@ -173,9 +174,8 @@ class Trainer:
             self.signal.uninstall()
             self.writer.close()
         outcome = "stopped" if self.stopping else "finished"
-        self.events.emit(
-            "finish" if outcome == "finished" else "stopped", step=self.step, signal=self.signal.received
-        )
+        signal = self.stop_signals[0] if self.stop_signals else None
+        self.events.emit("finish" if outcome == "finished" else "stopped", step=self.step, signal=signal)
         return outcome
 
     def train_step(self, batches: Any) -> None:
@@ -227,7 +227,13 @@ class Trainer:
     def request_stop(self) -> None:
         """Called on all ranks once the stop is agreed: save synchronously, then leave the loop."""
         self.stopping = True
-        self.events.emit("signal", step=self.step, signal=self.signal.received)
+        # The signal may have reached only some ranks (torchrun forwards to one worker, a user kills
+        # one pid): record what every rank received, not just rank 0's view.
+        gathered = dist.gather_to_main(list(self.signal.all_received))
+        union = sorted({name for names in gathered or [] for name in names})
+        self.stop_signals = dist.broadcast_from_main(union)
+        signal = self.stop_signals[0] if self.stop_signals else None
+        self.events.emit("signal", step=self.step, signal=signal, signals=self.stop_signals)
         self.save_checkpoint(sync=True, reason="stop")
 
     # -------------------------------------------------------------------------------- checkpoints

@@ -114,7 +114,7 @@ def run_training(
             clean = True
             return RunResult("tested", trainer.step)
         outcome = trainer.fit()
-        result = RunResult(outcome, trainer.step, trainer.signal.received)
+        result = RunResult(outcome, trainer.step, (trainer.stop_signals or [None])[0])
         if outcome == "stopped" and env.launcher == "slurm":
             result = _requeue_if_due(trainer, env, max_requeues)
         clean = True
@@ -139,7 +139,7 @@ def _requeue_if_due(trainer: Any, env: ClusterEnv, max_requeues: int | None) -> 
     from disttrain import preemption
 
     budget = preemption.max_requeues_from_env() if max_requeues is None else max_requeues
-    decision = preemption.after_stop(trainer.signal.all_received, env, budget)
+    decision = preemption.after_stop(trainer.stop_signals or trainer.signal.all_received, env, budget)
     fields = {"step": trainer.step, "signal": decision.signal, "reason": decision.reason}
     if trainer.signal.received_at is not None:
         fields["signal_time"] = round(trainer.signal.received_at, 3)

@@ -5,7 +5,6 @@ save that fails on rank 0 fails on every rank instead of hanging the others."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 
 from disttrain.checkpoint import CheckpointManager, read_checkpoint
 from disttrain.config import CheckpointConfig
+from tests.conftest import child_env, free_port
 
 pytestmark = pytest.mark.dist
 
@@ -78,24 +78,12 @@ def _worker(run_dir: str) -> None:
     dist.destroy()
 
 
-def _pythonpath() -> str:
-    """This checkout first, so a child process runs the code under test even without an editable install."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_ranks_gather_and_get_their_own_state_back(tmp_path):
     import json
 
     run_dir = str(tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env["PYTHONPATH"] = _pythonpath()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["PYTHONPATH"] = child_env()["PYTHONPATH"]
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, run_dir],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,53 +17,22 @@ pytest.importorskip("moto.server", reason="moto[server] is not installed: pip in
 pytest.importorskip("s3fs", reason="s3fs is not installed: pip install 'disttrain[s3]'")
 
 import fsspec  # noqa: E402
-import s3fs  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from disttrain.checkpoint import CheckpointError, CheckpointManager, capture_rank_state  # noqa: E402
 from disttrain.commands.ckpt import main as ckpt_main  # noqa: E402
 from disttrain.config import CheckpointConfig  # noqa: E402
+from tests.conftest import child_env  # noqa: E402
 
 pytestmark = pytest.mark.storage
 BUCKET = "ckpts"
 
 
-def _pythonpath() -> str:
-    """This checkout first, so a child process runs the code under test even without an editable install."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_server():
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem cached against another endpoint
+def s3_server(s3_env):
     fsspec.filesystem("s3").mkdir(BUCKET)
-    try:
-        yield
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
+    return s3_env
 
 
 @pytest.fixture
@@ -160,7 +128,7 @@ def test_kill_9_while_saving_then_resume(run_dir):
     """A writer on S3 killed mid-save leaves at most a manifest-less prefix: invisible, then cleaned."""
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, run_dir],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _pythonpath()},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": child_env()["PYTHONPATH"]},
     )
     mgr = CheckpointManager(run_dir, CheckpointConfig(keep_last=2))
     try:

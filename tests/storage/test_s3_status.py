@@ -4,8 +4,6 @@ TensorBoard and wandb files that are staged locally and copied up."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 
@@ -13,8 +11,6 @@ pytest.importorskip("moto.server", reason="moto[server] is not installed: pip in
 pytest.importorskip("s3fs", reason="s3fs is not installed: pip install 'disttrain[s3]'")
 
 import fsspec  # noqa: E402
-import s3fs  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from disttrain import cli, fs  # noqa: E402
 from disttrain.writers import STEP_KEY, wandb_history  # noqa: E402
@@ -26,33 +22,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # only for this module; restored below
-    s3fs.S3FileSystem.clear_instance_cache()
-    fsspec.filesystem("s3").mkdir(BUCKET)
-    try:
-        yield env
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def s3_run(s3_env):
+    fsspec.filesystem("s3").mkdir(BUCKET)
     run_dir = f"s3://{BUCKET}/digits"
     args = (
         "trainer.max_steps=30",

@@ -76,3 +76,21 @@ def test_eval_sharding_covers_each_sample_once_with_equal_batch_counts():
     assert len({len(s) for s in shards}) == 1, "same number of batches on every rank"
     ids = list(itertools.chain.from_iterable(itertools.chain.from_iterable(shards)))
     assert sorted(ids) == list(range(n))
+
+
+def test_tensor_datasets_are_gathered_whole_with_the_same_values():
+    from torch.utils.data import TensorDataset
+    from torch.utils.data._utils.collate import default_collate
+
+    from disttrain.data import make_loader
+
+    x, y = torch.randn(50, 1, 8, 8), torch.arange(50)
+    ds = TensorDataset(x, y)
+    batches = ShardedEvalBatches(50, 16, rank=0, world_size=2)  # 8-sample slices, the last one short
+    fast = list(make_loader(ds, batches, num_workers=0, pin=False))
+    slow = [default_collate([ds[i] for i in ids]) for ids in batches]
+    assert len(fast) == len(slow) == 4 and len(fast[-1][0]) == 2
+    for (fx, fy), (sx, sy) in zip(fast, slow):
+        assert torch.equal(fx, sx) and torch.equal(fy, sy)
+    # A rank whose slice is empty gets None, as before.
+    assert list(make_loader(ds, ShardedEvalBatches(50, 16, rank=1, world_size=2), 0, False))[-1] is None

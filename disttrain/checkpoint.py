@@ -129,10 +129,14 @@ class CheckpointManager:
         """Must be called on all ranks. Blocks for the host copy; writes in the background if async."""
         self._join()  # one save in flight: a new one waits for the previous
 
+        # A synchronous save writes before training moves on, so CPU tensors need no snapshot; an async
+        # one must copy, since the next step changes them while the write is in progress.
+        snapshot = not (sync or not self.cfg.async_save)
+
         def prepare() -> tuple[Any, Any]:
             self.check()  # a failed background save fails this save on every rank, not only on rank 0
-            mine = _host_copy(rank_state, "rank_state")
-            return (_host_copy(app_state, "app_state") if dist.is_main() else None), mine
+            mine = _host_copy(rank_state, "rank_state", snapshot)
+            return (_host_copy(app_state, "app_state", snapshot) if dist.is_main() else None), mine
 
         host, mine = _agreed(prepare)
         ranks = dist.gather_to_main(mine)
@@ -334,14 +338,15 @@ def _from_main(fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _host_copy(obj: Any, where: str) -> Any:
-    """A CPU copy of the tensors in nested plain data; refuses what weights_only loading would refuse."""
+def _host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
+    """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);
+    refuses what weights_only loading would refuse."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=snapshot)
     if isinstance(obj, dict):
-        return {k: _host_copy(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {k: _host_copy(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
     if type(obj) in (list, tuple):
-        return type(obj)(_host_copy(v, f"{where}[{i}]") for i, v in enumerate(obj))
+        return type(obj)(_host_copy(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj))
     if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
         return obj
     raise CheckpointError(

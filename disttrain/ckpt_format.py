@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from typing import Any
 
 import safetensors.torch
@@ -30,29 +31,61 @@ class CheckpointError(RuntimeError):
 
 def write_files(work: str, host: State, ranks: list[Any]) -> dict[str, State]:
     fs.makedirs(work)
-    # The host copy gave every tensor its own storage; contiguous too, and tied weights save fine.
-    model = {name: t.contiguous() for name, t in host["model"].items()}
     blobs = {
-        "model.safetensors": safetensors.torch.save(model),
+        "model.safetensors": safetensors.torch.save(_own_storage(host["model"])),
         "state.pt": _torch_bytes({k: v for k, v in host.items() if k != "model"}),
         "ranks.pt": _torch_bytes(ranks),
     }
     return {name: _put(fs.join(work, name), data) for name, data in blobs.items()}
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights, views of one buffer): give every
+    tensor after the first on a storage a copy of its own, and make all contiguous."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr()
+        shared = ptr in seen and t.numel() > 0
+        out[name] = t.clone(memory_format=torch.contiguous_format) if shared else t.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _torch_bytes(obj: Any) -> memoryview:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return buf.getvalue()
+    return buf.getbuffer()  # a view, not getvalue()'s copy of the whole archive
 
 
-def _put(path: str, data: bytes) -> State:
+def _put(path: str, data: bytes | memoryview) -> State:
+    hasher = _Sha256(data)  # hashes on its own thread while this one writes: both release the GIL
     with fs.open_file(path, "wb") as fh:
         fh.write(data)
         if fs.is_local(path):
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename that publishes it
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"bytes": len(data), "sha256": hasher.hexdigest()}
+
+
+class _Sha256:
+    """sha256 of a buffer, computed in a background thread when the buffer is big enough to matter."""
+
+    THREAD_MIN = 1 << 20
+
+    def __init__(self, data: bytes | memoryview):
+        self._hash = hashlib.sha256()
+        self._thread: threading.Thread | None = None
+        if len(data) < self.THREAD_MIN:
+            self._hash.update(data)
+        else:
+            self._thread = threading.Thread(target=self._hash.update, args=(data,), daemon=True)
+            self._thread.start()
+
+    def hexdigest(self) -> str:
+        if self._thread is not None:
+            self._thread.join()
+        return self._hash.hexdigest()
 
 
 def publish(work: str, final: str, manifest: State) -> None:
@@ -131,25 +164,40 @@ def _sha256_file(path: str) -> str:
 
 
 def read_verified(path: str, name: str, m: State) -> bytes:
+    data, hasher = _read_hashing(path, name)
+    _check(path, name, m, data, hasher)
+    return data
+
+
+def _read_hashing(path: str, name: str) -> tuple[bytes, _Sha256]:
     where = fs.join(path, name)
     try:
         data = fs.read_bytes(where)
     except FileNotFoundError:
         raise CheckpointError(f"{where}: missing (the manifest lists it)") from None
-    problem = _mismatch(where, m["files"][name], len(data), hashlib.sha256(data).hexdigest())
+    return data, _Sha256(data)
+
+
+def _check(path: str, name: str, m: State, data: bytes, hasher: _Sha256) -> None:
+    problem = _mismatch(fs.join(path, name), m["files"][name], len(data), hasher.hexdigest())
     if problem is not None:
         raise CheckpointError(problem)
-    return data
 
 
 def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     """(app_state, per-rank states) of the checkpoint at `path`; every file is checked before use."""
     m = read_manifest(path)
-    blobs = {name: read_verified(path, name, m) for name in FILES}
+    # The weights are parsed while their hash is still being computed: safetensors is a format made
+    # to be parsed untrusted (no code runs), and nothing parsed is returned unless the hash matched.
+    # The .pt files are unpickled only after theirs matched.
+    data, hasher = _read_hashing(path, FILES[0])
     try:
-        model = safetensors.torch.load(blobs["model.safetensors"])
+        model = safetensors.torch.load(data)
     except Exception as err:  # the safetensors parser's own error types
+        _check(path, FILES[0], m, data, hasher)  # a corrupt file: say so by its hash first
         raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
+    _check(path, FILES[0], m, data, hasher)
+    blobs = {name: read_verified(path, name, m) for name in FILES[1:]}
     state = _torch_load(blobs["state.pt"], fs.join(path, "state.pt"))
     ranks = _torch_load(blobs["ranks.pt"], fs.join(path, "ranks.pt"))
     if not isinstance(state, dict) or not isinstance(ranks, list):

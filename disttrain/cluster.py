@@ -152,3 +152,13 @@ def _split_top_level(text: str) -> list[str]:
     if cur:
         parts.append(cur)
     return parts
+
+
+def parse_scontrol(text: str) -> dict[str, str]:
+    """`scontrol show job -o` output as {Key: value}; the first occurrence of a key wins."""
+    fields: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from disttrain.cluster import ClusterEnv
+from disttrain.cluster import ClusterEnv, parse_scontrol
 
 if TYPE_CHECKING:
     from disttrain import dist
@@ -214,12 +214,7 @@ def show_slurm_job(job_id: str) -> dict[str, str]:
         return {}
     if res.returncode != 0:
         return {}
-    fields: dict[str, str] = {}
-    for token in res.stdout.split():
-        key, sep, value = token.partition("=")
-        if sep and key not in fields:
-            fields[key] = value
-    return fields
+    return parse_scontrol(res.stdout)
 
 
 def _scontrol(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from disttrain.cluster import parse_scontrol
+
 # A job in one of these is done; a requeued job passes through COMPLETING/PENDING and keeps its id.
 FINAL_STATES = frozenset(
     {
@@ -126,9 +128,4 @@ def _show_job(job_id: str, run: Callable[..., Any] = subprocess.run) -> dict[str
         return {"JobState": "UNKNOWN"}  # the controller is slow: keep waiting
     if res.returncode != 0 or not res.stdout.strip():
         return {}
-    out: dict[str, str] = {}
-    for token in res.stdout.split():
-        key, sep, value = token.partition("=")
-        if sep and key not in out:
-            out[key] = value
-    return out
+    return parse_scontrol(res.stdout)

@@ -105,6 +105,7 @@ class CheckpointManager:
         self._error: Exception | None = None
         self._last_time = time.monotonic()
         self._last_step: int | None = None
+        self.committed: tuple[int, int] | None = None  # (step, bytes) of the last save this process wrote
 
     def maybe_save(self, step: int, make_state: Make, rank_state: Make, *, final: bool = False) -> bool:
         """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
@@ -181,6 +182,7 @@ class CheckpointManager:
             files = fmt.write_files(work, host, ranks)
             manifest = {"format": 1, "step": step, "time": time.time(), "world_size": len(ranks)}
             fmt.publish(work, final, {**manifest, **self._meta, "files": files})
+            self.committed = (step, sum(f["bytes"] for f in files.values()))
         except Exception as err:
             fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"

@@ -257,9 +257,10 @@ class Trainer:
 
     def _saved(self, t0: float, reason: str) -> None:
         self._last_saved_step = self.step
-        self.events.emit(
-            "checkpoint", step=self.step, seconds=round(time.perf_counter() - t0, 4), reason=reason
-        )
+        fields = {"step": self.step, "seconds": round(time.perf_counter() - t0, 4), "reason": reason}
+        if self.ckpt.committed and self.ckpt.committed[0] == self.step:  # written (not still in flight)
+            fields["bytes"] = self.ckpt.committed[1]
+        self.events.emit("checkpoint", **fields)
 
     # ------------------------------------------------------------------------------------ eval
 

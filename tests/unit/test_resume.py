@@ -23,6 +23,8 @@ def test_auto_resume_logs_and_records_it(tmp_path):
     events = read_jsonl(tmp_path / "events.jsonl")
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 8
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saved] == [4, 8, 12] and all(e["bytes"] > 100_000 and e["seconds"] > 0 for e in saved)
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == list(range(1, 13))
 
 

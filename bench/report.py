@@ -41,37 +41,38 @@ and test splits, the writers, the checkpoint manager), so the +1 MiB goal is mis
 import.""",
     "ckpt": """\
 **Why (checkpoint throughput).** This disk writes ~1–2 GB/s with fsync, so every extra pass over the
-bytes shows. A sync save makes a host copy of every tensor (`_host_copy`, needed for async saves and
-for tied weights), serialises the weights into one `bytes` (safetensors) and the optimizer state into
-a `BytesIO` and then copies it out (`getvalue()`), hashes every byte (sha256, ~1.8 GB/s here), then
-writes and fsyncs three files, the manifest, the `latest` pointer and the directory. Each large
-allocation is fresh memory (page faults). Load reads every file, hashes it, then deserialises with
-another copy. Reaching 70 % of raw needs streaming: serialise straight into the file while hashing in
-a second thread, no intermediate copies. On S3 (moto on loopback) the many small requests (list,
-exists, manifest, `latest`, retention) weigh at 10 MB.""",
+bytes shows. A sync save serialises the weights into one `bytes` (safetensors) and the rest into a
+`BytesIO`, hashes every byte (sha256 on a second thread, beside the write), then writes and fsyncs
+three files, the manifest, the `latest` pointer and the directory: at 10 MB those fixed fsyncs and
+renames dominate, and at 1 GB the serialised copy (fresh memory, page faults) does. Load reads every
+file and deserialises it with another copy; the weights are parsed while their hash is computed, but
+a raw read is one pass and a load is at least two. Streaming serialisation straight into the file
+would close more of the gap. On S3 (moto on loopback) the many small requests (list, exists,
+manifest, `latest`, retention) weigh at 10 MB.""",
     "async": """\
 **Why (async save).** The step blocks for the host copy of the whole state (DESIGN §4.7: the copy is
 what makes the background write consistent). On a CPU that copy is a memcpy into freshly allocated
-memory, ~10–20 % of a sync save of the same state on this fast disk; the goal assumes a write much
-slower than a copy (network storage, or GPU memory copied by DMA while the GPU keeps going).""",
+memory, while a sync save (which needs no copy since the state cannot change under it) writes to a
+fast local disk, so the ratio is 10–25 %; the goal assumes a write much slower than a copy (network
+storage, or GPU memory copied by DMA while the GPU keeps going).""",
     "resume": """\
-**Why (resume).** A resume verifies the newest checkpoint twice: `latest_verified()` reads and hashes
-every file (its time is in the note), then `load()` reads and hashes them again before deserialising,
-and the trainer then copies the tensors into the model and the optimizer (`load_state_dict`).
-bench/proposed/03-resume-verify-once.diff removes the first pass; its row is timed in the same
-process. The process-level figure also carries the noise of interpreter start-up on a shared machine
-(imports alone swing by seconds), which is why the in-process Trainer-construction figure is given
-too.
+**Why (resume).** A resume reads and hashes each file of the newest checkpoint once (the 03 patch
+is applied), deserialises it, and the trainer then copies the tensors into the model and the
+optimizer (`load_state_dict`); that last copy is what a resume adds beyond `load()`. The
+`… with 03` row now times the same code as the row above it (the patch is applied; its twin in
+bench/patches.py aliases the stock trainer), so it only shows the noise between two runs. The
+process-level figure also carries the noise of interpreter start-up on a shared machine (imports
+alone swing by seconds), which is why the in-process Trainer-construction figure is given too.
 **Why (preemption).** The stop is agreed one step boundary after the signal is seen (the all-reduce
 started at one boundary is read at the next), so up to two steps pass before the save; exit also
 includes interpreter teardown. With steps longer than ~0.5 s the allowance of one step + 1 s is
 exceeded by that second step.""",
     "data": """\
 **Why (data wait).** With `num_workers: 0` (the shipped configs) each batch is built in the training
-process: the digits `TensorDataset` indexes 64 samples one by one and `default_collate` stacks them,
-~0.2–0.3 ms, against a 3–7 ms step. tiny_gpt's step is long enough for the same kind of cost to
-vanish. Options: a batch-aware dataset for digits (one index operation per tensor), or
-`data.num_workers=1` (a worker process prefetches; on 2 cores it competes with the ranks).""",
+process. Batches of in-memory `TensorDataset`s are now gathered whole (one index per tensor, ~32 us
+for digits instead of ~106 us sample by sample), but against digits' 3–7 ms step the rest of the
+DataLoader's per-batch work still shows; tiny_gpt's step is long enough for it to vanish.
+`data.num_workers=1` prefetches in a worker process, which on 2 cores competes with the ranks.""",
 }
 
 
@@ -224,9 +225,9 @@ def write_report(path: str, sections: list[Section], info: dict[str, Any], comma
         lines += [f"- `bench/proposed/{os.path.basename(p)}`: {_first_line(p)}" for p in patches]
         lines += [
             "",
-            "Apply with `git apply bench/proposed/NAME.diff` (each applies on its own or together; the unit, "
-            "dist and storage tests pass with all three). Their effect: section 1's component and ablation "
-            "tables (01, 02) and section 4's last resume row (03).",
+            "01 and 03 are applied to disttrain (commit d3932fe); 02 is not, because DESIGN section 5 asks "
+            "for agreement at every step boundary (apply it with `git apply bench/proposed/02-*.diff`). The "
+            "ablation rows for 01 now time the stock trainer against itself.",
             "",
         ]
     with open(path, "w", encoding="utf-8") as fh:

@@ -56,7 +56,9 @@ def check_run_dir(cfg: Config, test: bool = False) -> None:
     if fs.exists(run_dir) and not fs.isdir(run_dir):
         raise ConfigError(f"run_dir: {run_dir!r} is a file, not a directory; choose another run_dir=PATH")
     checkpoints = fs.join(run_dir, "checkpoints")
-    committed = [n for n in fs.listdir(checkpoints) if n.startswith("step_") and ".tmp" not in n]
+    # Committed means a manifest was written (DESIGN section 4); a save killed half way does not count.
+    steps = [n for n in fs.listdir(checkpoints) if n.startswith("step_") and ".tmp" not in n]
+    committed = [n for n in steps if fs.exists(fs.join(checkpoints, n, "manifest.json"))]
     if cfg.resume == "never" and committed and not test:
         raise ConfigError(
             f"resume=never but {run_dir} already holds checkpoints ({committed[-1]}); use a new run_dir, "

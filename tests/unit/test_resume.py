@@ -36,6 +36,11 @@ def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == before
 
 
+def test_resume_never_ignores_a_half_written_save(tmp_path):
+    (tmp_path / "checkpoints" / "step_00000004").mkdir(parents=True)  # no manifest: never committed
+    train(tmp_path, "trainer.max_steps=4", "resume=never")
+
+
 def test_incompatible_change_is_refused_and_named(tmp_path):
     train(tmp_path, "trainer.max_steps=4")
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

@@ -127,7 +127,6 @@ class PendingFlag:
     """
 
     def __init__(self, flag: bool):
-        self.local = flag
         self.tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
         self.work = tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
 

@@ -65,7 +65,6 @@ class Trainer:
         self.stopping = False
         self.stop_signals: list[str] = []  # every rank's stop signals, shared once a stop is agreed
         self.last_train_metrics: dict[str, float] = {}
-        self.last_eval_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
         self._window_steps, self._window_start = 0, time.perf_counter()
         self._last_saved_step = -1
@@ -270,7 +269,6 @@ class Trainer:
         metrics = self.evaluate(split, stoppable=True)
         if metrics is None:
             return None
-        self.last_eval_metrics = metrics
         self.writer.log(self.step, metrics)
         self._call("after_eval", metrics)
         return metrics

@@ -202,6 +202,21 @@ def launch_ranks(module: str, spec: dict[str, Any], nproc: int, timeout: float =
         return [json.loads(Path(out).read_text()) for out in outs]
 
 
+def run_worker(module: str, spec: dict[str, Any], folder: str, env: dict[str, str], timeout: float) -> Any:
+    """Run `python -m MODULE SPEC OUT` in one process: the spec goes in as JSON, the result comes back as
+    JSON. A worker that fails raises with the tail of its output."""
+    name = module.rsplit(".", 1)[-1]
+    spec_path, out_path = os.path.join(folder, f"{name}_spec.json"), os.path.join(folder, f"{name}_out.json")
+    with open(spec_path, "w", encoding="utf-8") as fh:
+        json.dump(spec, fh)
+    proc = subprocess.run([sys.executable, "-m", module, spec_path, out_path], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(out_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def rss_now_mib() -> float:
     return _status_kib("VmRSS") / 1024
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from bench.common import REPO, Section, child_env, ratio_row
+from bench.common import Section, child_env, ratio_row, run_worker
 
 PIPELINES = {
     "digits (default config)": {"config": None, "overrides": [], "steps": 150, "warmup": 10},
@@ -88,16 +87,8 @@ def run(quick: bool) -> Section:
     sec = Section("data", "5. Data wait: time in next(batch) as a fraction of the step (one process, CPU)")
     spec = {"reps": 3 if quick else 5, "pipelines": PIPELINES}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        with open(spec_path, "w", encoding="utf-8") as fh:
-            json.dump(spec, fh)
         env = child_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-        proc = subprocess.run([sys.executable, "-m", "bench.datawait", spec_path, out_path], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench.datawait failed:\n{proc.stderr[-3000:]}")
-        with open(out_path, encoding="utf-8") as fh:
-            runs = json.load(fh)
+        runs = run_worker("bench.datawait", spec, tmp, env, timeout=600)
     for name in PIPELINES:
         mine = [r for r in runs if r["pipeline"] == name]
         waits, steps = [r["wait"] * 1e3 for r in mine], [r["step"] * 1e3 for r in mine]

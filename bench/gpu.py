@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from bench.common import REPO, Row, Section, child_env, median, ratio_row
+from bench.common import Row, Section, child_env, median, ratio_row, run_worker
 
 GPU_CONFIG = "configs/tiny_gpt_gpu.yaml"
 SMOKE_ARGS = ["pipeline.args.n_layer=1", "pipeline.args.d_model=64", "pipeline.args.n_head=2",
@@ -257,15 +256,7 @@ def run(quick: bool, smoke: bool = False, compile_model: bool = True) -> Section
     spec = {"smoke": smoke, "warmup": 3 if smoke else 5, "steps": 4 if smoke else (10 if quick else 20),
             "reps": 2 if (smoke or quick) else 3, "ckpt_reps": 2, "compile": compile_model and not smoke}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        with open(spec_path, "w", encoding="utf-8") as fh:
-            json.dump(spec, fh)
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu", spec_path, out_path], cwd=REPO,
-                              env=child_env(OMP_NUM_THREADS="8"), capture_output=True, text=True, timeout=1800)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench.gpu failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        with open(out_path, encoding="utf-8") as fh:
-            out = json.load(fh)
+        out = run_worker("bench.gpu", spec, tmp, child_env(OMP_NUM_THREADS="8"), timeout=1800)
     sec.extra.update(out)
     _gpu_rows(sec, out)
     return sec

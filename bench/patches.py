@@ -1,15 +1,9 @@
 """Proposed changes to disttrain, written as subclasses so the harness can time them against the stock
 trainer in the same run (interleaved). Each mirrors a unified diff in bench/proposed/; keep them equal.
 
-  fast_step   bench/proposed/01-train-step-fast-path.diff: call the torch optimizer directly when there
-              is no grad scaler (accelerate's wrapper probes for optional packages on every call), and
-              walk the modules with .train() only when the model is not in training mode.
   stop_every  bench/proposed/02-stop-agreement-cadence.diff: agree on stopping about every 0.1 s of
               step boundaries instead of at every one; rank 0 picks the cadence and it travels inside the
               same all-reduce, so every rank polls at the same boundaries.
-  both        the two together.
-  verify_once bench/proposed/03-resume-verify-once.diff: a resume hashes each checkpoint file once, as
-              load() reads it, instead of latest_verified() and then load() each reading everything.
   nostop      ablation only, not a proposal: no stop agreement at all (what the agreement costs).
 """
 
@@ -24,11 +18,6 @@ from disttrain import dist
 from disttrain.trainer import Trainer
 
 MAX_SKIP = 1000
-
-
-# 01-train-step-fast-path.diff is applied to disttrain/trainer.py (commit d3932fe): the stock trainer is
-# the fast path now, and the name stays so that `both` and the report keep their meaning.
-FastStep = Trainer
 
 
 class PendingMax:
@@ -105,16 +94,6 @@ class StopEvery(Trainer):
         self.stop_agreement = CadencedStopAgreement(self.signal)
 
 
-class Both(FastStep):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stop_agreement = CadencedStopAgreement(self.signal)
-
-
-# 03-resume-verify-once.diff is applied (CheckpointManager.load_newest, commit d3932fe).
-VerifyOnce = Trainer
-
-
 class NoStopPoll(Trainer):
     """Ablation only (not a proposal): the stock trainer without the per-step stop agreement."""
 
@@ -125,5 +104,4 @@ class NoStopPoll(Trainer):
         self.hooks = [h for h in self.hooks if not isinstance(h, StopHook)]
 
 
-TRAINERS: dict[str, type[Trainer]] = {"fast_step": FastStep, "stop_every": StopEvery, "both": Both,
-                                      "nostop": NoStopPoll, "verify_once": VerifyOnce}  # fmt: skip
+TRAINERS: dict[str, type[Trainer]] = {"stop_every": StopEvery, "nostop": NoStopPoll}

@@ -59,8 +59,6 @@ storage, or GPU memory copied by DMA while the GPU keeps going).""",
 **Why (resume).** A resume reads and hashes each file of the newest checkpoint once (the 03 patch
 is applied), deserialises it, and the trainer then copies the tensors into the model and the
 optimizer (`load_state_dict`); that last copy is what a resume adds beyond `load()`. The
-`… with 03` row now times the same code as the row above it (the patch is applied; its twin in
-bench/patches.py aliases the stock trainer), so it only shows the noise between two runs. The
 process-level figure also carries the noise of interpreter start-up on a shared machine (imports
 alone swing by seconds), which is why the in-process Trainer-construction figure is given too.
 **Why (preemption).** The stop is agreed one step boundary after the signal is seen (the all-reduce
@@ -130,9 +128,8 @@ def _step_extras(sec: Section) -> list[str]:
         out += ["", "### Proposed patches, timed in the same run (whole runs alternated: stock, patched…, "
                 "plain)", "", TABLE_HEAD]  # fmt: skip
         out += [_row_line(r) for r in sec.extra["ablation_rows"]]
-        out += ["", "`fast_step` = bench/proposed/01-train-step-fast-path.diff, `stop_every` = "
-                "bench/proposed/02-stop-agreement-cadence.diff, `both` = the two (bench/patches.py mirrors "
-                "them as subclasses)."]  # fmt: skip
+        out += ["", "`stop_every` = bench/proposed/02-stop-agreement-cadence.diff, mirrored as a subclass in "
+                "bench/patches.py (01 and 03 are applied to disttrain, so they are no longer timed apart)."]  # fmt: skip
     for wl in ("tiny_gpt", "digits"):
         comps = sec.extra.get(f"{wl}_components")
         if comps:
@@ -226,8 +223,7 @@ def write_report(path: str, sections: list[Section], info: dict[str, Any], comma
         lines += [
             "",
             "01 and 03 are applied to disttrain (commit d3932fe); 02 is not, because DESIGN section 5 asks "
-            "for agreement at every step boundary (apply it with `git apply bench/proposed/02-*.diff`). The "
-            "ablation rows for 01 now time the stock trainer against itself.",
+            "for agreement at every step boundary (apply it with `git apply bench/proposed/02-*.diff`).",
             "",
         ]
     with open(path, "w", encoding="utf-8") as fh:

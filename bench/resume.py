@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from bench.ckpt import drop_cache, manager
-from bench.common import REPO, Row, Section, child_env, median, ratio_row, spread
+from bench.common import REPO, Row, Section, child_env, median, ratio_row, run_worker, spread
 
 MODEL = [
     "--config", "configs/tiny_gpt.yaml", "pipeline.args.n_layer=6", "pipeline.args.d_model=384",
@@ -97,16 +97,8 @@ def measure_construction(reps: int, root: str) -> dict[str, list[float]]:
     """Trainer construction fresh vs resumed, in one process (bench/resume_worker.py)."""
     spec = {"checkpointed_run_dir": os.path.join(root, "resume_src"), "root": root, "reps": reps, "step": 2,
             "config": MODEL[1], "overrides": [*MODEL[2:], "trainer.max_steps=3"]}  # fmt: skip
-    spec_path, out_path = os.path.join(root, "ctor_spec.json"), os.path.join(root, "ctor_out.json")
-    with open(spec_path, "w", encoding="utf-8") as fh:
-        json.dump(spec, fh)
     env = child_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
-    proc = subprocess.run([sys.executable, "-m", "bench.resume_worker", spec_path, out_path], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.resume_worker failed:\n{proc.stderr[-3000:]}")
-    with open(out_path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return run_worker("bench.resume_worker", spec, root, env, timeout=600)
 
 
 def measure_preempt(reps: int, root: str, wait_steps: int = 3) -> dict[str, list[float]]:
@@ -161,13 +153,6 @@ def run(quick: bool) -> Section:
                             f"{lo:.2f}-{hi:.2f} (n={len(extra)}, pairwise)",
                             note="added time = median(resumed) - median(fresh)" + (
                                 f"; of which latest_verified() {median(m['verify']):.2f} s" if "verify" in m else "")))  # fmt: skip
-    if c.get("resumed_patched"):
-        extra = [a - b for a, b in zip(c["resumed_patched"], c["fresh"])]
-        ratio = (median(c["resumed_patched"]) - median(c["fresh"])) / median(c["load"])
-        lo, hi = spread([e / t for e, t in zip(extra, c["load"])])
-        sec.rows.append(Row("… with bench/proposed/03-resume-verify-once.diff", median(extra), median(c["load"]),
-                            "s", ratio, "<= 1.0", ratio <= 1.0, f"{lo:.2f}-{hi:.2f} (n={len(extra)}, pairwise)",
-                            note="a proposal, timed in the same process, alternated with the stock resume"))  # fmt: skip
     allow = [s + v + 1.0 for s, v in zip(p["step"], p["save"])]
     sec.rows.append(ratio_row("SIGTERM to process exit vs one step + one save + 1 s", p["exit"], allow, "s",
                               "<= 1.0", lambda x: x <= 1.0,

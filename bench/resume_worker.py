@@ -27,12 +27,10 @@ def main(spec_path: str, out_path: str) -> None:
     from disttrain.trainer import Trainer
 
     src, root = spec["checkpointed_run_dir"], spec["root"]
-    from bench.patches import VerifyOnce
 
     out: dict[str, list[float]] = {
         "fresh": [],
         "resumed": [],
-        "resumed_patched": [],
         "load": [],
         "verify": [],
     }
@@ -51,13 +49,6 @@ def main(spec_path: str, out_path: str) -> None:
         t0 = time.perf_counter()
         trainer = Trainer(cfg, detect())
         out["resumed"].append(time.perf_counter() - t0)
-        assert trainer.resumed_from == spec["step"], trainer.resumed_from
-        del trainer
-        gc.collect()
-        drop_cache(src)
-        t0 = time.perf_counter()
-        trainer = VerifyOnce(cfg, detect())  # bench/proposed/03-resume-verify-once.diff
-        out["resumed_patched"].append(time.perf_counter() - t0)
         assert trainer.resumed_from == spec["step"], trainer.resumed_from
         del trainer
         gc.collect()

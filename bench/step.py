@@ -1,159 +1,190 @@
-"""Section 1: step overhead of disttrain's Trainer against a plain torch DDP loop (2 ranks, gloo, CPU).
+"""Section 1: step time and memory of disttrain's Trainer (A) against the plain loop of bench/plain.py
+(B), 2 ranks over gloo on the CPU.
 
-Two launches per workload, each a fresh pair of processes running whole training runs alternately,
-A B B A A B ... (launch 1) and B A A B B A ... (launch 2), so neither variant always goes first. Each
-adjacent (A, B) couple is one repetition: the ratio of their median step times. The first run of each
-launch is that variant's memory figure (fresh process). Every run's final weights are hashed: A and B
-must be bit-identical. See bench/step_worker.py for what A and B are exactly.
+Two launches per workload, each a fresh pair of processes training whole runs alternately, A B B A A B
+... and B A A B B A ..., so neither variant always goes first; each adjacent (A, B) couple is one
+repetition. A step is the interval between consecutive before-step timestamps (A: a hook's before_step,
+the trainer otherwise unmodified), so it holds everything the loop does per step; the first `warmup`
+steps and the trainer's end-of-run eval are left out. The first run of a launch is that variant's
+memory figure (a fresh process). Every run's final weights are hashed: A and B must be bit-identical.
+
+Worker: python -m bench.step SPEC.json OUT.json, on 2 ranks under bench.common.run_worker.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import os
 import statistics
+import tempfile
+import time
 from typing import Any
 
-from bench.common import Row, Section, launch_ranks, median, ratio_row, spread
+from bench.common import Row, Section, median, ratio_row, rss_mib, run_worker, train_cfg, worker_main
 
 WORKLOADS = {
     # tiny_gpt as configs/tiny_gpt.yaml ships it (2 layers, d_model 128, batch 32): ~40-90 ms a step here.
     "tiny_gpt": {
         "config": "configs/tiny_gpt.yaml",
         "overrides": ["scheduler.warmup_steps=5"],
-        "full": (20, 5, 3),
+        "full": (20, 5, 3),  # (timed steps, warmup steps, repetitions)
         "quick": (12, 3, 2),
-    },  # fmt: skip
+    },
     # the default example (digits CNN, batch 64): ~3-6 ms a step, so fixed per-step costs show.
     "digits": {"config": None, "overrides": [], "full": (80, 10, 5), "quick": (40, 10, 3)},
 }
-# 01 and 03 are applied to disttrain; 02 (stop_every) is the one proposal left to time against stock.
-ABLATION = {"digits": ["A", "stop_every", "B"], "tiny_gpt": ["A", "stop_every", "B"]}
+
+
+def run(quick: bool) -> Section:
+    sec = Section("step", "1. Step overhead: Trainer vs a plain torch DDP loop (2 ranks, gloo, CPU)")
+    for name, wl in WORKLOADS.items():
+        steps, warmup, reps = wl["quick" if quick else "full"]
+        spec = {"config": wl["config"], "overrides": wl["overrides"], "steps": steps + warmup + 1,
+                "warmup": warmup}  # fmt: skip
+        launches = [run_worker("bench.step", {**spec, "order": _sequence(first, reps)}, nproc=2)
+                    for first in "AB"]  # fmt: skip
+        # rank 0's runs: rank 1 is in lockstep with it through the all-reduces
+        couples = [c for ranks in launches for c in _couples(ranks[0]["runs"])]
+        _time_rows(sec, name, couples, steps)
+        _hash_row(sec, name, launches)
+        _memory_rows(sec, name, launches)
+    return sec
+
+
+def _sequence(first: str, reps: int) -> list[str]:
+    """reps couples, the order flipping each time: A B B A A B ... for first="A"."""
+    other = "B" if first == "A" else "A"
+    return [v for i in range(reps) for v in ((first, other) if i % 2 == 0 else (other, first))]
+
+
+def _couples(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Adjacent runs two by two, as (A, B)."""
+    return [(x, y) if x["variant"] == "A" else (y, x) for x, y in zip(runs[0::2], runs[1::2])]
 
 
 def p10(xs: list[float]) -> float:
     """The 10th percentile of a run's step times: the step when nothing else got in the way. Contention
     on a shared machine only ever adds time, so this is the steadier per-run figure."""
-    ys = sorted(xs)
-    return ys[int(0.1 * (len(ys) - 1))]
+    return sorted(xs)[int(0.1 * (len(xs) - 1))]
 
 
-def _sequence(first: str, reps: int) -> list[str]:
-    other = "B" if first == "A" else "A"
-    seq: list[str] = []
-    for i in range(reps):
-        seq += [first, other] if i % 2 == 0 else [other, first]
-    return seq
+def _time_rows(sec: Section, name: str, couples: list[tuple[Any, Any]], steps: int) -> None:
+    for label, stat in (("median", statistics.median), ("10th-percentile", p10)):
+        a, b = [stat(x["times"]) for x, _ in couples], [stat(y["times"]) for _, y in couples]
+        d = [(x - y) * 1e6 for x, y in zip(a, b)]
+        note = f"{steps} timed steps a run; overhead {median(d):+.0f} us/step (range {min(d):+.0f} to {max(d):+.0f})"
+        sec.rows.append(ratio_row(f"{name}: time per step (each run's {label} step)", a, b, "ms", "<= 1.01",
+                                  lambda r: r <= 1.01, scale=1e3, note=note))  # fmt: skip
+        sec.extra[f"{name}_{label}_ms"] = {"a": [x * 1e3 for x in a], "b": [y * 1e3 for y in b]}
 
 
-def _couples(runs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Adjacent runs two by two, as (A, B)."""
-    out = []
-    for x, y in zip(runs[0::2], runs[1::2]):
-        out.append((x, y) if x["variant"] == "A" else (y, x))
-    return out
-
-
-def run(quick: bool, ablation: bool, profile: bool) -> Section:
-    sec = Section(
-        "step", "1. Step overhead: disttrain Trainer vs a plain torch DDP loop (2 ranks, gloo, CPU)"
-    )
-    for name, wl in WORKLOADS.items():
-        steps, warmup, reps = wl["quick" if quick else "full"]
-        base = {"config": wl["config"], "overrides": wl["overrides"], "steps": steps + warmup + 1,
-                "warmup": warmup}  # fmt: skip
-        launches = [launch_ranks("bench.step_worker", {**base, "order": _sequence(first, reps), "reps": 1}, 2)
-                    for first in ("A", "B")]  # fmt: skip
-        _rows(sec, name, launches, steps)
-        if ablation:
-            order = ABLATION[name]
-            res = launch_ranks("bench.step_worker", {**base, "order": order, "reps": reps}, 2)
-            _ablation(sec, name, res[0]["runs"], order)
-        if profile:
-            res = launch_ranks("bench.step_worker", {**base, "order": [], "reps": 0, "components": True,
-                                                     "profile_steps": steps + warmup + 1}, 2)  # fmt: skip
-            sec.extra[f"{name}_profile"] = _profile_table(res[0]["profile"])
-            sec.extra[f"{name}_components"] = res[0]["components"]
-    return sec
-
-
-def _rows(sec: Section, name: str, launches: list[list[dict[str, Any]]], steps: int) -> None:
-    couples = []
-    for ranks in launches:  # rank 0's runs; rank 1 is in lockstep with it through the all-reduces
-        couples += _couples(ranks[0]["runs"])
-    a = [statistics.median(x["times"]) for x, _ in couples]
-    b = [statistics.median(y["times"]) for _, y in couples]
-    diffs_us = [(x - y) * 1e6 for x, y in zip(a, b)]
-    lo, hi = spread(diffs_us)
-    sec.rows.append(ratio_row(f"{name}: time per step (each run's median step)", a, b, "ms", "<= 1.01",
-                              lambda r: r <= 1.01, scale=1e3,
-                              note=f"{steps} timed steps a run; overhead {median(diffs_us):+.0f} us/step "
-                                   f"(range {lo:+.0f} to {hi:+.0f})"))  # fmt: skip
-    a10 = [p10(x["times"]) for x, _ in couples]
-    b10 = [p10(y["times"]) for _, y in couples]
-    d10 = [(x - y) * 1e6 for x, y in zip(a10, b10)]
-    sec.rows.append(ratio_row(f"{name}: time per step (each run's 10th-percentile step)", a10, b10, "ms",
-                              "<= 1.01", lambda r: r <= 1.01, scale=1e3,
-                              note=f"the same runs; overhead {median(d10):+.0f} us/step (range {min(d10):+.0f} "
-                                   f"to {max(d10):+.0f})"))  # fmt: skip
-    hashes = {r["sha256"] for ranks in launches for rr in ranks for r in rr["runs"]}
-    n_runs = sum(len(rr["runs"]) for ranks in launches for rr in ranks)
+def _hash_row(sec: Section, name: str, launches: list[list[dict[str, Any]]]) -> None:
+    runs = [r for ranks in launches for rank in ranks for r in rank["runs"]]
+    hashes = {r["sha256"] for r in runs}
     sec.rows.append(Row(f"{name}: final weights, sha256 of state_dict", len(hashes), 1, "distinct hashes",
-                        float(len(hashes)), "1 (bit-identical)", len(hashes) == 1, f"{n_runs} runs, both ranks",
+                        float(len(hashes)), "1 (bit-identical)", len(hashes) == 1, f"{len(runs)} runs, both ranks",
                         note=", ".join(sorted(h[:12] for h in hashes))))  # fmt: skip
-    mem = {ranks[0]["memory"]["variant"]: [rr["memory"] for rr in ranks] for ranks in launches}
+
+
+def _memory_rows(sec: Section, name: str, launches: list[list[dict[str, Any]]]) -> None:
+    """From the first run of each launch, where the process was fresh."""
+    first = {ranks[0]["runs"][0]["variant"]: ranks for ranks in launches}
     for rank in (0, 1):
-        ma, mb = mem["A"][rank], mem["B"][rank]
-        pa, pb = ma["peak_rss_mib"], mb["peak_rss_mib"]
-        ia, ib = ma["rss_after_import_mib"], mb["rss_after_import_mib"]
+        a, b = first["A"][rank], first["B"][rank]
+        pa, pb = a["runs"][0]["peak_rss_mib"], b["runs"][0]["peak_rss_mib"]
+        imports = a["rss_after_import_mib"] - b["rss_after_import_mib"]
+        eval_extra = a["runs"][0]["peak_rss_end_mib"] - pa
         sec.rows.append(Row(f"{name}: peak RSS through the last step, rank {rank} (fresh process)", pa, pb, "MiB",
                             pa / pb, "<= +1 MiB", pa - pb <= 1.0, "n=1 per variant",
-                            note=f"{pa - pb:+.1f} MiB: imports {ia - ib:+.1f} MiB, building and training "
-                                 f"{(pa - ia) - (pb - ib):+.1f} MiB; after the trainer's end-of-run eval "
-                                 f"{ma['peak_rss_end_mib'] - pa:+.1f} MiB more"))  # fmt: skip
-    sec.extra[f"{name}_runs"] = [{"a_ms": x * 1e3, "b_ms": y * 1e3} for x, y in zip(a, b)]
+                            note=f"{pa - pb:+.1f} MiB: imports {imports:+.1f} MiB, building and training "
+                                 f"{pa - pb - imports:+.1f} MiB; after the trainer's end-of-run eval "
+                                 f"{eval_extra:+.1f} MiB more"))  # fmt: skip
 
 
-def _ablation(sec: Section, name: str, runs: list[dict[str, Any]], order: list[str]) -> None:
-    by: dict[str, list[float]] = {v: [] for v in order}
-    for r in runs:
-        by[r["variant"]].append(p10(r["times"]))
-    hashes = {r["sha256"] for r in runs}
-    for v in order:
-        if v == "B":
-            continue
-        row = ratio_row(f"{name}: `{v}` vs plain loop (10th-percentile step)", by[v], by["B"], "ms", "<= 1.01",
-                        lambda r: r <= 1.01,
-                        scale=1e3)  # fmt: skip
-        gain = [(x - y) * 1e6 for x, y in zip(by["A"], by[v])]
-        row.note = f"saves {median(gain):+.0f} us/step vs stock (range {min(gain):+.0f} to {max(gain):+.0f})"
-        row.note += "" if v != "A" else "; stock, for reference"
-        row.note += f"; weights {'bit-identical' if len(hashes) == 1 else 'DIFFER'} across variants"
-        sec.extra.setdefault("ablation_rows", []).append(row.as_dict())
+# ------------------------------------------------------------------------------------ worker side
 
 
-def _min_merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    funcs: dict[str, dict[str, float]] = {}
-    for run in runs:
-        for key, f in run["funcs"].items():
-            if key not in funcs or f["tottime"] < funcs[key]["tottime"]:
-                funcs[key] = f
-    return {"steps": runs[0]["steps"], "funcs": funcs}
+def weights_sha256(model: Any) -> str:
+    """sha256 over the state_dict's names and raw tensor bytes, in order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def _profile_table(profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-function self time per step, A minus B, biggest first: what disttrain adds per step. Two
-    profiled runs of each, alternated; each function's smaller figure of the two (noise only adds)."""
-    a = _min_merge([p for p in profiles if p["variant"] == "A"])
-    b = _min_merge([p for p in profiles if p["variant"] == "B"])
-    fa, fb = a["funcs"], b["funcs"]
-    rows = []
-    for key in set(fa) | set(fb):
-        da = fa.get(key, {}).get("tottime", 0.0) / a["steps"]
-        db = fb.get(key, {}).get("tottime", 0.0) / b["steps"]
-        calls = fa.get(key, {}).get("calls", 0) / a["steps"]
-        rows.append({"function": key, "a_us": da * 1e6, "b_us": db * 1e6, "diff_us": (da - db) * 1e6,
-                     "calls_per_step": calls})  # fmt: skip
-    rows.sort(key=lambda r: -r["diff_us"])
-    total_a = sum(v["tottime"] for v in fa.values()) / a["steps"] * 1e6
-    total_b = sum(v["tottime"] for v in fb.values()) / b["steps"] * 1e6
-    return [{"function": "(all, under the profiler)", "a_us": total_a, "b_us": total_b,
-             "diff_us": total_a - total_b, "calls_per_step": 0}] + rows[:15]  # fmt: skip
+def run_trainer(cfg: Any, stamp: Any) -> Any:
+    """Variant A: `Trainer(cfg, detect(), hooks=[stamp]).fit()`; returns the trained model."""
+    from disttrain.cluster import detect
+    from disttrain.hooks import Hook
+    from disttrain.trainer import Trainer
+
+    class Stamp(Hook):
+        def before_step(self, trainer: Any) -> None:
+            stamp()
+
+    trainer = Trainer(cfg, detect(), hooks=[Stamp()])
+    trainer.fit()
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
+def run_plain(cfg: Any, stamp: Any) -> Any:
+    """Variant B: the plain loop, stamped at the same point of each step; returns the trained model."""
+    import torch
+    import torch.distributed as tdist
+
+    from bench.plain import PlainLoop
+
+    if not tdist.is_initialized():  # when B runs first; the trainer (accelerate) reuses the group
+        tdist.init_process_group("gloo")
+    loop = PlainLoop(cfg, torch.device("cpu"))
+    for _ in range(cfg.trainer.max_steps):
+        stamp()
+        loop.step()
+    return loop.model
+
+
+def run_variant(variant: str, spec: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One whole run. `peak_rss_mib`: the process's RSS high-water mark when the last step starts, so
+    before the trainer's end-of-run eval (which the plain loop does not have)."""
+    cfg = train_cfg(spec, run_dir)
+    stamps: list[float] = []
+    peak: list[float] = []
+
+    def stamp() -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) == cfg.trainer.max_steps:
+            peak.append(rss_mib("VmHWM"))
+
+    model = (run_trainer if variant == "A" else run_plain)(cfg, stamp)
+    digest = weights_sha256(model)
+    del model
+    gc.collect()
+    w = spec["warmup"]
+    return {"variant": variant, "times": [b - a for a, b in zip(stamps[w:], stamps[w + 1 :])], "sha256": digest,
+            "peak_rss_mib": peak[0], "peak_rss_end_mib": rss_mib("VmHWM")}  # fmt: skip
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Whole runs in spec["order"]. Must run on all ranks."""
+    # Import what the first variant imports before measuring RSS: the memory rows split off the imports.
+    if spec["order"][0] == "A":
+        import disttrain.trainer  # noqa: F401
+    else:
+        import bench.plain  # noqa: F401
+    import torch.distributed as tdist
+
+    result: dict[str, Any] = {"rss_after_import_mib": rss_mib(), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-step-") as root:
+        for i, variant in enumerate(spec["order"]):
+            result["runs"].append(run_variant(variant, spec, os.path.join(root, f"{variant}{i}")))
+    tdist.barrier()  # no rank tears the group down while another still trains
+    tdist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    worker_main(worker)

@@ -1,11 +1,11 @@
-"""A quick check of the benchmark harness (bench/): statistics, result rows, the report, the CLI's
-section selection and one tiny checkpoint measurement. The benchmarks themselves run with `python -m bench`."""
+"""A quick check of the benchmark harness (bench/): statistics, result rows, the interleaving, the report,
+the CLI's section selection and one tiny checkpoint measurement. The benchmarks run with `python -m bench`."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench import ckpt
+from bench import ckpt, step
 from bench.common import Section, median, ratio_row, ratios, spread
 from bench.report import write_report
 from bench.run import parse
@@ -17,13 +17,20 @@ def test_ratio_row_pairs_interleaved_repetitions():
     assert row.ratio == 2.0 and row.met is False
     assert row.value == 3.0 and row.baseline == 2.0
     assert row.spread == "1.000-2.000 (n=3)"
-    inverted = ratio_row("t", [2.0], [1.0], "s", ">= 0.7", lambda r: r >= 0.7, invert=True)
-    assert inverted.ratio == 0.5 and inverted.met is False
+    assert ratio_row("c", [1.0], [1.0], "s", "(context)", None).met is None
     assert median([]) != median([])  # nan for no data
     assert spread([3.0, 1.0]) == (1.0, 3.0)
 
 
-def test_report_has_machine_command_tables_and_gpu_note(tmp_path):
+def test_step_runs_alternate_and_pair_up():
+    assert step._sequence("A", 3) == ["A", "B", "B", "A", "A", "B"]
+    assert step._sequence("B", 2) == ["B", "A", "A", "B"]
+    runs = [{"variant": v, "i": i} for i, v in enumerate(step._sequence("B", 2))]
+    assert [(a["i"], b["i"]) for a, b in step._couples(runs)] == [(1, 0), (2, 3)]
+    assert step.p10([5.0, 1.0, 3.0, 2.0, 4.0]) == 1.0
+
+
+def test_report_has_machine_command_and_tables_only(tmp_path):
     sec = Section("ckpt", "2. Checkpoint write")
     sec.rows.append(ratio_row("local 10 MB", [100.0], [200.0], "MB/s", ">= 0.70", lambda r: r >= 0.70))
     info = {"date": "today", "nproc": 2, "host_cpus": 2, "cpu_model": "CPU", "ram_gib": 24, "python": "3",
@@ -33,10 +40,10 @@ def test_report_has_machine_command_tables_and_gpu_note(tmp_path):
     out = tmp_path / "RESULTS.md"
     write_report(str(out), [sec], info, "python -m bench --quick", quick=True)
     text = out.read_text()
-    assert "`python -m bench --quick`" in text and "2 CPUs usable" in text
+    assert "`python -m bench --quick`" in text and "2 CPUs usable" in text and "bench/README.md" in text
+    assert "| 2 | local 10 MB | 0.500 | >= 0.70 | **missed** |" in text  # goals at a glance
     assert "| local 10 MB | 100 MB/s | 200 MB/s | 0.500 | >= 0.70 | **missed** |" in text
-    assert "Why (checkpoint throughput)" in text
-    assert "Not run in this session" in text and "python -m bench --gpu" in text
+    assert "## 6. GPU" in text and "python -m bench --gpu" in text
 
 
 def test_cli_selects_sections():
@@ -48,10 +55,14 @@ def test_cli_selects_sections():
         parse(["--sections", "nope"])
 
 
-def test_checkpoint_measurement_on_a_tiny_state(tmp_path):
-    m = ckpt.measure_local(ckpt.MB, 1, str(tmp_path))
+def test_checkpoint_measurements_on_a_tiny_state(tmp_path):
+    app, ranks = ckpt.make_state(3 * ckpt.MB)
+    assert abs(sum(t.nbytes for t in ckpt.host_tensors(app)) - 3 * ckpt.MB) < 16
+    m = ckpt.measure_io(app, ranks, 1, str(tmp_path))
     assert set(m) == {"save", "raw_write", "load", "raw_read"}
-    assert all(len(v) == 1 and v[0] > 0 for v in m.values())
-    app, _ = ckpt.make_state(3 * ckpt.MB)
-    assert abs(ckpt.state_bytes(app) - 3 * ckpt.MB) < 16
+    a = ckpt.measure_async(app, ranks, 1, str(tmp_path))
+    assert set(a) == {"async_block", "async_total", "sync"}
+    assert all(len(v) == 1 and v[0] > 0 for v in [*m.values(), *a.values()])
     assert list(tmp_path.iterdir()) == []  # every repetition cleans up after itself
+    figures = [r.figure for r in ckpt.io_rows("x", 3e6, m)]
+    assert figures == ["x: save (sync) vs raw write", "x: load vs raw read"]

@@ -9,7 +9,7 @@ import pytest
 
 from disttrain import cli
 from disttrain.writers import read_jsonl, resume_spans
-from tests.unit.test_writers_support import shared_run
+from tests.unit.writers_support import shared_run
 
 Image = pytest.importorskip("PIL.Image")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """No credential from the environment and no config value under a secret key lands anywhere a run
 writes: config.yaml, metrics, events, checkpoints, TensorBoard, wandb's offline files and logs, wandb's
 own config and cache dirs, or the process output. The run is real (four segments: killed, failed,
-stopped, finished; see test_writers_support), with WANDB_API_KEY, AWS_SECRET_ACCESS_KEY and HF_TOKEN
+stopped, finished; see writers_support), with WANDB_API_KEY, AWS_SECRET_ACCESS_KEY and HF_TOKEN
 in its environment and `pipeline.args.api_token` on its command line.
 
 (submitit's job files are covered by the cluster tests.)"""
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from disttrain.config import REDACTED
-from tests.unit.test_writers_support import CONFIG_SECRET, ENV_SECRETS, shared_run
+from tests.unit.writers_support import CONFIG_SECRET, ENV_SECRETS, shared_run
 
 SECRETS = [*ENV_SECRETS.values(), CONFIG_SECRET]
 

@@ -10,7 +10,7 @@ import pytest
 
 from disttrain import cli
 from disttrain.commands.status import collect
-from tests.unit.test_writers_support import MAX_STEPS, shared_run
+from tests.unit.writers_support import MAX_STEPS, shared_run
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from disttrain.writers import read_jsonl
-from tests.unit.test_writers_support import shared_run
+from tests.unit.writers_support import shared_run
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")

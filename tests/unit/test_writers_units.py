@@ -10,11 +10,11 @@ import pytest
 
 from disttrain import fs
 from disttrain.config import REDACTED, ConfigError, load_config
+from disttrain.run import check_writers
 from disttrain.writers import (
     EventLog,
     Staging,
     _logged_floors,
-    check_writers,
     redact_argv,
     secret_values,
     truncate_after,

@@ -8,7 +8,7 @@ import pytest
 
 from disttrain.config import REDACTED
 from disttrain.writers import STEP_KEY, read_jsonl, wandb_history
-from tests.unit.test_writers_support import shared_run
+from tests.unit.writers_support import shared_run
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from tests.conftest import child_env, free_port, read_jsonl, run_main
-from tests.dist.test_exact_resume import BASE, STEPS, logged_step, outcome
+from tests.multiproc.test_exact_resume import BASE, STEPS, logged_step, outcome
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.multiproc
 
 
 def torchrun_with_restarts(run_dir: Path) -> list[str]:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAST, child_env, free_port, read_jsonl
-from tests.dist.test_exact_resume import logged_step
+from tests.multiproc.test_exact_resume import logged_step
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.multiproc
 
 TIMEOUT_S = 20
 MARGIN_S = 40  # process-group teardown, interpreter exit, a slow 2-core machine

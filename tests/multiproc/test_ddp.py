@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import FAST, REPO, child_env, free_port, read_jsonl, run_main
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.multiproc
 
 PROBE_ARGS = [
     "optim.name=sgd", "optim.momentum=0.0", "optim.lr=0.5", "trainer.grad_clip=0", "pipeline.args.dropout=0.0",
@@ -22,7 +22,7 @@ PROBE_ARGS = [
 def run_probe(tmp_path, nproc: int, *extra: str) -> dict:
     out = tmp_path / f"probe_{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests/dist/ddp_probe.py"), str(out),
+           "127.0.0.1", "--master_port", str(free_port()), str(REPO / "tests/multiproc/ddp_probe.py"), str(out),
            f"run_dir={tmp_path / 'unused'}", *PROBE_ARGS, *extra]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

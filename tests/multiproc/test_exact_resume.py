@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
 
-pytestmark = pytest.mark.dist
+pytestmark = pytest.mark.multiproc
 
 STEPS = 24
 BASE = [

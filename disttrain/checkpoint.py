@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import platform
 import random
-import re
 import secrets
 import threading
 import time
@@ -26,21 +25,49 @@ import torch
 
 from disttrain import __version__, dist, fs
 from disttrain import ckpt_format as fmt
-from disttrain.ckpt_format import FILES, MANIFEST, CheckpointError, read_checkpoint, read_manifest
+from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
 from disttrain.config import CheckpointConfig
+from disttrain.rundir import LATEST, MANIFEST, RunDir, step_of
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
 Make = Callable[[], State]
 
-_STEP_DIR = re.compile(r"step_(\d{8,})")
 # What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
 # at save time, so a checkpoint that saved is one that loads.
 __all__ = [
-    "FILES", "MANIFEST", "CheckpointError", "CheckpointInfo", "CheckpointManager", "capture_rank_state",
+    "FILES", "CheckpointError", "CheckpointInfo", "CheckpointManager", "Loaded", "SaveResult", "capture_rank_state",
     "read_checkpoint", "read_manifest", "restore_rank_state",
 ]  # fmt: skip
 _PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did, for the one place that records it (the trainer's `checkpoint` event)."""
+
+    step: int
+    seconds: float  # how long the caller was blocked
+    bytes: int | None  # None while an async write is still in flight
+    reason: str  # periodic | final | stop | manual
+
+    def fields(self) -> dict[str, Any]:
+        out = {"step": self.step, "seconds": round(self.seconds, 4), "reason": self.reason}
+        return out if self.bytes is None else {**out, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint read and verified: where, its manifest, the shared state and this rank's."""
+
+    path: str
+    manifest: State
+    app: State
+    rank_state: State | None
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
 
 
 @dataclass
@@ -96,27 +123,31 @@ class CheckpointManager:
         versions: dict[str, str] | None = None,
     ) -> None:
         self.run_dir = run_dir[len("file://") :] if run_dir.startswith("file://") else run_dir
-        self.dir = fs.join(self.run_dir, "checkpoints")
+        self.layout = RunDir(self.run_dir)
+        self.dir = self.layout.checkpoints
         self.cfg = cfg
         own = {"torch": torch.__version__, "disttrain": __version__, "python": platform.python_version()}
-        self._meta = {"config_hash": config_hash, "fingerprint": fingerprint or {}}
+        # num_threads: CPU float results depend on the intra-op thread count, so a resume can tell
+        # whether it is still bit-exact (run.apply_threads sets it before anything runs).
+        self._meta: State = {"config_hash": config_hash, "fingerprint": fingerprint or {}}
         self._meta["versions"] = {**own, **(versions or {})}
+        self._meta["num_threads"] = torch.get_num_threads()
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._last_time = time.monotonic()
-        self._last_step: int | None = None
-        self.committed: tuple[int, int] | None = None  # (step, bytes) of the last save this process wrote
+        self.last_step: int | None = None  # the step this process last saved (or loaded)
+        self._bytes: int | None = None  # bytes of the last save this process committed
 
-    def maybe_save(self, step: int, make_state: Make, rank_state: Make, *, final: bool = False) -> bool:
+    def maybe_save(self, step: int, app_state: Make, rank_state: Make, *, final: bool = False) -> SaveResult | None:
         """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
-        if final and (self._last_step == step or not self.cfg.save_final):
+        if final and (self.last_step == step or not self.cfg.save_final):
             self.wait()  # nothing new to save, but what is in flight must be committed before the end
-            return False
+            return None
         if not (final or self._due(step)):
             self.check()
-            return False
-        self.save(step, make_state(), rank_state(), sync=final)
-        return True
+            return None
+        reason = "final" if final else "periodic"
+        return self.save(step, app_state(), rank_state(), sync=final, reason=reason)
 
     def _due(self, step: int) -> bool:
         by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -126,27 +157,32 @@ class CheckpointManager:
         late = dist.is_main() and time.monotonic() - self._last_time >= self.cfg.every_minutes * 60
         return dist.any_flag(late)
 
-    def save(self, step: int, app_state: State, rank_state: State, *, sync: bool = False) -> None:
-        """Must be called on all ranks. Blocks for the host copy; writes in the background if async."""
+    def save(
+        self, step: int, app_state: State, rank_state: State, *, sync: bool = False, reason: str = "manual"
+    ) -> SaveResult:
+        """Must be called on all ranks. Blocks for the host copy; writes in the background when
+        `checkpoint.async_save` is on and not `sync`. `app_state` matters on rank 0 only."""
+        t0 = time.perf_counter()
         self._join()  # one save in flight: a new one waits for the previous
-
+        background = self.cfg.async_save and not sync
         # A synchronous save writes before training moves on, so CPU tensors need no snapshot; an async
         # one must copy, since the next step changes them while the write is in progress.
-        snapshot = not (sync or not self.cfg.async_save)
 
         def prepare() -> tuple[Any, Any]:
             self.check()  # a failed background save fails this save on every rank, not only on rank 0
-            mine = _host_copy(rank_state, "rank_state", snapshot)
-            return (_host_copy(app_state, "app_state", snapshot) if dist.is_main() else None), mine
+            mine = _host_copy(rank_state, "rank_state", background)
+            return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine
 
         host, mine = _agreed(prepare)
         ranks = dist.gather_to_main(mine)
-        self._last_step, self._last_time = step, time.monotonic()
-        if sync or not self.cfg.async_save:
+        self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
+        if not background:
             _agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
+            self._last_time = time.monotonic()  # every_minutes counts training time, not time saving
         elif dist.is_main():
             self._thread = threading.Thread(target=self._background, args=(step, host, ranks))
             self._thread.start()
+        return SaveResult(step, time.perf_counter() - t0, self._bytes, reason)
 
     def check(self) -> None:
         """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
@@ -180,15 +216,14 @@ class CheckpointManager:
             if work == final:
                 fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
             files = fmt.write_files(work, host, ranks)
-            manifest = {"format": 1, "step": step, "time": time.time(), "world_size": len(ranks)}
-            fmt.publish(work, final, {**manifest, **self._meta, "files": files})
-            self.committed = (step, sum(f["bytes"] for f in files.values()))
+            fmt.publish(work, final, fmt.manifest(step, len(ranks), files, self._meta))
+            self._bytes = sum(f["bytes"] for f in files.values())
         except Exception as err:
             fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
             raise CheckpointError(msg) from err
         try:
-            fs.atomic_write(fs.join(self.dir, "latest"), fs.basename(final))
+            fs.atomic_write(fs.join(self.dir, LATEST), fs.basename(final))
             self._retain(step)
         except Exception as err:
             raise CheckpointError(f"checkpoint step {step} is committed, but then failed: {err}") from err
@@ -199,11 +234,10 @@ class CheckpointManager:
 
     def _clean_stale(self) -> None:
         """Remove what a killed save or deletion left: `*.tmp-*` dirs, step dirs without a manifest."""
+        committed = set(self.layout.committed_steps())
         for name in fs.listdir(self.dir):
-            path = fs.join(self.dir, name)
-            committed = _STEP_DIR.fullmatch(name) and fs.exists(fs.join(path, MANIFEST))
-            if name.startswith("step_") and not committed:
-                fs.remove(path, recursive=True)
+            if name.startswith("step_") and step_of(name) not in committed:
+                fs.remove(fs.join(self.dir, name), recursive=True)
 
     def _retain(self, saved: int) -> None:
         """Keep keep_last newest, keep_every milestones, the one just saved and the newest verified."""
@@ -226,20 +260,20 @@ class CheckpointManager:
 
     def list(self, full: bool = False) -> list[CheckpointInfo]:
         """Committed checkpoints, newest first, checked by file size (or by sha256 with `full`)."""
-        infos = [self._info(name, full) for name in fs.listdir(self.dir) if _STEP_DIR.fullmatch(name)]
-        return sorted((i for i in infos if i is not None), key=lambda i: i.step, reverse=True)
+        infos = [self._info(step, full) for step in self.layout.committed_steps()]
+        return [i for i in infos if i is not None]
 
-    def _info(self, name: str, full: bool) -> CheckpointInfo | None:
-        path = fs.join(self.dir, name)
+    def _info(self, step: int, full: bool) -> CheckpointInfo | None:
+        path = self._path(step)
         try:
             m = fmt.read_manifest(path)
         except CheckpointError as err:
             if not fs.exists(fs.join(path, MANIFEST)):
-                return None  # not committed: does not exist for readers
-            return CheckpointInfo(int(name[5:]), path, 0.0, 0, False, str(err), 0)
+                return None  # deleted since it was listed: does not exist for readers
+            return CheckpointInfo(step, path, 0.0, 0, False, str(err), 0)
         problem = fmt.files_problem(path, m, full)
         size = sum(f["bytes"] for f in m["files"].values())
-        return CheckpointInfo(int(name[5:]), path, m["time"], size, problem is None, problem, m["world_size"])
+        return CheckpointInfo(step, path, m["time"], size, problem is None, problem, m["world_size"])
 
     def verify(self, step: int | str) -> str | None:
         """None if every file matches the manifest (size and sha256), else what is wrong and where."""
@@ -254,7 +288,7 @@ class CheckpointManager:
             log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
         return None
 
-    def load_newest(self) -> tuple[CheckpointInfo, State, State | None] | None:
+    def load_newest(self) -> Loaded | None:
         """Load the newest checkpoint whose files verify, falling back to older ones with a warning; None
         if there is none. Must be called on all ranks.
 
@@ -265,11 +299,12 @@ class CheckpointManager:
             try:
                 if info.problem is not None:
                     raise CheckpointError(info.problem)
-                app, rank_state = self.load(info.path)
-            except CheckpointError as err:  # raised on every rank alike (load agrees), so all fall back
+                loaded = self.read(info.path)
+            except CheckpointError as err:  # raised on every rank alike (read agrees), so all fall back
                 log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, err)
                 continue
-            return dataclasses.replace(info, verified=True), app, rank_state
+            self.last_step = info.step  # saving this step again would write what is already there
+            return loaded
         return None
 
     def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
@@ -277,18 +312,24 @@ class CheckpointManager:
         path = info.path if isinstance(info, CheckpointInfo) else info
         return dict(fmt.read_manifest(path).get("fingerprint") or {})
 
-    def load(self, path_or_step: str | int | None = None) -> tuple[State, State | None]:
-        """(app_state, this rank's rank_state, or None if the world size changed). Must be called on all ranks.
+    def read(self, path_or_step: str | int | None = None) -> Loaded:
+        """Read and verify a checkpoint. Must be called on all ranks.
 
         None: the newest verified checkpoint; an int: that step; a str: a checkpoint directory (or a run
-        dir, meaning its newest verified checkpoint). Tensors load to CPU.
-        """
+        dir, meaning its newest verified checkpoint). Tensors load to CPU. `rank_state` is None when the
+        world size changed (no per-rank stream to continue)."""
         path = _from_main(lambda: self._resolve(path_or_step))
         if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
-            app, ranks = _from_main(lambda: fmt.read_checkpoint(path))
+            m, app, ranks = _from_main(lambda: (fmt.read_manifest(path), *fmt.read_checkpoint(path)))
         else:
-            app, ranks = _agreed(lambda: fmt.read_checkpoint(path))
-        return app, (ranks[dist.rank()] if len(ranks) == dist.world_size() else None)
+            m, app, ranks = _agreed(lambda: (fmt.read_manifest(path), *fmt.read_checkpoint(path)))
+        mine = ranks[dist.rank()] if len(ranks) == dist.world_size() else None
+        return Loaded(path, m, app, mine)
+
+    def load(self, path_or_step: str | int | None = None) -> tuple[State, State | None]:
+        """(app_state, this rank's rank_state or None) of `read(path_or_step)`. Must be called on all ranks."""
+        loaded = self.read(path_or_step)
+        return loaded.app, loaded.rank_state
 
     def export(self, out: str, step: int | None = None) -> int:
         """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
@@ -302,7 +343,7 @@ class CheckpointManager:
             return self._path(path_or_step)
         if path_or_step is not None:
             path = path_or_step.rstrip("/")
-            if fs.exists(fs.join(path, MANIFEST)) or not fs.exists(fs.join(path, "checkpoints")):
+            if fs.exists(fs.join(path, MANIFEST)) or not fs.exists(RunDir(path).checkpoints):
                 return path
             return CheckpointManager(path, self.cfg)._resolve(None)  # a run dir: its newest checkpoint
         info = self.latest_verified()
@@ -311,7 +352,7 @@ class CheckpointManager:
         return info.path
 
     def _path(self, step: int) -> str:
-        return fs.join(self.dir, f"step_{step:08d}")
+        return self.layout.step_dir(step)
 
 
 def _agreed(fn: Callable[[], Any]) -> Any:

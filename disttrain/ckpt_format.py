@@ -13,16 +13,18 @@ import io
 import json
 import os
 import threading
+import time
 from typing import Any
 
 import safetensors.torch
 import torch
 
 from disttrain import fs
+from disttrain.rundir import MANIFEST
 
 State = dict[str, Any]
 FILES = ("model.safetensors", "state.pt", "ranks.pt")
-MANIFEST = "manifest.json"
+FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
@@ -31,8 +33,8 @@ class CheckpointError(RuntimeError):
 
 def write_files(work: str, host: State, ranks: list[Any]) -> dict[str, State]:
     fs.makedirs(work)
-    blobs = {
-        "model.safetensors": safetensors.torch.save(_own_storage(host["model"])),
+    blobs: dict[str, bytes | memoryview] = {
+        "model.safetensors": bytes(safetensors.torch.save(_own_storage(host["model"]))),
         "state.pt": _torch_bytes({k: v for k, v in host.items() if k != "model"}),
         "ranks.pt": _torch_bytes(ranks),
     }
@@ -88,8 +90,14 @@ class _Sha256:
         return self._hash.hexdigest()
 
 
-def publish(work: str, final: str, manifest: State) -> None:
-    _put(fs.join(work, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+def manifest(step: int, world_size: int, files: dict[str, State], meta: State) -> State:
+    """The manifest of a step directory: what it is (step, time, world size, config hash, versions,
+    thread count) and the size and sha256 of every file. Written last; it is the commit."""
+    return {"format": FORMAT, "step": step, "time": time.time(), "world_size": world_size, **meta, "files": files}
+
+
+def publish(work: str, final: str, m: State) -> None:
+    _put(fs.join(work, MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
     if work != final:
         fs.fsync_dir(work)
         fs.remove(final, recursive=True)  # an earlier save of this step, e.g. a corrupt one skipped

@@ -124,34 +124,16 @@ def port_for_job(job_id: str) -> int:
 
 
 def expand_hostlist(text: str) -> list[str]:
-    """Expand a SLURM hostlist: `gpu[01-03,07],login1` -> gpu01, gpu02, gpu03, gpu07, login1."""
-    hosts: list[str] = []
-    for part in _split_top_level(text.strip()):
-        match = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            lo, _, hi = item.partition("-")
-            width = len(lo)
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{width}d}{suffix}")
-    return hosts
+    """Expand a SLURM hostlist: `gpu[01-03,07],a[1-2]b[3-4]` -> gpu01, gpu02, gpu03, gpu07, a1b3, a1b4,
+    a2b3, a2b4. Uses submitit's parser (maintained, and already a dependency; imported here so this
+    module stays importable without it). Like `scontrol show hostnames`, a range SLURM would not accept
+    (`gpu-[a-b]`: ranges are numeric) raises ValueError."""
+    from submitit.slurm.slurm import SlurmParseException, _parse_node_list
 
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += {"[": 1, "]": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    if cur:
-        parts.append(cur)
-    return parts
+    try:
+        return list(_parse_node_list(text.strip()))
+    except SlurmParseException as err:
+        raise ValueError(f"invalid SLURM hostlist {text!r} ({err.args[-1]})") from None
 
 
 def parse_scontrol(text: str) -> dict[str, str]:

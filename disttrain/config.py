@@ -51,6 +51,9 @@ class TrainerConfig:
     progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "none"))
     collective_timeout_s: float = _f(600.0, "seconds before a stuck collective aborts the job", min=1.0)
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
+    threads: int = _f(
+        0, "intra-op CPU threads per rank (0: $OMP_NUM_THREADS, else SLURM's cpus-per-task, else torch's)", min=0
+    )
 
 
 @dataclass
@@ -126,6 +129,9 @@ class Config:
     run_dir: str = _f("runs/digits", "where config, metrics, events and checkpoints go (path or fsspec URL)")
     seed: int = _f(0, "seed for model init, data order and per-rank RNG", min=0)
     resume: str = _f("auto", "auto: newest verified checkpoint in run_dir; never: refuse if any; or a path")
+    init_from: str = _f(
+        "", "a checkpoint (step dir or run dir) whose weights start a new run: fresh optimizer, step 0"
+    )
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -246,7 +252,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
             continue
         hint = hints[fld.name]
         key = prefix + fld.name
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[fld.name] = _build(hint, raw[fld.name], key + ".", source)
         else:
             kwargs[fld.name] = _coerce(raw[fld.name], hint, key, source)
@@ -267,27 +273,6 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key, source)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, value, "true or false", source)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _type_error(key, value, "an integer", source)
-    if hint is float:
-        # YAML 1.1 reads `3e-4` (no dot) as a string; a number in scientific notation is what users mean.
-        if isinstance(value, str) and _SCI_NUMBER.fullmatch(value.strip()):
-            return float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _type_error(key, value, "a number", source)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, value, "a string", source)
     if origin is list:
         if not isinstance(value, list):
             raise _type_error(key, value, "a list like [a, b]", source)
@@ -296,7 +281,41 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise _type_error(key, value, "a mapping like {k: v}", source)
         return dict(value)
-    raise AssertionError(f"unsupported config type {hint} for {key}")
+    coerce, expected = _SCALARS[hint]
+    out = coerce(value)
+    if out is None:
+        raise _type_error(key, value, expected, source)
+    return out
+
+
+def _as_bool(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
+def _as_float(value: Any) -> float | None:
+    # YAML 1.1 reads `3e-4` (no dot) as a string; a number in scientific notation is what users mean.
+    if isinstance(value, str) and _SCI_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _as_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# Scalar config types: how a YAML value becomes one (None: it cannot), and what to say otherwise.
+_SCALARS: dict[Any, tuple[Any, str]] = {
+    bool: (_as_bool, "true or false"),
+    int: (_as_int, "an integer"),
+    float: (_as_float, "a number"),
+    str: (_as_str, "a string"),
+}
 
 
 def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:

@@ -13,13 +13,15 @@ for that epoch (a different remainder every epoch, so every sample is still seen
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
+
+from disttrain.config import ConfigError
 
 # Signals the preemption protocol handles in the main process. A DataLoader worker that received one
 # would die mid-batch and take the step with it, so workers ignore them (DESIGN §5).
@@ -68,11 +70,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         shuffle: bool,
         start: DataCursor,
     ):
-        if num_samples < batch_size:
-            raise ValueError(
-                f"the training set has {num_samples} samples, fewer than data.batch_size={batch_size}; "
-                f"lower data.batch_size to at most {num_samples}"
-            )
+        check_train_split(num_samples, batch_size)
         self.n, self.batch, self.rank, self.world = num_samples, batch_size, rank, world_size
         self.accum, self.seed, self.shuffle, self.start = grad_accum, seed, shuffle, start
         self.micro = batch_size // (world_size * grad_accum)  # per rank, per micro-batch
@@ -94,6 +92,27 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:  # DataLoader asks; the stream is endless, report one epoch
         return self.steps_per_epoch * self.accum
+
+
+def dataset_size(dataset: Dataset, split: str) -> int:
+    """The number of samples of a map-style split. Raises ConfigError for a split without a length."""
+    if not isinstance(dataset, Sized):
+        raise ConfigError(
+            f"the {split} split ({type(dataset).__name__}) has no len(): disttrain's sampler needs a "
+            "map-style dataset (__len__ and __getitem__)"
+        )
+    return len(dataset)
+
+
+def check_train_split(num_samples: int, batch_size: int) -> None:
+    """One optimizer step needs a full global batch from the training split. Raises ConfigError."""
+    if num_samples == 0:
+        raise ConfigError("the pipeline's train split is empty; give datasets() a 'train' split with samples")
+    if num_samples < batch_size:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is larger than the train split ({num_samples} samples); "
+            f"use data.batch_size of at most {num_samples}"
+        )
 
 
 def advance(cursor: DataCursor, batch_size: int, num_samples: int) -> DataCursor:

@@ -91,14 +91,15 @@ def broadcast_from_main(obj: Any) -> Any:
     return box[0]
 
 
-def scatter_from_main(objs: list[Any] | None) -> Any:
-    """Rank r receives objs[r] from rank 0. Must be called on all ranks."""
-    if not initialized():
-        assert objs is not None
-        return objs[0]
-    box: list[Any] = [None]
-    tdist.scatter_object_list(box, objs if is_main() else None, src=0)
-    return box[0]
+# How a peer's death or hang surfaces from gloo (plain RuntimeError) and NCCL (DistBackendError).
+_COLLECTIVE_FAILURES = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether an exception is a collective that failed because a peer died or hangs."""
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True
+    return any(marker in str(err) for marker in _COLLECTIVE_FAILURES)
 
 
 def timeout(seconds: float) -> datetime.timedelta:
@@ -119,23 +120,31 @@ def destroy(clean: bool = True) -> None:
 
 
 
-class PendingFlag:
-    """An any-rank flag all-reduced in the background: started at one step boundary, read at the next.
+class PendingFlags:
+    """Any-rank flags all-reduced in the background: started at one step boundary, read at the next.
 
     Agreement this way costs the loop no wait for a network round trip; every rank reads the same
-    result at the same boundary, so all ranks still stop at the same step (one step later).
+    result at the same boundary, so all ranks still act at the same step (one step later).
     """
 
-    def __init__(self, flag: bool):
-        self.tensor = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
+    def __init__(self, flags: list[bool]):
+        self.tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_device())
         self.work = tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
 
-    def result(self) -> bool:
+    def result(self) -> list[bool]:
         if self.work is not None:
             self.work.wait()
-        return bool(self.tensor.item())
+        return [bool(v) for v in self.tensor.tolist()]
 
 
-def start_any_flag(flag: bool) -> PendingFlag:
-    """Begin agreeing on `flag`; `.result()` later returns True if any rank set it. Must be called on all ranks."""
-    return PendingFlag(flag)
+def start_any_flags(flags: list[bool]) -> PendingFlags:
+    """Begin agreeing on `flags`; `.result()[i]` is later True if any rank set flag i. Must be called on all ranks."""
+    return PendingFlags(flags)
+
+
+def broadcast_tensors_from_main(tensors: list[torch.Tensor]) -> None:
+    """Overwrite every rank's tensors in place with rank 0's. Must be called on all ranks."""
+    if not initialized():
+        return
+    for t in tensors:
+        tdist.broadcast(t.data, src=0)

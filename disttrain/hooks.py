@@ -89,11 +89,11 @@ class CheckpointHook(Hook):
 
 
 class StopHook(Hook):
-    """Polls the cross-rank stop agreement at every step boundary (one overlapped all-reduce)."""
+    """Polls the cross-rank stop agreement at every step boundary (one overlapped all-reduce); once a
+    stop is agreed the trainer saves and the loop ends after this step."""
 
     def after_step(self, trainer: Trainer) -> None:
-        if not trainer.stopping and trainer.stop_agreement.poll():
-            trainer.request_stop()
+        trainer.poll_stop()
 
 
 class ProgressHook(Hook):

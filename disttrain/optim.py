@@ -24,7 +24,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, on_cuda: bool) -> torch.
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     extra = {"fused": True} if cfg.fused and on_cuda else {}
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **extra)
+    return cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), **extra)
 
 
 def lr_factor(cfg: SchedulerConfig, max_steps: int, step: int) -> float:

@@ -34,39 +34,34 @@ if TYPE_CHECKING:
     from disttrain import dist
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
-SLURM_SIGNALS = ("SIGTERM", "SIGUSR2")  # what SLURM sends; Ctrl-C keeps its default until training runs
 MAX_REQUEUES_ENV = "DISTTRAIN_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 10
 SCONTROL_TIMEOUT_S = 30
 
 
 class StopSignal:
-    """Records the first stop signal this process receives. A second SIGINT aborts at once.
+    """Records the stop signals this process receives. Installed once, at the entry point (before any
+    heavy import under SLURM: USR2's default action kills the process), and handed to the trainer.
 
-    Installed over another StopSignal (a SLURM task installs one before its slow imports), it inherits
-    a signal that one already recorded, and passes on the ones it receives, so none is lost in between.
+    The handler only appends to a list; a second SIGINT raises KeyboardInterrupt (Ctrl-C twice: the
+    user wants out now, not after a save).
     """
 
     def __init__(self, names: tuple[str, ...] = STOP_SIGNALS):
         self.names = names
-        self.received: str | None = None
-        self.received_at: float | None = None
-        self.all_received: list[str] = []  # every distinct stop signal, in order (scancel after USR2 counts)
+        self.received: list[str] = []  # every distinct stop signal, in order (scancel after USR2 counts)
+        self.first_at: float | None = None  # wall-clock time of the first one
         self._previous: dict[int, object] = {}
-        self._outer: StopSignal | None = None
 
-    def install(self) -> None:
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def install(self) -> StopSignal:
         for name in self.names:
             signum = getattr(signal, name)
-            previous = signal.signal(signum, self._handle)
-            self._previous[signum] = previous
-            outer = getattr(previous, "__self__", None)
-            if isinstance(outer, StopSignal) and outer is not self:
-                self._outer = outer
-        if self._outer is not None and self._outer.received is not None:
-            if self.received is None:
-                self.received, self.received_at = self._outer.received, self._outer.received_at
-            self.all_received += [n for n in self._outer.all_received if n not in self.all_received]
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
@@ -75,52 +70,62 @@ class StopSignal:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
-        if self.received == "SIGINT" and name == "SIGINT":
-            raise KeyboardInterrupt  # Ctrl-C twice: the user wants out now, not after a save
-        if self.received is None:
-            self.received, self.received_at = name, time.time()
-        if name not in self.all_received:
-            self.all_received.append(name)
-        if self._outer is not None:
-            self._outer._record(name, self.received_at)
-
-    def _record(self, name: str, at: float | None) -> None:
-        if self.received is None:
-            self.received, self.received_at = name, at
-        if name not in self.all_received:
-            self.all_received.append(name)
+        if name == "SIGINT" and "SIGINT" in self.received:
+            raise KeyboardInterrupt
+        if self.first_at is None:
+            self.first_at = time.time()
+        if name not in self.received:
+            self.received.append(name)
 
     @property
     def requested(self) -> bool:
-        return self.received is not None
+        return bool(self.received)
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """A stop every rank agreed on, with the union of the signals the ranks received."""
+
+    signals: tuple[str, ...]
+
+    @property
+    def signal(self) -> str | None:
+        return self.signals[0] if self.signals else None
 
 
 class StopAgreement:
-    """Turns per-rank stop flags into one decision all ranks share. `poll` must be called on all ranks,
-    the same number of times; the first poll that returns True returns True on every rank."""
+    """Turns per-rank signal flags into one decision all ranks share. `poll` must be called on all
+    ranks, the same number of times; the first poll that returns a StopRequest returns it on every rank.
+
+    The flags of every stop signal travel in one all-reduce (MAX per signal, so every rank learns the
+    union, whichever rank was signalled), started at one step boundary and read at the next: the loop
+    never waits for a network round trip, and all ranks still stop after the same step.
+    """
 
     def __init__(self, local: StopSignal):
         self.local = local
-        self._pending: dist.PendingFlag | None = None
-        self.agreed = False
+        self._pending: dist.PendingFlags | None = None
+        self.agreed: StopRequest | None = None
 
-    def poll(self) -> bool:
+    def poll(self) -> StopRequest | None:
         from disttrain import dist
 
-        if self.agreed:
-            return True
-        if self._pending is not None and self._pending.result():
-            self.agreed = True
-            self._pending = None
-            return True
-        self._pending = dist.start_any_flag(self.local.requested)
-        return False
+        if self.agreed is None and self._pending is not None:
+            self._take(self._pending.result())
+        if self.agreed is None:
+            self._pending = dist.start_any_flags([name in self.local.received for name in STOP_SIGNALS])
+        return self.agreed
 
     def drain(self) -> None:
         """Finish the in-flight all-reduce (all ranks) so no collective is left dangling at exit."""
         if self._pending is not None:
-            self.agreed = self._pending.result() or self.agreed
-            self._pending = None
+            self._take(self._pending.result())
+
+    def _take(self, flags: list[bool]) -> None:
+        self._pending = None
+        signals = tuple(name for name, on in zip(STOP_SIGNALS, flags) if on)
+        if signals and self.agreed is None:
+            self.agreed = StopRequest(signals)
 
 
 # --------------------------------------------------------------------------------------- requeue
@@ -142,16 +147,15 @@ def max_requeues_from_env(environ: dict[str, str] | None = None) -> int:
     return int(value) if value.strip().isdigit() else DEFAULT_MAX_REQUEUES
 
 
-def after_stop(local_signals: list[str], cluster: ClusterEnv, max_requeues: int) -> Requeue:
+def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> Requeue:
     """Decide whether a stopped SLURM job requeues, and requeue it. Must be called on all ranks, after the
     stop checkpoint is committed: rank 0 decides and runs `scontrol requeue` once, then every rank learns
-    the outcome, so all ranks exit the same way."""
+    the outcome, so all ranks exit the same way. The signals are the agreed union (StopAgreement)."""
     from disttrain import dist
 
-    per_rank = dist.gather_to_main(list(local_signals))
     decision = None
     if dist.is_main():
-        decision = decide(_deciding_signal(per_rank or []), cluster, max_requeues)
+        decision = decide(_deciding_signal(stop.signals), cluster, max_requeues)
         if decision.requeued:
             decision = requeue(cluster.job_id, decision)
     return dist.broadcast_from_main(decision)
@@ -221,8 +225,7 @@ def _scontrol(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
 
 
-def _deciding_signal(per_rank: list[list[str]]) -> str | None:
-    """One signal for the job from every rank's list. SIGTERM first: if it came from a scancel, the user
+def _deciding_signal(signals: tuple[str, ...]) -> str | None:
+    """One signal for the job from every rank's. SIGTERM first: if it came from a scancel, the user
     wants the job gone even if the time-limit warning came before; if from preemption, it requeues too."""
-    seen = {name for names in per_rank for name in names}
-    return next((name for name in ("SIGTERM", "SIGUSR2", "SIGINT") if name in seen), None)
+    return next((name for name in ("SIGTERM", "SIGUSR2", "SIGINT") if name in signals), None)

@@ -2,46 +2,63 @@
 gradient accumulation, clipping, eval with exact distributed metrics, test, hooks, exact resume.
 
 Steps are global optimizer steps. Every public method that runs a collective says so: call it on all
-ranks, never behind a rank check.
+ranks, never behind a rank check. Rank roles are decided by the objects the trainer holds (writers,
+run files, event log, checkpoint manager), never here.
 """
 
 from __future__ import annotations
 
 import gc
-import json
-import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, send_to_device
 
-from disttrain import __version__, dist, fs
-from disttrain.checkpoint import CheckpointManager, capture_rank_state, restore_rank_state
+from disttrain import __version__, dist
+from disttrain.checkpoint import CheckpointManager, Loaded, SaveResult, capture_rank_state, restore_rank_state
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, config_hash, dump_yaml, resume_fingerprint, to_dict
-from disttrain.data import DataCursor, ResumableBatchSampler, ShardedEvalBatches, advance, make_loader
+from disttrain.config import Config, ConfigError, config_hash, resume_fingerprint
+from disttrain.data import (
+    DataCursor,
+    ResumableBatchSampler,
+    ShardedEvalBatches,
+    advance,
+    check_train_split,
+    dataset_size,
+    make_loader,
+)
 from disttrain.hooks import Hook, default_hooks
 from disttrain.optim import build_optimizer, build_scheduler
 from disttrain.pipelines import load_pipeline
-from disttrain.preemption import StopAgreement, StopSignal
-from disttrain.writers import EventLog, build_writer
+from disttrain.preemption import StopAgreement, StopRequest, StopSignal
+from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
 
-log = logging.getLogger("disttrain")
+
+@dataclass(frozen=True)
+class FitResult:
+    """How `fit()` ended, the same on every rank: what the caller needs to decide what comes next."""
+
+    outcome: str  # finished | stopped | already_done
+    step: int
+    stop: StopRequest | None = None  # the agreed stop (its signals), when stopped
 
 
 class Trainer:
     """Builds everything a run needs from a validated Config; `fit()` trains, `test()` evaluates.
 
     Construction must happen on all ranks (it initialises the process group and may load a checkpoint).
+    `stop` is the entry point's StopSignal; a Trainer built without one installs its own during fit().
     """
 
-    def __init__(self, cfg: Config, cluster: ClusterEnv, hooks: list[Hook] | None = None):
+    def __init__(
+        self, cfg: Config, cluster: ClusterEnv, hooks: list[Hook] | None = None, stop: StopSignal | None = None
+    ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
         self.accelerator = _make_accelerator(cfg)
         self.device = self.accelerator.device
@@ -50,6 +67,8 @@ class Trainer:
         self.datasets = self.pipeline.datasets()
         if "train" not in self.datasets:
             raise ConfigError(f"{cfg.pipeline.target}.datasets() returned no 'train' split; add one")
+        self.train_size = dataset_size(self.datasets["train"], "train")
+        check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = self.pipeline.build_model()
         optimizer = build_optimizer(cfg.optim, model, on_cuda=self.device.type == "cuda")
@@ -60,14 +79,15 @@ class Trainer:
         self.step, self.cursor = 0, DataCursor()
         self._bar = _use_bar(cfg) and dist.is_main()
         self.hooks = default_hooks(progress_bar=self._bar) + list(hooks or [])
-        self.signal = StopSignal()
-        self.stop_agreement = StopAgreement(self.signal)
-        self.stopping = False
-        self.stop_signals: list[str] = []  # every rank's stop signals, shared once a stop is agreed
+        self.signal = stop or StopSignal()
+        self.agreement = StopAgreement(self.signal)
+        self.stop_request: StopRequest | None = None
         self.last_train_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
         self._window_steps, self._window_start = 0, time.perf_counter()
-        self._last_saved_step = -1
+        self.files = build_run_files(self.run_dir)
+        self.events = EventLog(self.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
+        self.writer: Writer = NullWriter()
         self.ckpt = CheckpointManager(
             self.run_dir,
             cfg.checkpoint,
@@ -75,40 +95,40 @@ class Trainer:
             fingerprint=resume_fingerprint(cfg),
             versions={"disttrain": __version__, "torch": torch.__version__},
         )
-        self.resumed_from = self._maybe_resume()
-        self.events = EventLog(self.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
-        self.writer: Any = None
+        self.resumed: Loaded | None = self._restore()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_request is not None
 
     # ------------------------------------------------------------------------------------ resume
 
-    def _maybe_resume(self) -> int | None:
-        """Load the checkpoint `resume` names, if any. Must be called on all ranks."""
+    def _restore(self) -> Loaded | None:
+        """Load what `resume` (or, on a fresh run, `init_from`) names. Must be called on all ranks."""
         mode = self.cfg.resume
         if mode == "never":
-            return None
-        if mode == "auto":
-            found = self.ckpt.load_newest()
-            if found is None:
-                return None
-            info, app_state, rank_state = found
-            self._check_compatible(self.ckpt.saved_fingerprint(info))
+            loaded = None
+        elif mode == "auto":
+            loaded = self.ckpt.load_newest()
         else:
-            app_state, rank_state = self.ckpt.load(mode)
-        self._load_state(app_state, rank_state)
-        return self.step
+            loaded = self.ckpt.read(mode)
+        if loaded is None:
+            if self.cfg.init_from:
+                self._init_weights(self.cfg.init_from)
+            return None
+        _check_compatible(self.cfg, loaded)
+        self._load_state(loaded)
+        return loaded
 
-    def _check_compatible(self, saved: dict[str, Any]) -> None:
-        now = resume_fingerprint(self.cfg)
-        changed = [k for k in now if k in saved and saved[k] != now[k]]
-        if changed:
-            detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-            raise ConfigError(
-                f"cannot resume from {self.run_dir}: {detail} changed since the checkpoint; restore the "
-                "old values, or start a new run_dir (or resume=never in an empty one)"
-            )
+    def _init_weights(self, source: str) -> None:
+        """Start from a checkpoint's weights only: fresh optimizer, schedule and step 0 (fine-tuning)."""
+        app, _ = CheckpointManager(self.run_dir, self.cfg.checkpoint).load(source)
+        _load_model(self._module, app["model"], source)
+        self.files.say(f"initialised the weights from {source} (optimizer, schedule and step start fresh)")
 
-    def _load_state(self, app: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(app["model"])
+    def _load_state(self, loaded: Loaded) -> None:
+        app = loaded.app
+        _load_model(self._module, app["model"], loaded.path)
         self.optimizer.optimizer.load_state_dict(app["optimizer"])
         self.scheduler.load_state_dict(app["scheduler"])
         if app.get("scaler") is not None and self.accelerator.scaler is not None:
@@ -119,9 +139,9 @@ class Trainer:
         for hook in self.hooks:
             if type(hook).__name__ in app.get("hooks", {}):
                 hook.load_state_dict(app["hooks"][type(hook).__name__])
-        if rank_state is not None:  # same world size: continue this rank's exact random streams
-            restore_rank_state(rank_state["rng"])
-            self._window_loss = torch.tensor(rank_state["window_loss"], device=self.device)
+        if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
+            restore_rank_state(loaded.rank_state["rng"])
+            self._window_loss = torch.tensor(loaded.rank_state["window_loss"], device=self.device)
             self._window_steps = int(state["window_steps"])
         else:  # new world size: no per-rank stream to continue; derive a fresh one from the step
             _seed_all(self.cfg.seed * 1000 + 1 + self.rank + 7919 * self.step)
@@ -130,7 +150,7 @@ class Trainer:
         """Everything shared by all ranks that a checkpoint holds."""
         scaler = self.accelerator.scaler
         return {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "model": self._module.state_dict(),
             "optimizer": self.optimizer.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -148,17 +168,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- train
 
-    def fit(self) -> str:
-        """Train to max_steps or until a stop is agreed. Returns "finished", "stopped" or "already_done".
-        Must be called on all ranks."""
+    def fit(self) -> FitResult:
+        """Train to max_steps or until a stop is agreed. Must be called on all ranks."""
         if self.step >= self.cfg.trainer.max_steps:
-            if dist.is_main():
-                print(
-                    f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
-                )
-            return "already_done"
-        self._start_run_dir()
-        self.signal.install()
+            self.files.say(
+                f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
+            )
+            return FitResult("already_done", self.step)
+        own_handlers = not self.signal.installed
+        if own_handlers:
+            self.signal.install()
+        self._start_segment()
         train_iter = iter(self._train_loader())
         try:
             self._call("before_train")
@@ -166,16 +186,18 @@ class Trainer:
                 self._call("before_step")
                 self.train_step(train_iter)
                 self._call("after_step")
-            self.stop_agreement.drain()
+            self.agreement.drain()
             self._call("after_train")
             self.ckpt.wait()
         finally:
-            self.signal.uninstall()
+            if own_handlers:
+                self.signal.uninstall()
             self.writer.close()
-        outcome = "stopped" if self.stopping else "finished"
-        signal = self.stop_signals[0] if self.stop_signals else None
-        self.events.emit("finish" if outcome == "finished" else "stopped", step=self.step, signal=signal)
-        return outcome
+        if self.stop_request is None:
+            self.events.emit("finish", step=self.step)
+            return FitResult("finished", self.step)
+        self.events.emit("stopped", step=self.step, signal=self.stop_request.signal)
+        return FitResult("stopped", self.step, self.stop_request)
 
     def train_step(self, batches: Any) -> None:
         """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only)."""
@@ -192,7 +214,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self._window_steps += 1
-        self.cursor = advance(self.cursor, self.cfg.data.batch_size, len(self.datasets["train"]))
+        self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
         self.ckpt.check()
 
     def _optimizer_step(self) -> None:
@@ -215,51 +237,40 @@ class Trainer:
         elapsed = max(1e-9, time.perf_counter() - self._window_start)
         self.last_train_metrics = {
             "train/loss": loss_total / self.world,
-            "train/lr": self.scheduler.get_last_lr()[0] if self.step else self.cfg.optim.lr,
+            "train/lr": float(self.scheduler.get_last_lr()[0]) if self.step else self.cfg.optim.lr,
             "train/samples_per_sec": steps * self.cfg.data.batch_size / elapsed,
-            "train/epoch": self.cursor.epoch + self.cursor.offset / len(self.datasets["train"]),
+            "train/epoch": self.cursor.epoch + self.cursor.offset / self.train_size,
         }
         self.writer.log(self.step, self.last_train_metrics)
         self._window_loss.zero_()
         self._window_steps, self._window_start = 0, time.perf_counter()
 
-    def request_stop(self) -> None:
-        """Called on all ranks once the stop is agreed: save synchronously, then leave the loop."""
-        self.stopping = True
-        # The signal may have reached only some ranks (torchrun forwards to one worker, a user kills
-        # one pid): record what every rank received, not just rank 0's view.
-        gathered = dist.gather_to_main(list(self.signal.all_received))
-        union = sorted({name for names in gathered or [] for name in names})
-        self.stop_signals = dist.broadcast_from_main(union)
-        signal = self.stop_signals[0] if self.stop_signals else None
-        self.events.emit("signal", step=self.step, signal=signal, signals=self.stop_signals)
-        self.save_checkpoint(sync=True, reason="stop")
+    def poll_stop(self) -> bool:
+        """Step boundary: read the agreement; once a stop is agreed, save synchronously and leave the
+        loop after this step. Must be called on all ranks, at every step boundary."""
+        if self.stop_request is None and (request := self.agreement.poll()) is not None:
+            self.stop_request = request
+            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals))
+            self.save_checkpoint(reason="stop")
+        return self.stopping
 
     # -------------------------------------------------------------------------------- checkpoints
 
     def maybe_checkpoint(self, final: bool = False) -> None:
         """Let the manager decide whether this step saves. Must be called on all ranks."""
-        if final and self._last_saved_step == self.step:
-            return
-        t0 = time.perf_counter()
-        if self.ckpt.maybe_save(self.step, self.app_state, self.rank_state, final=final):
-            self._saved(t0, reason="final" if final else "periodic")
+        self._saved(self.ckpt.maybe_save(self.step, self.app_state, self.rank_state, final=final))
 
-    def save_checkpoint(self, sync: bool = True, reason: str = "manual") -> None:
-        """Save now (hooks may call this on demand). Must be called on all ranks."""
-        if self._last_saved_step == self.step:
+    def save_checkpoint(self, reason: str = "manual") -> None:
+        """Save now, synchronously (hooks may call this on demand); a step already saved is not saved
+        again. Must be called on all ranks."""
+        if self.ckpt.last_step == self.step:
             self.ckpt.wait()
             return
-        t0 = time.perf_counter()
-        self.ckpt.save(self.step, self.app_state(), self.rank_state(), sync=sync)
-        self._saved(t0, reason)
+        self._saved(self.ckpt.save(self.step, self.app_state(), self.rank_state(), sync=True, reason=reason))
 
-    def _saved(self, t0: float, reason: str) -> None:
-        self._last_saved_step = self.step
-        fields = {"step": self.step, "seconds": round(time.perf_counter() - t0, 4), "reason": reason}
-        if self.ckpt.committed and self.ckpt.committed[0] == self.step:  # written (not still in flight)
-            fields["bytes"] = self.ckpt.committed[1]
-        self.events.emit("checkpoint", **fields)
+    def _saved(self, result: SaveResult | None) -> None:
+        if result is not None:
+            self.events.emit("checkpoint", **result.fields())
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -278,15 +289,19 @@ class Trainer:
         dataset = self.datasets.get(split)
         if dataset is None:
             return None
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._module
+        # Buffers (BatchNorm statistics) drift apart between ranks in training: DDP hands rank 0's to
+        # the others only at the next forward. Evaluate what a checkpoint holds (rank 0's) everywhere.
+        dist.broadcast_tensors_from_main(list(model.buffers()))
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        batches = ShardedEvalBatches(len(dataset), self.cfg.data.eval_batch_size, self.rank, self.world)
+        size = dataset_size(dataset, split)
+        batches = ShardedEvalBatches(size, self.cfg.data.eval_batch_size, self.rank, self.world)
         try:
             with torch.no_grad(), self.accelerator.autocast():
                 for batch in make_loader(dataset, batches, self.cfg.data.num_workers, self._pin()):
-                    if stoppable and self.stop_agreement.poll():
+                    if stoppable and self.agreement.poll() is not None:
                         return None
                     if batch is not None:
                         for key, value in self.pipeline.eval_step(model, self._to_device(batch)).items():
@@ -304,10 +319,7 @@ class Trainer:
         split = "test" if "test" in self.datasets else "eval"
         metrics = self.evaluate(split) or {}
         metrics = {k.replace(f"{split}/", "test/", 1): v for k, v in metrics.items()}
-        if dist.is_main():
-            fs.makedirs(self.run_dir)
-            record = {"step": self.step, "split": split, **metrics}
-            fs.atomic_write(fs.join(self.run_dir, "test_metrics.json"), json.dumps(record, indent=2) + "\n")
+        self.files.write_test_metrics({"step": self.step, "split": split, **metrics})
         return metrics
 
     def close(self) -> None:
@@ -318,56 +330,47 @@ class Trainer:
         ("terminate called without an active exception") after a run that otherwise succeeded.
         """
         self.accelerator.free_memory()
-        self.model = self.optimizer = self.scheduler = None
+        del self.model, self.optimizer, self.scheduler
         gc.collect()
 
     # ---------------------------------------------------------------------------------- helpers
 
-    def _start_run_dir(self) -> None:
-        changed: list[str] = []
-        if dist.is_main():
-            fs.makedirs(self.run_dir)
-            if self.resumed_from is not None:
-                changed = self._config_changes()
-            fs.atomic_write(fs.join(self.run_dir, "config.yaml"), dump_yaml(self.cfg))
+    def _start_segment(self) -> None:
+        """Create the run dir, write config.yaml, open the writers and record the start (and resume)."""
+        self.files.create()
+        changed = self.files.write_config(self.cfg)
+        if self.resumed is None:
+            changed = []  # a config.yaml without a checkpoint is from a run that never committed one
         dist.barrier()  # nobody writes into run_dir before it exists
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
         if changed:
-            print(
-                f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}",
-                flush=True,
-            )
+            self.files.say(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}")
             self.events.emit("config_changed", step=self.step, changes=changed)
-        if self.resumed_from is not None:
+        if self.resumed is not None:
+            self._note_threads(self.resumed.manifest.get("num_threads"))
             # interrupted_at: the last step logged before the interruption, so `disttrain status` and the
             # curves can say exactly how many steps a kill -9 cost.
-            interrupted_at = getattr(self.writer, "logged_through", None)
             self.events.emit(
                 "resume",
-                step=self.resumed_from,
+                step=self.step,
                 cause=_resume_cause(self.cluster),
-                interrupted_at=interrupted_at,
+                interrupted_at=self.writer.logged_through,
             )
-            if dist.is_main():
-                print(f"resumed from step {self.resumed_from}", flush=True)
+            self.files.say(f"resumed from step {self.step}")
 
-    def _config_changes(self) -> list[str]:
-        """`key: old -> new` for every key that differs from the previous segment's config.yaml."""
-        path = fs.join(self.run_dir, "config.yaml")
-        if not fs.exists(path):
-            return []
-        old = _flatten(yaml.safe_load(fs.read_text(path)) or {})
-        new = _flatten(to_dict(self.cfg))
-        return [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
-        ]
+    def _note_threads(self, saved: Any) -> None:
+        now = torch.get_num_threads()
+        if isinstance(saved, int) and saved != now:
+            self.files.say(
+                f"note: this segment computes with {now} intra-op thread(s), the checkpoint's with {saved}: "
+                f"CPU float results are no longer bit-identical to an uninterrupted run "
+                f"(trainer.threads={saved} would keep them)"
+            )
 
     def _train_loader(self) -> Any:
         sampler = ResumableBatchSampler(
-            len(self.datasets["train"]),
+            self.train_size,
             self.cfg.data.batch_size,
             rank=self.rank,
             world_size=self.world,
@@ -405,14 +408,35 @@ def _make_accelerator(cfg: Config) -> Accelerator:
     )
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and key != "args":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _check_compatible(cfg: Config, loaded: Loaded) -> None:
+    """Refuse a checkpoint whose run differs in a key that makes its state meaningless here."""
+    saved = dict(loaded.manifest.get("fingerprint") or {})
+    now = resume_fingerprint(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume from {loaded.path}: {detail} changed since the checkpoint; restore the old "
+            "values, start a new run_dir, or use init_from=PATH to start from its weights only"
+        )
+
+
+def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, refusing (as bad input, one line) a checkpoint whose tensors do not fit the model."""
+    current = module.state_dict()
+    hint = "restore the config or code the checkpoint was made with, or start a new run_dir"
+    for name, tensor in current.items():
+        if name not in saved:
+            raise ConfigError(f"the checkpoint {source} has no tensor {name!r} that the model has; {hint}")
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"the checkpoint {source} does not fit the model: {name} is {tuple(saved[name].shape)} there "
+                f"but {tuple(tensor.shape)} now; {hint}"
+            )
+    extra = sorted(set(saved) - set(current))
+    if extra:
+        raise ConfigError(f"the checkpoint {source} has a tensor {extra[0]!r} the model lacks; {hint}")
+    module.load_state_dict(saved)
 
 
 def _seed_all(seed: int) -> None:

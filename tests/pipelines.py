@@ -52,3 +52,28 @@ class ProbeDigits(DigitsPipeline):
             open(os.path.join(self.marker_dir, f"eval_{os.getpid()}"), "a").close()
         time.sleep(self.eval_delay)
         return super().eval_step(model, (x, y))
+
+
+class BatchNormDigits(DigitsPipeline):
+    """Digits through a CNN with BatchNorm (buffers that drift apart between ranks in training), whose
+    test split is the eval split: `--test` of a checkpoint must reproduce the eval the run logged."""
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+        )
+
+    def datasets(self):
+        splits = super().datasets()
+        return {"train": splits["train"], "eval": splits["eval"], "test": splits["eval"]}
+
+
+class EnvWidthDigits(DigitsPipeline):
+    """Digits whose CNN width comes from $TEST_MODEL_WIDTH: model code that changed under the same config."""
+
+    def build_model(self):
+        from disttrain.pipelines.digits import DigitsCNN
+
+        return DigitsCNN(int(os.environ.get("TEST_MODEL_WIDTH", "32")), self.dropout)

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from disttrain import fs
+from disttrain.rundir import RunDir
 
 
 def main(argv: Sequence[str]) -> int:
@@ -17,11 +18,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", help="where to write the PNG, path or URL (default: RUN_DIR/curves.png)")
     parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
     args = parser.parse_args(list(argv))
-    if not fs.exists(fs.join(args.run_dir, "metrics.jsonl")):
+    if not fs.exists(RunDir(args.run_dir).metrics):
         print(
             f"disttrain plot: error: {args.run_dir} has no metrics.jsonl; give the run_dir of a run",
             file=sys.stderr,
         )
+        return 2
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("disttrain plot: error: matplotlib is not installed: pip install 'disttrain[plot]'", file=sys.stderr)
         return 2
     from disttrain.writers import write_curves  # lazy: torch and matplotlib only once input is valid
 

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -21,9 +20,9 @@ from typing import Any
 import yaml
 
 from disttrain import fs
+from disttrain.rundir import MANIFEST, RunDir, read_jsonl, step_name
 
 STALE_AFTER_S = 900.0  # no event or metric for this long: a "running" run may have died (kill -9, node loss)
-_STEP_DIR = re.compile(r"step_(\d+)$")
 
 
 class StatusError(Exception):
@@ -37,14 +36,15 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
     """Everything `status` reports, as plain data (what --json prints)."""
     now = time.time() if now is None else now
     events, config = _events(run_dir), _config(run_dir)
-    metrics = _read_jsonl(fs.join(run_dir, "metrics.jsonl"))
+    layout = RunDir(run_dir)
+    metrics = read_jsonl(layout.metrics)
     segments = _segments(events)
     current = segments[-1]
     max_steps = _get(config, "trainer", "max_steps") or next(
         (e["max_steps"] for e in current if e.get("max_steps")), None
     )
     step = max(_int(e.get("step")) for e in current + metrics[-1:])
-    activity = max(events[-1]["time"], _mtime(fs.join(run_dir, "metrics.jsonl")) or 0.0)
+    activity = max(events[-1]["time"], _mtime(layout.metrics) or 0.0)
     rate = _rate(current[0], step, activity, metrics, config)
     state, detail = _state(current, now - activity, stale_after, rate, config)
     interruptions = [
@@ -91,7 +91,7 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
     if not fs.exists(run_dir):
         raise StatusError(f"{run_dir} does not exist; give the run_dir of a run")
     events = [
-        e for e in _read_jsonl(fs.join(run_dir, "events.jsonl")) if isinstance(e.get("time"), (int, float))
+        e for e in read_jsonl(RunDir(run_dir).events) if isinstance(e.get("time"), (int, float))
     ]
     if not events:
         raise StatusError(f"{run_dir} has no events.jsonl records: not a run dir, or its run never started")
@@ -99,7 +99,7 @@ def _events(run_dir: str) -> list[dict[str, Any]]:
 
 
 def _config(run_dir: str) -> dict[str, Any]:
-    path = fs.join(run_dir, "config.yaml")
+    path = RunDir(run_dir).config
     if not fs.exists(path):
         return {}
     try:
@@ -107,20 +107,6 @@ def _config(run_dir: str) -> dict[str, Any]:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    if not fs.exists(path):
-        return []
-    rows = []
-    for line in fs.read_text(path).splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line (kill -9) or a line being written right now
-        if isinstance(record, dict):
-            rows.append(record)
-    return rows
 
 
 def _mtime(path: str) -> float | None:
@@ -217,29 +203,18 @@ def _interruption(segment: list[dict[str, Any]], previous: list[dict[str, Any]])
 
 
 def _checkpoints(run_dir: str) -> list[dict[str, Any]]:
-    """Committed checkpoints (those with a manifest.json, DESIGN §4), oldest first."""
-    root = fs.join(run_dir, "checkpoints")
+    """Committed checkpoints (rundir's definition: a step dir holding its manifest), oldest first."""
+    layout = RunDir(run_dir)
     out = []
-    for name in fs.listdir(root):
-        match = _STEP_DIR.match(name)
-        manifest_path = fs.join(root, name, "manifest.json")
-        if not match or not fs.exists(manifest_path):
-            continue
+    for step in reversed(layout.committed_steps()):
         try:
-            manifest = json.loads(fs.read_text(manifest_path))
+            manifest = json.loads(fs.read_text(fs.join(layout.step_dir(step), MANIFEST)))
         except (ValueError, OSError):
             continue  # being written by an object store that shows partial objects: not committed yet
         files = manifest.get("files") or {}
         size = sum(_int(f.get("bytes", f.get("size"))) for f in files.values() if isinstance(f, dict))
-        out.append(
-            {
-                "step": _int(manifest.get("step", match.group(1))),
-                "name": name,
-                "time": manifest.get("time"),
-                "bytes": size,
-            }
-        )
-    return sorted(out, key=lambda c: c["step"])
+        out.append({"step": step, "name": step_name(step), "time": manifest.get("time"), "bytes": size})
+    return out
 
 
 def _last_with(metrics: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
@@ -319,7 +294,7 @@ def _when(stamp: Any) -> str:
     return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -68,6 +68,7 @@ def make_executor(o: SubmitOptions, folder: str, job_name: str) -> Any:
     """A configured submitit executor. Creates `folder`."""
     import submitit
 
+    executor: Any
     if o.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(**local_parameters(o))

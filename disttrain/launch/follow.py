@@ -83,9 +83,9 @@ class EventTail:
     LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused")
 
     def __init__(self, run_dir: str):
-        from disttrain import fs
+        from disttrain.rundir import RunDir
 
-        self.path = fs.join(run_dir, "events.jsonl")
+        self.path = RunDir(run_dir).events
         self.seen = 0
         self.records: list[dict[str, Any]] = []
 

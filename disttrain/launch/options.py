@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import NoReturn
 
 import yaml
 
@@ -80,7 +81,7 @@ PROFILE_KEYS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         raise ConfigError(f"{message} (see --help)")
 
 
@@ -181,6 +182,24 @@ def read_profile(path: str) -> dict:
 
 def validate(o: SubmitOptions) -> None:
     """Range and format checks of the SLURM side; the config is checked separately (load_config)."""
+    _check_counts(o)
+    seconds = parse_time(o.time)
+    if o.signal_delay >= seconds:
+        raise ConfigError(
+            f"--signal-delay {o.signal_delay}s is not shorter than --time {o.time} ({seconds}s); "
+            "the warning must come before the limit"
+        )
+    if o.mem is not None and not _MEM.match(str(o.mem)):
+        raise ConfigError(f"--mem {o.mem!r}: write a SLURM size such as 64G, 4000M or 0")
+    _check_cluster(o)
+    for item in o.overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override {item!r} has no '=': write it as key=value, e.g. trainer.max_steps=200"
+            )
+
+
+def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
                       ("signal_delay", 0), ("max_requeues", 0)):  # fmt: skip
         value = getattr(o, name)
@@ -191,25 +210,15 @@ def validate(o: SubmitOptions) -> None:
             f"--tasks-per-node {o.tasks_per_node} with --gpus-per-node {o.gpus_per_node}: disttrain runs one "
             "task per GPU; drop --tasks-per-node"
         )
-    seconds = parse_time(o.time)
-    if o.signal_delay >= seconds:
-        raise ConfigError(
-            f"--signal-delay {o.signal_delay}s is not shorter than --time {o.time} ({seconds}s); "
-            "the warning must come before the limit"
-        )
-    if o.mem is not None and not _MEM.match(str(o.mem)):
-        raise ConfigError(f"--mem {o.mem!r}: write a SLURM size such as 64G, 4000M or 0")
+
+
+def _check_cluster(o: SubmitOptions) -> None:
     if o.cluster not in CLUSTERS:
         raise ConfigError(f"--cluster {o.cluster!r}: choose slurm or local")
     if o.cluster == "local" and o.nodes != 1:
         raise ConfigError(f"--cluster local runs on this machine: --nodes must be 1, not {o.nodes}")
     if o.cluster == "local" and o.container_image:
         raise ConfigError("--container-image needs --cluster slurm (pyxis passes it to srun)")
-    for item in o.overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(
-                f"override {item!r} has no '=': write it as key=value, e.g. trainer.max_steps=200"
-            )
 
 
 def parse_time(text: str) -> int:
@@ -217,7 +226,8 @@ def parse_time(text: str) -> int:
     match = _TIME.match(str(text).strip())
     if not match:
         raise ConfigError(f"--time {text!r}: write minutes (90), HH:MM:SS (24:00:00) or D-HH:MM (2-00:00)")
-    d, a, b, c = (int(g) if g else None for g in match.group("d", "a", "b", "c"))
+    a = int(match.group("a"))
+    d, b, c = (int(g) if g else None for g in match.group("d", "b", "c"))
     if d is None:  # M, M:S, H:M:S
         seconds = a * 60 + (b or 0) if c is None else a * 3600 + (b or 0) * 60 + c
     else:  # D-H, D-H:M, D-H:M:S

@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from disttrain.config import REDACTED, Config, ConfigError, check_batch_divides, load_config
+from disttrain.config import REDACTED, Config, ConfigError, load_config
 from disttrain.launch.options import SubmitOptions, parse
+from disttrain.rundir import SLURM
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -50,7 +51,7 @@ def prepare(argv: list[str]) -> Plan:
     if "://" not in cfg.run_dir:
         cfg.run_dir = os.path.abspath(cfg.run_dir)  # the job may start in another directory
     check_config(cfg, opts.world_size)
-    folder = opts.log_dir or (os.path.join(cfg.run_dir, "slurm") if "://" not in cfg.run_dir else None)
+    folder = opts.log_dir or (os.path.join(cfg.run_dir, SLURM) if "://" not in cfg.run_dir else None)
     if folder is None:
         raise ConfigError(f"run_dir {cfg.run_dir} is remote: give --log-dir on a filesystem the nodes share")
     if opts.cluster == "slurm" and not opts.dry_run and not shutil.which("sbatch"):
@@ -60,16 +61,14 @@ def prepare(argv: list[str]) -> Plan:
 
 
 def check_config(cfg: Config, world_size: int) -> None:
-    """What the trainer would refuse at startup, refused now rather than after hours in a queue."""
-    from disttrain.launch.job import check_run_dir, redacted_keys
+    """What the job would refuse at startup (the same preflight), refused now rather than after hours
+    in a queue, or inside SLURM where nobody reads it."""
+    from disttrain.launch.job import redacted_keys
+    from disttrain.run import preflight
 
-    check_batch_divides(cfg, world_size)
-    check_run_dir(cfg)
     if redacted_keys(cfg):  # e.g. --config RUN_DIR/config.yaml, whose secrets are masked
         raise ConfigError(f"{redacted_keys(cfg)[0]} is {REDACTED!r}: give the real value as an override")
-    from disttrain.pipelines import load_pipeline  # imports torch: only once the cheap checks passed
-
-    load_pipeline(cfg.pipeline)  # a bad pipeline.target or pipeline.args
+    preflight(cfg, world_size)
 
 
 def print_dry_run(plan: Plan) -> None:

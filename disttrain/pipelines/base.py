@@ -53,13 +53,6 @@ class Pipeline:
         loss and accuracy. Sums make distributed metrics exact: no sample is counted twice."""
         raise NotImplementedError
 
-    def num_samples(self, batch: Batch) -> int:
-        """Samples in a batch, for throughput. The default reads the first tensor's leading dimension."""
-        first = batch
-        while isinstance(first, (tuple, list, dict)):
-            first = next(iter(first.values())) if isinstance(first, dict) else first[0]
-        return int(first.shape[0]) if isinstance(first, torch.Tensor) else 0
-
 
 def load_pipeline(cfg: PipelineConfig) -> Pipeline:
     """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError."""
@@ -82,7 +75,7 @@ def load_pipeline(cfg: PipelineConfig) -> Pipeline:
 
 
 def _check_args(cls: type, args: dict[str, Any]) -> None:
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # the constructor's, without self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     accepted = [name for name in params if name != "self"]

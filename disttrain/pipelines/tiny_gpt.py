@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,9 @@ class TinyGPTPipeline(Pipeline):
             from disttrain.config import ConfigError
 
             raise ConfigError(f"pipeline.args.d_model: {d_model} must be a multiple of n_head={n_head}")
-        self.dims = dict(n_layer=n_layer, n_head=n_head, d_model=d_model, block_size=block_size, dropout=dropout)
+        self.dims: dict[str, Any] = dict(
+            n_layer=n_layer, n_head=n_head, d_model=d_model, block_size=block_size, dropout=dropout
+        )
         self.stride = stride or block_size
         self.corpus = corpus or DEFAULT_CORPUS
         self._text: str | None = None

@@ -7,14 +7,14 @@ step logged before an interruption and replayed after the resume is never shown 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 from typing import Any
 
 from disttrain import dist, fs
-from disttrain.config import Config, ConfigError
+from disttrain.config import Config
+from disttrain.rundir import RunDir
 from disttrain.writers.base import (
     ConsoleWriter,
     JsonlWriter,
@@ -25,36 +25,25 @@ from disttrain.writers.base import (
     truncate_after,
 )
 from disttrain.writers.curves import CurvesWriter, resume_spans, write_curves
+from disttrain.writers.files import NullRunFiles, RunFiles, build_run_files
 from disttrain.writers.redact import redact_argv, redact_text, secret_values
 from disttrain.writers.staging import Staging
 from disttrain.writers.tensorboard import TensorBoardWriter
 from disttrain.writers.wandb_writer import STEP_KEY, WandbWriter, _logged_floors, wandb_history, wandb_run_id
 
-_EXTRAS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
-
 __all__ = [
-    "STEP_KEY", "ConsoleWriter", "CurvesWriter", "EventLog", "JsonlWriter", "MultiWriter", "NullWriter", "Staging",
-    "TensorBoardWriter", "WandbWriter", "Writer", "_logged_floors", "build_writer", "check_writers", "read_jsonl",
+    "STEP_KEY", "ConsoleWriter", "CurvesWriter", "EventLog", "JsonlWriter", "MultiWriter", "NullRunFiles",
+    "NullWriter", "RunFiles", "Staging", "build_run_files",
+    "TensorBoardWriter", "WandbWriter", "Writer", "_logged_floors", "build_writer", "read_jsonl",
     "redact_argv", "redact_text", "resume_spans", "secret_values", "truncate_after", "wandb_history",
     "wandb_run_id", "write_curves",
 ]  # fmt: skip
-
-
-def check_writers(cfg: Config) -> None:
-    """Refuse a config whose writers are not installed (cheap: no import). Raises ConfigError."""
-    for key, (module, extra) in _EXTRAS.items():
-        if getattr(cfg.log, key) and importlib.util.find_spec(module) is None:
-            raise ConfigError(
-                f"log.{key}=true but {module} is not installed: pip install 'disttrain[{extra}]', "
-                f"or set log.{key}=false"
-            )
 
 
 def build_writer(cfg: Config, run_dir: str, *, resumed_step: int, use_tqdm: bool) -> Writer:
     """The writers the config asks for on rank 0; NullWriter on every other rank."""
     if not dist.is_main():
         return NullWriter()
-    check_writers(cfg)
     writers: list[Writer] = []
     if cfg.log.jsonl:
         writers.append(JsonlWriter(run_dir, resumed_step))
@@ -76,7 +65,7 @@ class EventLog:
     Free text (an error message) can carry a credential; known secret values are masked first."""
 
     def __init__(self, run_dir: str, job_id: str = "", restart_count: int = 0, cfg: Config | None = None):
-        self.path = fs.join(run_dir, "events.jsonl")
+        self.path = RunDir(run_dir).events
         self.job_id = job_id
         self.restart_count = restart_count
         self.enabled = dist.is_main()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
 from typing import Any
 
-from disttrain import fs
+from disttrain import fs, rundir
+from disttrain.rundir import read_jsonl
+
+__all__ = ["ConsoleWriter", "JsonlWriter", "MultiWriter", "NullWriter", "Writer", "read_jsonl", "truncate_after"]
 
 
 class Writer:
@@ -53,7 +55,7 @@ class JsonlWriter(Writer):
     """
 
     def __init__(self, run_dir: str, resumed_step: int):
-        self.path = fs.join(run_dir, "metrics.jsonl")
+        self.path = rundir.RunDir(run_dir).metrics
         if fs.exists(self.path):
             self.logged_through = truncate_after(self.path, resumed_step)
 
@@ -119,15 +121,3 @@ def _fmt(value: float) -> str:
 def _finite(metrics: dict[str, float]) -> dict[str, Any]:
     # JSON has no NaN/Infinity; write null so every line stays parseable by strict readers.
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """The records of a JSONL file; [] when missing. A torn last line (kill -9) is skipped."""
-    if not fs.exists(path):
-        return []
-    rows = []
-    for line in fs.read_text(path).splitlines():
-        with contextlib.suppress(ValueError):
-            if isinstance(record := json.loads(line), dict):
-                rows.append(record)
-    return rows

@@ -6,7 +6,7 @@ import io
 import sys
 from typing import Any
 
-from disttrain import fs
+from disttrain import fs, rundir
 from disttrain.writers.base import Writer, read_jsonl
 
 
@@ -27,16 +27,16 @@ def write_curves(run_dir: str, out: str | None = None, metrics: list[str] | None
     """Draw metrics.jsonl, one panel per metric, with a dashed line at every resume and a shaded band
     over the steps redone after an interruption. Writes a PNG (default RUN_DIR/curves.png); returns
     its path. Raises ValueError when there is nothing (or no such metric) to draw."""
-    rows = read_jsonl(fs.join(run_dir, "metrics.jsonl"))
+    rows = read_jsonl(fs.join(run_dir, rundir.METRICS))
     if not rows:
         raise ValueError(f"{fs.join(run_dir, 'metrics.jsonl')} holds no metrics yet")
     present = list(dict.fromkeys(k for row in rows for k, v in row.items() if k != "step" and v is not None))
     missing = [k for k in metrics or [] if k not in present]
     if missing:
         raise ValueError(f"no metric {', '.join(missing)} in metrics.jsonl; it has {', '.join(present)}")
-    events = read_jsonl(fs.join(run_dir, "events.jsonl"))
+    events = read_jsonl(fs.join(run_dir, rundir.EVENTS))
     png = _draw(metrics or present, rows, resume_spans(events), fs.basename(run_dir))
-    out = out or fs.join(run_dir, "curves.png")
+    out = out or fs.join(run_dir, rundir.CURVES)
     fs.atomic_write(out, png)
     return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from disttrain import fs
+from disttrain import fs, rundir
 from disttrain.writers.base import Writer
 from disttrain.writers.staging import Staging
 
@@ -15,7 +15,7 @@ class TensorBoardWriter(Writer):
     def __init__(self, run_dir: str, resumed_step: int):
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls tensorboard and protobuf
 
-        self.stage = Staging(fs.join(run_dir, "tb"))
+        self.stage = Staging(fs.join(run_dir, rundir.TENSORBOARD))
         self.tb = SummaryWriter(self.stage.local, purge_step=resumed_step + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

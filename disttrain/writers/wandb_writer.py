@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from disttrain import fs
+from disttrain import fs, rundir
 from disttrain.config import Config, to_dict
 from disttrain.writers.base import Writer, read_jsonl
 from disttrain.writers.redact import argv_redacted, redact_text, secret_values
@@ -39,7 +39,7 @@ class WandbWriter(Writer):
         import wandb  # lazy: heavy, and only rank 0 of a run with log.wandb needs it
 
         self._errors: tuple[type[BaseException], ...] = (wandb.errors.Error, OSError)
-        self.stage = Staging(fs.join(run_dir, "wandb"))
+        self.stage = Staging(fs.join(run_dir, rundir.WANDB))
         self.run_id = wandb_run_id(run_dir)
         self.floors, self.default_floor = _logged_floors(self.stage.target, self.run_id, fallback_floor)
         try:
@@ -58,7 +58,7 @@ class WandbWriter(Writer):
     def _backfill(self, run_dir: str, resumed_step: int) -> int:
         """Re-send what metrics.jsonl holds up to resumed_step above the floors; returns how many steps."""
         steps = set()
-        for row in read_jsonl(fs.join(run_dir, "metrics.jsonl")):
+        for row in read_jsonl(fs.join(run_dir, rundir.METRICS)):
             step = row.pop("step", None)
             if isinstance(step, int) and step <= resumed_step and self._fresh(step, row):
                 self.log(step, {k: v for k, v in row.items() if v is not None})
@@ -120,7 +120,7 @@ def _init_wandb(wandb: Any, cfg: Config, run_dir: str, run_id: str, parent: str)
 
 def wandb_run_id(run_dir: str) -> str:
     """The wandb run id of `run_dir`: created by the first segment (rank 0, atomic write), then reused."""
-    path = fs.join(run_dir, "wandb_id.txt")
+    path = fs.join(run_dir, rundir.WANDB_ID)
     if fs.exists(path) and (run_id := fs.read_text(path).strip()):
         return run_id
     run_id = uuid.uuid4().hex[:12]
@@ -167,7 +167,7 @@ def wandb_history(data: bytes) -> list[tuple[int, dict[str, Any]]]:
         raise ValueError("not a version-0 .wandb log")
     rows = []
     for payload in _wandb_records(data):
-        record = pb.Record()
+        record = pb.Record()  # type: ignore[attr-defined]  # generated protobuf: no stub names it
         record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             items = record.history.item
@@ -177,7 +177,7 @@ def wandb_history(data: bytes) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _wandb_records(data: bytes) -> Iterator[bytes]:
-    pos, parts = len(_WANDB_HEADER), []
+    pos, parts = len(_WANDB_HEADER), list[bytes]()
     while pos + 7 <= len(data):
         if _BLOCK - pos % _BLOCK < 7:  # too little room left in the block for a header: padding
             pos += _BLOCK - pos % _BLOCK

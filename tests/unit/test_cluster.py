@@ -1,5 +1,7 @@
 """Rank discovery from torchrun, SLURM and plain environments."""
 
+import pytest
+
 from disttrain.cluster import detect, expand_hostlist, port_for_job
 
 
@@ -30,10 +32,25 @@ def test_torchrun_inside_slurm_uses_torchrun_ranks():
     assert (env.launcher, env.rank, env.job_id) == ("torchrun", 1, "9")
 
 
-def test_hostlist_expansion():
-    assert expand_hostlist("node1") == ["node1"]
-    assert expand_hostlist("node[1-3]") == ["node1", "node2", "node3"]
-    assert expand_hostlist("gpu[01-02,07],login1") == ["gpu01", "gpu02", "gpu07", "login1"]
+HOSTLISTS = {
+    "node1": ["node1"],
+    "node[1-3]": ["node1", "node2", "node3"],
+    "node[01-03,07]": ["node01", "node02", "node03", "node07"],
+    "a[1-2]b[3-4]": ["a1b3", "a1b4", "a2b3", "a2b4"],
+    "gpu-[1-2]-[7-8]": ["gpu-1-7", "gpu-1-8", "gpu-2-7", "gpu-2-8"],
+    "node[01-02],a[1-2]b[3-4],login1": ["node01", "node02", "a1b3", "a1b4", "a2b3", "a2b4", "login1"],
+}
+
+
+@pytest.mark.parametrize("text", sorted(HOSTLISTS))
+def test_hostlist_expansion(text):
+    assert expand_hostlist(text) == HOSTLISTS[text]
+
+
+def test_hostlist_with_a_letter_range_is_refused_as_slurm_refuses_it():
+    # `scontrol show hostnames 'gpu-[1-4]-[a-b]'` says "Invalid range: `a-b'": SLURM ranges are numeric.
+    with pytest.raises(ValueError):
+        expand_hostlist("gpu-[1-4]-[a-b]")
 
 
 def test_port_is_deterministic_and_outside_ephemeral_range():

@@ -38,7 +38,7 @@ def test_hook_points_fire_in_order(tmp_path):
                              "log.console=false", "log.plot=false"])  # fmt: skip
     rec = Recorder()
     trainer = Trainer(cfg, detect({}), hooks=[rec])
-    assert trainer.fit() == "finished"
+    assert trainer.fit().outcome == "finished"
     names = [c for c in rec.calls if c[0] != "before_step"]
     # User hooks run after the stock ones, so the stock eval hook's after_eval comes first at step 2.
     assert names == [

@@ -1,0 +1,250 @@
+"""One run's lifecycle, the same on every launcher (one process, torchrun, a submitit task):
+preflight, build the trainer, fit or test, the outcome, the requeue decision, the exit code.
+
+`main.py` and the submitit job (`launch/job.py`) both call `start()`; everything that can be refused
+is refused in `preflight()`, before anything is created on disk. The trainer (torch, accelerate) is
+imported only once the input is valid.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from disttrain import fs
+from disttrain.cluster import ClusterEnv
+from disttrain.config import Config, ConfigError, check_batch_divides
+from disttrain.preemption import StopSignal
+from disttrain.rundir import RunDir, step_name
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+# Writers that need an optional package: config key -> (module, pip extra).
+_WRITER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
+
+
+class Outcome(str, enum.Enum):
+    FINISHED = "finished"
+    ALREADY_DONE = "already_done"  # max_steps was reached by an earlier segment
+    TESTED = "tested"
+    STOPPED = "stopped"  # a stop signal, a checkpoint committed, no requeue (torchrun restarts it)
+    REQUEUED = "requeued"  # stopped, and SLURM has the job again
+    FAILED = "failed"
+    BAD_INPUT = "bad_input"
+    INTERRUPTED = "interrupted"  # Ctrl-C twice: out at once, without a save
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended on this rank; the entry point maps it to an exit code or a job result."""
+
+    outcome: Outcome
+    step: int | None = None
+    signal: str | None = None
+    message: str = ""
+
+    def exit_code(self) -> int:
+        """0 done (or nothing left to do, or requeued: SLURM has the job again), 1 failure, 2 bad input,
+        143 / 130 stopped by SIGTERM-USR2 / SIGINT after a synchronous checkpoint, so that
+        `torchrun --max-restarts` brings the job back and it resumes."""
+        if self.outcome in (Outcome.STOPPED, Outcome.INTERRUPTED):
+            return 130 if self.signal == "SIGINT" else 143  # 128 + the signal a killed process reports
+        if self.outcome is Outcome.FAILED:
+            return EXIT_FAILURE
+        return EXIT_BAD_INPUT if self.outcome is Outcome.BAD_INPUT else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------ preflight
+
+
+def preflight(cfg: Config, world_size: int, *, restart_count: int = 0, test: bool = False) -> None:
+    """Refuse whatever can be refused before anything is created or submitted. Raises ConfigError."""
+    check_batch_divides(cfg, world_size)
+    if restart_count > 0:
+        continue_after_restart(cfg)
+    check_run_dir(cfg, test=test)
+    check_writers(cfg)
+    from disttrain.pipelines import load_pipeline  # imports torch: only once the cheap checks passed
+
+    load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
+
+
+def continue_after_restart(cfg: Config) -> None:
+    """A restarted attempt (a SLURM requeue, a torchrun restart) continues from the run's own newest
+    committed checkpoint, whatever `resume` said for the first attempt: `never` meant "nothing there
+    before this run", and a path is where the run started from, not where it got to. Before its first
+    commit (a save killed half way leaves only a `.tmp-` dir) it starts again as the first attempt did."""
+    if cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps():
+        cfg.resume = "auto"
+
+
+def check_run_dir(cfg: Config, test: bool = False) -> None:
+    """Refuse a run dir, resume or init_from that cannot work. Raises ConfigError."""
+    layout = RunDir(cfg.run_dir)
+    if fs.exists(layout.path) and not fs.isdir(layout.path):
+        raise ConfigError(f"run_dir: {layout.path!r} is a file, not a directory; choose another run_dir=PATH")
+    committed = layout.committed_steps()
+    if cfg.resume == "never" and committed and not test:
+        raise ConfigError(
+            f"resume=never but {layout.path} already holds checkpoints ({step_name(committed[0])}); use a new "
+            "run_dir, resume=auto to continue, or delete the old checkpoints"
+        )
+    for key in ("resume", "init_from"):
+        path = getattr(cfg, key)
+        if path not in ("auto", "never", "") and not fs.exists(path):
+            raise ConfigError(f"{key}: checkpoint {path!r} does not exist; give a checkpoints/step_N directory")
+    if test and cfg.resume == "auto" and not committed:
+        raise ConfigError(
+            f"--test: {layout.path} holds no committed checkpoint to evaluate; train first, point "
+            "resume=PATH at a checkpoint, or add resume=never to evaluate the untrained initialisation"
+        )
+
+
+def check_writers(cfg: Config) -> None:
+    """Refuse a config whose writers are not installed (cheap: nothing is imported). Raises ConfigError."""
+    for key, (module, extra) in _WRITER_PACKAGES.items():
+        if getattr(cfg.log, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"log.{key}=true but {module} is not installed: pip install 'disttrain[{extra}]', "
+                f"or set log.{key}=false"
+            )
+
+
+def apply_threads(cfg: Config, env: ClusterEnv) -> None:
+    """Make the intra-op thread count an explicit part of the run (CPU float results depend on it):
+    trainer.threads, else $OMP_NUM_THREADS, else SLURM's cpus-per-task (1 when SLURM was not told).
+    Exported too, so DataLoader workers and accelerate see the same. Left to torch on a laptop."""
+    import torch
+
+    n = cfg.trainer.threads or _int(os.environ.get("OMP_NUM_THREADS"))
+    if not n and env.launcher == "slurm":
+        n = _int(os.environ.get("SLURM_CPUS_PER_TASK")) or 1
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        torch.set_num_threads(n)
+
+
+def _int(text: str | None) -> int:
+    return int(text) if text and text.strip().isdigit() else 0
+
+
+# ---------------------------------------------------------------------------------------- run
+
+
+def start(
+    cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
+) -> RunResult:
+    """Preflight, then train (or test) on this rank. Must be called on all ranks."""
+    try:
+        preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
+    except ConfigError as err:
+        return _bad_input(env, err)
+    _setup_logging(env.rank)
+    if env.launcher == "torchrun":
+        _fresh_store_after_torchrun_restart(os.environ)
+    if env.launcher in ("slurm", "local"):
+        os.environ.update(env.torch_env())  # hand SLURM's (or submitit's) layout to torch.distributed
+    return execute(cfg, env, stop, test=test, max_requeues=max_requeues)
+
+
+def execute(
+    cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
+) -> RunResult:
+    """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
+    Reports problems on stderr; never raises for a training failure."""
+    from disttrain import dist
+    from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
+
+    apply_threads(cfg, env)
+    trainer, clean = None, False
+    try:
+        trainer = Trainer(cfg, env, stop=stop)
+        if test:
+            metrics = trainer.test()
+            trainer.files.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
+            result = RunResult(Outcome.TESTED, trainer.step)
+        else:
+            result = _after_fit(trainer, trainer.fit(), env, max_requeues)
+        clean = True
+        return result
+    except ConfigError as err:
+        return _bad_input(env, err)
+    except KeyboardInterrupt:
+        print(f"disttrain: rank {env.rank}: interrupted", file=sys.stderr)
+        return RunResult(Outcome.INTERRUPTED, signal="SIGINT")
+    except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
+        return _failed(trainer, cfg, env, err)
+    finally:
+        if trainer is not None:
+            trainer.close()  # before the process group goes: see Trainer.close
+        dist.destroy(clean=clean)
+
+
+def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:
+    """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
+    if fit.stop is None:
+        return RunResult(Outcome(fit.outcome), fit.step)
+    if env.launcher != "slurm":
+        return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
+    from disttrain import preemption
+
+    decision = preemption.after_stop(fit.stop, env, max_requeues)
+    fields = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
+    if trainer.signal.first_at is not None:
+        fields["signal_time"] = round(trainer.signal.first_at, 3)
+    if decision.requeued:
+        trainer.events.emit("requeue", budget_left=decision.budget_left, **fields)
+        note = f"requeued job {env.job_id} at step {fit.step}: {decision.reason}"
+    else:
+        trainer.events.emit("requeue_refused", **fields)
+        note = f"not requeued: {decision.reason}; submit the same command again to resume"
+    trainer.files.warn(f"disttrain: {note}")
+    outcome = Outcome.REQUEUED if decision.requeued else Outcome.STOPPED
+    return RunResult(outcome, fit.step, decision.signal, decision.reason)
+
+
+def _bad_input(env: ClusterEnv, err: ConfigError) -> RunResult:
+    if env.rank == 0:
+        print(f"disttrain: error: {err}", file=sys.stderr)
+    return RunResult(Outcome.BAD_INPUT, message=str(err))
+
+
+def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunResult:
+    from disttrain import dist
+
+    traceback.print_exc()
+    message = f"{type(err).__name__}: {err}"
+    if dist.is_collective_failure(err):
+        message = (
+            f"a collective failed ({message.splitlines()[0]}): another rank died or hangs "
+            f"(trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}); see the other ranks' logs"
+        )
+    step = trainer.step if trainer is not None else None
+    if trainer is not None:
+        trainer.events.emit("error", step=step, error=message)
+    print(f"disttrain: rank {env.rank}: training failed: {message}", file=sys.stderr)
+    return RunResult(Outcome.FAILED, step, message=message)
+
+
+def _fresh_store_after_torchrun_restart(environ: Any) -> None:
+    """torchrun's static rendezvous hands every restart the same TCPStore, still holding the previous
+    attempt's process-group keys (`default_pg/...`): a restarted rank can read a dead peer's address and
+    hang or fail in gloo/NCCL setup (seen with torch 2.13 and `--max-restarts`). From the first restart on,
+    rank 0 hosts a fresh store instead, on a port every rank derives from the agent's port and the count."""
+    restart = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+        port = int(environ.get("MASTER_PORT") or 29500)
+        environ["MASTER_PORT"] = str(15000 + (port + 7919 * restart) % 15000)  # below the ephemeral range
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )

@@ -85,6 +85,15 @@ def continue_after_restart(cfg: Config) -> None:
 
 def check_run_dir(cfg: Config, test: bool = False) -> None:
     """Refuse a run dir, resume or init_from that cannot work. Raises ConfigError."""
+    try:
+        _check_run_dir(cfg, test)
+    except (RuntimeError, ValueError) as err:  # no filesystem for the URL's protocol, a malformed URL
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"run_dir: cannot open {cfg.run_dir!r}: {err}") from None
+
+
+def _check_run_dir(cfg: Config, test: bool) -> None:
     layout = RunDir(cfg.run_dir)
     if fs.exists(layout.path) and not fs.isdir(layout.path):
         raise ConfigError(f"run_dir: {layout.path!r} is a file, not a directory; choose another run_dir=PATH")

@@ -30,6 +30,7 @@ def assert_refused(proc, *needles: str) -> str:
         (["pipeline.args.widht=8"], ["pipeline.args.widht", "did you mean pipeline.args.width?"]),
         (["data.batch_size=63", "trainer.grad_accum=2"], ["data.batch_size: 63", "use a multiple of 2"]),
         (["resume=/no/such/ckpt"], ["resume", "does not exist"]),
+        (["run_dir=nosuchproto://bucket/run"], ["cannot open", "nosuchproto"]),
     ],
 )
 def test_bad_input_exits_2_and_creates_nothing(tmp_path, args, needles):

@@ -86,7 +86,9 @@ def render(report: dict[str, Any]) -> str:
 def _best(best: dict[str, Any] | None) -> str:
     if not best:
         return "-"
-    return f"{best['metric'].split('/', 1)[-1]} {best['value']:.4g} @ step {best['step']}"
+    value = best["value"]
+    shown = f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 else f"{value:.3e}"
+    return f"{best['metric'].split('/', 1)[-1]} {shown} @ step {best['step']}"
 
 
 def show(sweep_dir: str, as_json: bool, metric: str | None, stale_after: float) -> int:

@@ -171,6 +171,7 @@ def write_manifest(sweep_dir: str, tasks: list[Task], job_ids: Sequence[str], **
         old[task.name] = {**asdict(task), "overrides": list(task.overrides), "job_id": str(job_id),
                           "run_dir": task_run_dir(sweep_dir, task)}  # fmt: skip
     record = {"sweep_dir": sweep_dir, "time": round(time.time(), 3), **info, "tasks": list(old.values())}
+    fs.makedirs(sweep_dir)  # with --log-dir elsewhere, nothing has created it yet
     fs.atomic_write(manifest_path(sweep_dir), json.dumps(record, indent=1) + "\n")
 
 

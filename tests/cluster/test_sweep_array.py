@@ -99,6 +99,14 @@ def test_dry_run_shows_every_task_and_an_array_script_sbatch_accepts(slurm, tmp_
     assert not sweep_dir.exists()
 
 
+def test_an_array_sbatch_refuses_exits_2_and_leaves_nothing(slurm, tmp_path):
+    proc = run_submit(slurm, "--sweep", "seed=1,2", "--partition", "nosuch", "--time", "5",
+                      f"run_dir={tmp_path / 'sweep'}", *PROBE)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Invalid partition name specified" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [] and slurm.run(["squeue", "-h"]).stdout.strip() == ""
+
+
 def test_array_of_four_two_at_a_time_one_task_preempted_all_finish(slurm, tmp_path):
     sweep_dir = tmp_path / "sweep"
     submitted = time.time()

@@ -213,6 +213,14 @@ def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     return {"model": model, **state}, ranks
 
 
+def parse_weights(path: str, data: bytes) -> State:
+    """The tensors of a model.safetensors whose bytes were verified; CheckpointError if unparsable."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as err:  # the safetensors parser's own error types
+        raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
+
+
 def _torch_load(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

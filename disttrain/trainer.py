@@ -28,6 +28,7 @@ from disttrain.data import (
     DataCursor,
     ResumableBatchSampler,
     ShardedEvalBatches,
+    StreamBatches,
     advance,
     check_train_split,
     dataset_size,
@@ -37,6 +38,7 @@ from disttrain.hooks import Hook, default_hooks
 from disttrain.optim import build_optimizer, build_scheduler
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
+from disttrain.stream import as_stream
 from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
 
 
@@ -67,8 +69,10 @@ class Trainer:
         self.datasets = self.pipeline.datasets()
         if "train" not in self.datasets:
             raise ConfigError(f"{cfg.pipeline.target}.datasets() returned no 'train' split; add one")
-        self.train_size = dataset_size(self.datasets["train"], "train")
-        check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
+        self.stream = _train_stream(cfg, self.datasets, self.rank, self.world)  # None: map-style
+        self.train_size = 0 if self.stream else dataset_size(self.datasets["train"], "train")
+        if self.stream is None:
+            check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = self.pipeline.build_model()
         optimizer = build_optimizer(cfg.optim, model, on_cuda=self.device.type == "cuda")
@@ -139,6 +143,8 @@ class Trainer:
         for hook in self.hooks:
             if type(hook).__name__ in app.get("hooks", {}):
                 hook.load_state_dict(app["hooks"][type(hook).__name__])
+        if self.stream is not None:  # a stream's position is per rank: only the same world size resumes it
+            self.stream.restore(loaded.rank_state, int(loaded.manifest["world_size"]))
         if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
             restore_rank_state(loaded.rank_state["rng"])
             self._window_loss = torch.tensor(loaded.rank_state["window_loss"], device=self.device)
@@ -164,7 +170,8 @@ class Trainer:
         }
 
     def rank_state(self) -> dict[str, Any]:
-        return {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
+        state = {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
+        return state if self.stream is None else {**state, "stream": self.stream.position}
 
     # ------------------------------------------------------------------------------------- train
 
@@ -214,7 +221,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self._window_steps += 1
-        self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
+        if self.stream is None:  # a stream's position moves as its batches are taken
+            self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
         self.ckpt.check()
 
     def _optimizer_step(self) -> None:
@@ -239,7 +247,7 @@ class Trainer:
             "train/loss": loss_total / self.world,
             "train/lr": float(self.scheduler.get_last_lr()[0]) if self.step else self.cfg.optim.lr,
             "train/samples_per_sec": steps * self.cfg.data.batch_size / elapsed,
-            "train/epoch": self.cursor.epoch + self.cursor.offset / self.train_size,
+            "train/epoch": self._epoch(),
         }
         self.writer.log(self.step, self.last_train_metrics)
         self._window_loss.zero_()
@@ -368,7 +376,15 @@ class Trainer:
                 f"(trainer.threads={saved} would keep them)"
             )
 
+    def _epoch(self) -> float:
+        if self.stream is not None:
+            return float(self.stream.epoch)  # passes over this rank's part (rank 0's is logged)
+        return self.cursor.epoch + self.cursor.offset / self.train_size
+
     def _train_loader(self) -> Any:
+        seed = self.cfg.seed * 1000 + self.rank + 7919 * self.step  # worker seeds differ per rank and segment
+        if self.stream is not None:
+            return self.stream.batches(seed)
         sampler = ResumableBatchSampler(
             self.train_size,
             self.cfg.data.batch_size,
@@ -379,7 +395,6 @@ class Trainer:
             shuffle=self.cfg.data.shuffle,
             start=self.cursor,
         )
-        seed = self.cfg.seed * 1000 + self.rank + 7919 * self.step  # worker seeds differ per rank and segment
         return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin(), seed)
 
     def _pin(self) -> bool:
@@ -406,6 +421,19 @@ def _make_accelerator(cfg: Config) -> Accelerator:
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+
+
+def _train_stream(cfg: Config, splits: dict[str, Any], rank: int, world: int) -> StreamBatches | None:
+    """This rank's reader of a streamed train split, None for a map-style one. Eval and test splits are
+    read whole at every eval, so they must be map-style. Raises ConfigError."""
+    for split in ("eval", "test"):
+        if split in splits:
+            dataset_size(splits[split], split)
+    stream = as_stream(splits["train"], "train")
+    if stream is None:
+        return None
+    micro = cfg.data.batch_size // (world * cfg.trainer.grad_accum)
+    return StreamBatches(stream, rank=rank, world_size=world, micro=micro, num_workers=cfg.data.num_workers)
 
 
 def _check_compatible(cfg: Config, loaded: Loaded) -> None:

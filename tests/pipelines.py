@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from disttrain.pipelines import Pipeline
 from disttrain.pipelines.digits import DigitsPipeline
+from disttrain.pipelines.hf import CausalLM
 
 
 class Indexed(Dataset):
@@ -128,3 +129,32 @@ class ProbeStream(Pipeline):
             "accuracy": (logits.argmax(1) == y).sum(),
             "count": torch.tensor(len(y)),
         }
+
+
+class SlowCausalLM(CausalLM):
+    """The built-in HF pipeline with a per-step delay, so that a signal lands where a test wants it."""
+
+    def __init__(self, step_delay: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.step_delay = step_delay
+
+    def loss(self, model, batch):
+        time.sleep(self.step_delay)
+        return super().loss(model, batch)
+
+
+class PlainIterable(DigitsPipeline):
+    """Digits whose train split is a torch IterableDataset that cannot say where it is."""
+
+    def datasets(self):
+        from torch.utils.data import IterableDataset
+
+        class Samples(IterableDataset):
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __iter__(self):
+                return (self.inner[i] for i in range(len(self.inner)))
+
+        splits = super().datasets()
+        return {**splits, "train": Samples(splits["train"])}

@@ -4,6 +4,8 @@ refuses a checkpoint whose tied tensors differ."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -72,3 +74,30 @@ def test_an_export_refuses_tied_tensors_that_differ(tmp_path):
     with pytest.raises(ValueError, match="lm_head.weight and transformer.wte.weight are tied in the model but differ"):
         CausalLM.export_pretrained({"model": TINY}, weights, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_token_records_become_fixed_blocks_from_each_data_source(tmp_path):
+    """JSON lines (streamed), a save_to_disk folder (map-style) and a HF streaming data set give the same
+    samples: truncated to block_size, or padded with the padding masked and labelled -100."""
+    from datasets import Dataset
+
+    records = [{"input_ids": list(range(1, 1 + n))} for n in (3, 40, 8)]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    Dataset.from_list(records).save_to_disk(str(tmp_path / "disk"))
+    sources = {
+        "jsonl": pipeline(model=TINY, block_size=32, train=str(jsonl)),
+        "disk": pipeline(model=TINY, block_size=32, train=str(tmp_path / "disk")),
+        "hf": pipeline(model=TINY, block_size=32, train_hf={"path": "json", "data_files": str(jsonl)}),
+    }
+    samples = {}
+    for name, p in sources.items():
+        train = p.datasets()["train"]
+        samples[name] = [train[i] for i in range(3)] if name == "disk" else [s for s in train]
+    first, long = samples["jsonl"][0], samples["jsonl"][1]
+    assert first["input_ids"][:4].tolist() == [1, 2, 3, 0] and first["attention_mask"].sum() == 3
+    assert first["labels"][2:4].tolist() == [3, -100]
+    assert long["input_ids"].tolist() == list(range(1, 33)) and bool(long["attention_mask"].all())
+    for name in ("disk", "hf"):
+        for a, b in zip(samples[name], samples["jsonl"]):
+            assert all(torch.equal(a[k], b[k]) for k in a), name

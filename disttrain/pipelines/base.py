@@ -40,7 +40,8 @@ class Pipeline:
         raise NotImplementedError
 
     def datasets(self) -> dict[str, Dataset]:
-        """Map-style datasets by split: "train" (required), "eval" and "test" (optional)."""
+        """Datasets by split: "train" (required), "eval" and "test" (optional, map-style). "train" may be
+        a stream (disttrain.stream.Stream, or a HuggingFace datasets.IterableDataset) instead."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -77,17 +77,19 @@ class JsonlStream(Stream):
     def _read_file(self, path: str, base: int, begin: int, end: int, aligned: bool) -> Iterator[tuple[Any, Position]]:
         """Records of one file that start in [begin, end): offsets local to the file, `base` its start."""
         with fs.open_file(path, "rb") as fh:
+            here = begin
             if not aligned and begin > 0:
                 fh.seek(begin - 1)
-                fh.readline()  # the record that began before `begin` belongs to the previous part
+                here += len(fh.readline()) - 1  # the record that began before `begin` is the previous part's
             else:
                 fh.seek(begin)
-            while (here := fh.tell()) < end:
+            while here < end:  # offsets counted, not asked: a buffered tell() costs a syscall per line
                 line = fh.readline()
                 if not line:
                     return
+                start, here = here, here + len(line)
                 if line.strip():
-                    yield self._sample(line, path, here), {"offset": base + fh.tell(), "bytes": self.total}
+                    yield self._sample(line, path, start), {"offset": base + here, "bytes": self.total}
 
     def _sample(self, line: bytes, path: str, offset: int) -> Any:
         try:

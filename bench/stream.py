@@ -33,7 +33,9 @@ def run(quick: bool) -> Section:
     records, reps = (100_000, 3) if quick else (400_000, 5)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as root:
         path = _write(os.path.join(root, "train.jsonl"), records)
-        sec.notes.append(f"{records:,} records of ~{os.path.getsize(path) // records} bytes ({os.path.getsize(path) >> 20} MiB)")
+        sec.notes.append(
+            f"{records:,} records of ~{os.path.getsize(path) // records} bytes ({os.path.getsize(path) >> 20} MiB)"
+        )
         late, early = _alternate(reps, lambda: _resume_seek(path, 0.95), lambda: _resume_seek(path, 0.05))
         sec.rows.append(ratio_row("resume at 95% vs at 5% of the file: first batch", late, early, "ms", "<= 1.5",
                                   lambda r: r <= 1.5, scale=1e3, note="O(1): the cost does not grow with the position"))  # fmt: skip
@@ -80,7 +82,9 @@ def _position_at(path: str, frac: float) -> tuple[int, dict[str, Any]]:
 
 def _resume_seek(path: str, frac: float) -> float:
     _, position = _position_at(path, frac)
-    reader = StreamBatches(JsonlStream(path, transform=_sample), rank=0, world_size=1, micro=MICRO, num_workers=0)
+    reader = StreamBatches(
+        JsonlStream(path, transform=_sample), rank=0, world_size=1, micro=MICRO, num_workers=0
+    )
     t0 = time.perf_counter()
     reader.restore({"stream": position}, 1)
     next(reader.batches(seed=0))
@@ -98,7 +102,9 @@ def _resume_skip(path: str, frac: float) -> float:
 
 
 def _read_batches(path: str, n: int) -> float:
-    reader = StreamBatches(JsonlStream(path, transform=_sample), rank=0, world_size=1, micro=MICRO, num_workers=0)
+    reader = StreamBatches(
+        JsonlStream(path, transform=_sample), rank=0, world_size=1, micro=MICRO, num_workers=0
+    )
     t0 = time.perf_counter()
     for _ in islice(reader.batches(seed=0), n // MICRO):
         pass

@@ -102,8 +102,8 @@ def dataset_size(dataset: Dataset, split: str) -> int:
     """The number of samples of a map-style split. Raises ConfigError for a split without a length."""
     if not isinstance(dataset, Sized):
         raise ConfigError(
-            f"the {split} split ({type(dataset).__name__}) has no len(): it is read whole at every eval, so it "
-            "must be a map-style dataset (__len__ and __getitem__); only the train split may be a stream"
+            f"the {split} split ({type(dataset).__name__}) has no len(): it is read whole at every eval, so "
+            "it must be a map-style dataset (__len__ and __getitem__); only the train split may be a stream"
         )
     return len(dataset)
 
@@ -228,12 +228,14 @@ class StreamBatches:
         """Continue from the position a checkpoint saved for this rank. Raises ConfigError."""
         if rank_state is None:
             raise ConfigError(
-                f"cannot resume at world size {self.world}: the train split is a stream split into one part per "
-                f"rank, and the checkpoint holds the positions of {saved_world} parts; resume with {saved_world} "
-                "ranks, or start a new run_dir with init_from=PATH to keep only the weights"
+                f"cannot resume at world size {self.world}: the train split is a stream split into one part "
+                f"per rank, and the checkpoint holds the positions of {saved_world} parts; resume with "
+                f"{saved_world} ranks, or start a new run_dir with init_from=PATH to keep only the weights"
             )
         if "stream" not in rank_state:
-            raise ConfigError("the checkpoint holds no stream position (its train split was map-style); start a new run_dir")
+            raise ConfigError(
+                "the checkpoint holds no stream position (its train split was map-style); start a new run_dir"
+            )
         position = rank_state["stream"]
         self.stream.check_position(self.rank, self.world, position["at"])
         self.position = position
@@ -264,7 +266,8 @@ class StreamBatches:
                     samples = []
             if empty and at is None:
                 raise ConfigError(
-                    f"part {self.rank} of {self.world} of the train stream is empty: give it more data or use fewer ranks"
+                    f"part {self.rank} of {self.world} of the train stream is empty: give it more data or use "
+                    "fewer ranks"
                 )
             epoch, at = epoch + 1, None
 

@@ -36,7 +36,9 @@ class Stream(IterableDataset):
     must be disjoint and together cover it. A part is read again from its start for the next epoch.
     """
 
-    def read(self, part: int, parts: int, epoch: int, start: Position | None) -> Iterator[tuple[Any, Position]]:
+    def read(
+        self, part: int, parts: int, epoch: int, start: Position | None
+    ) -> Iterator[tuple[Any, Position]]:
         """Yield (sample, position after it) from `start` (None: the part's beginning) to the part's end."""
         raise NotImplementedError
 
@@ -65,7 +67,9 @@ class JsonlStream(Stream):
     def bounds(self, part: int, parts: int) -> tuple[int, int]:
         return part * self.total // parts, (part + 1) * self.total // parts
 
-    def read(self, part: int, parts: int, epoch: int, start: Position | None) -> Iterator[tuple[Any, Position]]:
+    def read(
+        self, part: int, parts: int, epoch: int, start: Position | None
+    ) -> Iterator[tuple[Any, Position]]:
         lo, hi = self.bounds(part, parts)
         at, aligned = (lo, False) if start is None else (int(start["offset"]), True)
         base = 0
@@ -74,7 +78,9 @@ class JsonlStream(Stream):
                 yield from self._read_file(path, base, max(at, base) - base, hi - base, aligned or at <= base)
             base += size
 
-    def _read_file(self, path: str, base: int, begin: int, end: int, aligned: bool) -> Iterator[tuple[Any, Position]]:
+    def _read_file(
+        self, path: str, base: int, begin: int, end: int, aligned: bool
+    ) -> Iterator[tuple[Any, Position]]:
         """Records of one file that start in [begin, end): offsets local to the file, `base` its start."""
         with fs.open_file(path, "rb") as fh:
             here = begin
@@ -111,10 +117,16 @@ class JsonlStream(Stream):
 
 def _jsonl_files(paths: str | list[str]) -> list[str]:
     if isinstance(paths, str):
-        paths = [fs.join(paths, n) for n in sorted(fs.listdir(paths)) if n.endswith(".jsonl")] if fs.isdir(paths) else [paths]
+        paths = (
+            [fs.join(paths, n) for n in sorted(fs.listdir(paths)) if n.endswith(".jsonl")]
+            if fs.isdir(paths)
+            else [paths]
+        )
     missing = [p for p in paths if not fs.isfile(p)]
     if missing or not paths:
-        raise ConfigError(f"JSON-lines data: {missing[0] if missing else 'no *.jsonl file'} not found; give a file or a folder of *.jsonl files")
+        raise ConfigError(
+            f"JSON-lines data: {missing[0] if missing else 'no *.jsonl file'} not found; give a file or a folder of *.jsonl files"
+        )
     return list(paths)
 
 
@@ -131,7 +143,9 @@ class HFStream(Stream):
         self.dataset = dataset
         self.transform = transform
 
-    def read(self, part: int, parts: int, epoch: int, start: Position | None) -> Iterator[tuple[Any, Position]]:
+    def read(
+        self, part: int, parts: int, epoch: int, start: Position | None
+    ) -> Iterator[tuple[Any, Position]]:
         from datasets.distributed import split_dataset_by_node
 
         shard = split_dataset_by_node(self.dataset, rank=part, world_size=parts)

@@ -69,9 +69,9 @@ class Trainer:
         self.datasets = self.pipeline.datasets()
         if "train" not in self.datasets:
             raise ConfigError(f"{cfg.pipeline.target}.datasets() returned no 'train' split; add one")
-        self.stream = _train_stream(cfg, self.datasets, self.rank, self.world)  # None: map-style
-        self.train_size = 0 if self.stream else dataset_size(self.datasets["train"], "train")
-        if self.stream is None:
+        self.stream, self.train_size = _train_stream(cfg, self.datasets, self.rank, self.world), 0
+        if self.stream is None:  # a map-style train split
+            self.train_size = dataset_size(self.datasets["train"], "train")
             check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = self.pipeline.build_model()

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the model weights alone as one safetensors file")
     export.add_argument("run_dir")
     export.add_argument("--step", type=int, help="which step (default: the newest that verifies)")
-    export.add_argument("--out", required=True, help="output path, e.g. model.safetensors (with --hf: a folder)")
+    export.add_argument(
+        "--out", required=True, help="output path, e.g. model.safetensors (with --hf: a folder)"
+    )
     export.add_argument(
         "--hf", action="store_true", help="write a folder transformers' from_pretrained loads (HF pipelines)"
     )
@@ -122,7 +124,9 @@ def _export_hf(manager: CheckpointManager, args: argparse.Namespace) -> int:
     try:
         export = getattr(pipeline_class(target), "export_pretrained", None)
         if export is None:
-            raise BadInput(f"the run's pipeline {target} has no HuggingFace export; drop --hf to export safetensors")
+            raise BadInput(
+                f"the run's pipeline {target} has no HuggingFace export; drop --hf to export safetensors"
+            )
         step, weights = manager.read_weights(args.step)
         export(pipe_args, weights, args.out)
     except ConfigError as err:

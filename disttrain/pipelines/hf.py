@@ -69,7 +69,9 @@ class CausalLM(Pipeline):
         if not (self.train or self.train_hf):
             return _corpus_splits(self.block_size)
         sample = Fixed(self.block_size)
-        train: Dataset = _split(self.train, sample, stream=True) if self.train else _hf_stream(self.train_hf, sample)
+        train: Dataset = (
+            _split(self.train, sample, stream=True) if self.train else _hf_stream(self.train_hf, sample)
+        )
         return {"train": train, **({"eval": _split(self.eval, sample, stream=False)} if self.eval else {})}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -79,7 +81,9 @@ class CausalLM(Pipeline):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         valid = labels != IGNORE
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         return {"loss": loss, "accuracy": ((logits.argmax(-1) == labels) & valid).sum(), "count": valid.sum()}
 
     @classmethod
@@ -109,7 +113,9 @@ def hf_config(model: dict[str, Any] | None, pretrained: str) -> Any:
             "init) and pretrained=DIR (a local save_pretrained folder)"
         )
     transformers = _transformers()
-    config = _pretrained_config(transformers, pretrained) if pretrained else _new_config(transformers, model or {})
+    config = (
+        _pretrained_config(transformers, pretrained) if pretrained else _new_config(transformers, model or {})
+    )
     if getattr(config, "loss_type", None) is None:
         config.loss_type = "ForCausalLM"  # what transformers picks anyway, without a warning on every rank
     return config
@@ -117,7 +123,9 @@ def hf_config(model: dict[str, Any] | None, pretrained: str) -> Any:
 
 def _pretrained_config(transformers: Any, pretrained: str) -> Any:
     if not os.path.isfile(os.path.join(pretrained, "config.json")):
-        raise ConfigError(f"pipeline.args.pretrained: {pretrained!r} has no config.json; give a save_pretrained folder")
+        raise ConfigError(
+            f"pipeline.args.pretrained: {pretrained!r} has no config.json; give a save_pretrained folder"
+        )
     return transformers.AutoConfig.from_pretrained(pretrained, local_files_only=True)
 
 
@@ -128,7 +136,9 @@ def _new_config(transformers: Any, model: dict[str, Any]) -> Any:
     if kind not in known:
         close = difflib.get_close_matches(kind, known, n=1)
         hint = f"did you mean {close[0]}?" if close else "e.g. gpt2, llama, qwen2"
-        raise ConfigError(f"pipeline.args.model.model_type: {kind!r} is not a transformers model type; {hint}")
+        raise ConfigError(
+            f"pipeline.args.model.model_type: {kind!r} is not a transformers model type; {hint}"
+        )
     _check_keys(transformers.CONFIG_MAPPING[kind], kind, kwargs)
     return transformers.AutoConfig.for_model(kind, **kwargs)
 
@@ -137,7 +147,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ModuleNotFoundError:
-        raise ConfigError("the HuggingFace pipelines need transformers: pip install 'disttrain[hf]'") from None
+        raise ConfigError(
+            "the HuggingFace pipelines need transformers: pip install 'disttrain[hf]'"
+        ) from None
     return transformers
 
 
@@ -153,15 +165,23 @@ def _check_keys(config_cls: Any, kind: str, kwargs: dict[str, Any]) -> None:
 
 def _check_data(config: Any, train: str, eval: str, train_hf: Any, block_size: int) -> None:
     if train and train_hf:
-        raise ConfigError("pipeline.args: give train (a local path) or train_hf (load_dataset arguments), not both")
+        raise ConfigError(
+            "pipeline.args: give train (a local path) or train_hf (load_dataset arguments), not both"
+        )
     for key, path in (("train", train), ("eval", eval)):
         if path and not os.path.exists(path):
-            raise ConfigError(f"pipeline.args.{key}: {path!r} does not exist; give a .jsonl file or folder, or a save_to_disk folder")
+            raise ConfigError(
+                f"pipeline.args.{key}: {path!r} does not exist; give a .jsonl file or folder, or a save_to_disk folder"
+            )
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and block_size > limit:
-        raise ConfigError(f"pipeline.args.block_size: {block_size} is more than the model's {limit} positions")
+        raise ConfigError(
+            f"pipeline.args.block_size: {block_size} is more than the model's {limit} positions"
+        )
     if not (train or train_hf) and getattr(config, "vocab_size", 256) < 256:
-        raise ConfigError("pipeline.args: the built-in corpus has 256 byte tokens; give the model vocab_size >= 256")
+        raise ConfigError(
+            "pipeline.args: the built-in corpus has 256 byte tokens; give the model vocab_size >= 256"
+        )
 
 
 def _check_ties(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -170,7 +190,11 @@ def _check_ties(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         groups.setdefault(id(param), []).append(name)
     for names in groups.values():
         for other in names[1:]:
-            if other in weights and names[0] in weights and not torch.equal(weights[other], weights[names[0]]):
+            if (
+                other in weights
+                and names[0] in weights
+                and not torch.equal(weights[other], weights[names[0]])
+            ):
                 raise ValueError(f"{other} and {names[0]} are tied in the model but differ in the checkpoint")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def args(data: dict[str, Path], run_dir: Path) -> list[str]:
 
 
 def outcome(run_dir: Path) -> dict:
-    metrics = [{k: v for k, v in r.items() if k != "train/samples_per_sec"} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    metrics = [
+        {k: v for k, v in r.items() if k != "train/samples_per_sec"}
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+    ]
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
     return {"metrics": metrics, "weights": manifest["files"]["model.safetensors"]["sha256"]}
 
@@ -73,7 +77,9 @@ def test_a_stopped_hf_run_resumes_bitwise_identical(data, reference, tmp_path):
     try:
         deadline = time.monotonic() + 180
         while not logged_step(5)(run_dir):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read()[-3000:] if proc.stdout else ""
+            )
             time.sleep(0.02)
         psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -89,7 +95,7 @@ def test_a_stopped_hf_run_resumes_bitwise_identical(data, reference, tmp_path):
 @pytest.fixture(scope="module")
 def exported(reference, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "gpt2"
-    proc = subprocess.run(["python", "-m", "disttrain", "ckpt", "export", str(reference), "--hf", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "disttrain", "ckpt", "export", str(reference), "--hf", "--out", str(out)],
                           env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0 and f"exported step {STEPS}" in proc.stdout, proc.stderr[-3000:]
     return out
@@ -100,7 +106,9 @@ def test_the_export_loads_with_from_pretrained_tied_and_equal_to_the_checkpoint(
 
     model = AutoModelForCausalLM.from_pretrained(str(exported), local_files_only=True)
     assert model.lm_head.weight is model.transformer.wte.weight
-    saved = safetensors.torch.load_file(str(reference / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+    saved = safetensors.torch.load_file(
+        str(reference / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    )
     for name, tensor in model.state_dict().items():
         if name in saved:
             assert torch.equal(tensor, saved[name]), name

@@ -59,7 +59,10 @@ def run(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.Co
 
 
 def outcome(run_dir: Path, records: Path) -> dict:
-    metrics = [{k: v for k, v in r.items() if k != "train/samples_per_sec"} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    metrics = [
+        {k: v for k, v in r.items() if k != "train/samples_per_sec"}
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+    ]
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
     ids = Counter(int(i) for f in records.iterdir() for i in f.read_text().split())
     return {"metrics": metrics, "weights": manifest["files"]["model.safetensors"]["sha256"], "ids": ids}
@@ -86,7 +89,9 @@ def stopped(data, tmp_path_factory) -> Path:
     try:
         deadline = time.monotonic() + 180
         while not logged_step(5)(root / "run"):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.stdout else ""
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read()[-3000:] if proc.stdout else ""
+            )
             time.sleep(0.02)
         psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -110,7 +115,9 @@ def test_a_resume_at_another_world_size_is_refused_and_changes_nothing(stopped, 
     same = [f"pipeline.args.path={data}", f"pipeline.args.record_dir={stopped / 'ids'}", "data.num_workers=1"]
     proc = run_main(f"run_dir={run_dir}", *same, *BASE)
     assert_refused(proc, "cannot resume at world size 1", "resume with 2 ranks")
-    assert sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()) == before
+    assert (
+        sorted((p.relative_to(run_dir), p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()) == before
+    )
 
 
 def test_a_stopped_stream_resumes_bitwise_identical_and_trains_on_each_record_once(stopped, reference, data):

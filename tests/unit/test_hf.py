@@ -29,10 +29,19 @@ def pipeline(**args):
     [
         ({}, "give exactly one of model="),
         ({"model": TINY, "pretrained": "/x"}, "give exactly one of model="),
-        ({"model": {**TINY, "model_type": "gtp2"}}, "'gtp2' is not a transformers model type; did you mean gpt2?"),
-        ({"model": {**TINY, "n_lyer": 2}}, "pipeline.args.model.n_lyer: gpt2 configs have no key 'n_lyer'; did you mean n_layer?"),
+        (
+            {"model": {**TINY, "model_type": "gtp2"}},
+            "'gtp2' is not a transformers model type; did you mean gpt2?",
+        ),
+        (
+            {"model": {**TINY, "n_lyer": 2}},
+            "pipeline.args.model.n_lyer: gpt2 configs have no key 'n_lyer'; did you mean n_layer?",
+        ),
         ({"model": TINY, "block_size": 64}, "block_size: 64 is more than the model's 32 positions"),
-        ({"model": TINY, "train": "/nonexistent.jsonl"}, "pipeline.args.train: '/nonexistent.jsonl' does not exist"),
+        (
+            {"model": TINY, "train": "/nonexistent.jsonl"},
+            "pipeline.args.train: '/nonexistent.jsonl' does not exist",
+        ),
         ({"pretrained": "/nonexistent"}, "'/nonexistent' has no config.json"),
         ({"model": {**TINY, "vocab_size": 100}, "block_size": 32}, "give the model vocab_size >= 256"),
     ],
@@ -69,9 +78,13 @@ def test_tied_weights_stay_tied_through_a_checkpoint(tmp_path):
 
 def test_an_export_refuses_tied_tensors_that_differ(tmp_path):
     torch.manual_seed(0)
-    weights = {k: v.clone() for k, v in pipeline(model=TINY, block_size=32).build_model().state_dict().items()}
+    weights = {
+        k: v.clone() for k, v in pipeline(model=TINY, block_size=32).build_model().state_dict().items()
+    }
     weights["lm_head.weight"] += 1
-    with pytest.raises(ValueError, match="lm_head.weight and transformer.wte.weight are tied in the model but differ"):
+    with pytest.raises(
+        ValueError, match="lm_head.weight and transformer.wte.weight are tied in the model but differ"
+    ):
         CausalLM.export_pretrained({"model": TINY}, weights, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

@@ -80,7 +80,9 @@ def test_resuming_seeks_past_what_was_read(tmp_path):
     pairs = list(stream.read(0, 1, 0, None))
     position = pairs[29][1]
     data = path.read_bytes()
-    path.write_bytes(b"\xff" * position["offset"] + data[position["offset"] :])  # same size, consumed part ruined
+    path.write_bytes(
+        b"\xff" * position["offset"] + data[position["offset"] :]
+    )  # same size, consumed part ruined
     assert ids_of(JsonlStream(str(path)).read(0, 1, 0, position)) == list(range(30, 50))
 
 
@@ -109,7 +111,9 @@ def test_batches_run_on_into_the_next_pass_and_resume_exactly(tmp_path):
     """7 records in a part, batches of 3: the third batch takes 1 from pass 0 and 2 from pass 1; every
     batch boundary, saved and restored, gives the same batches as reading on."""
     path = tmp_path / "e.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "pad": "x" * (i < 10)}) + "\n" for i in range(14)))  # same widths
+    path.write_text(
+        "".join(json.dumps({"id": i, "pad": "x" * (i < 10)}) + "\n" for i in range(14))
+    )  # same widths
     stream = JsonlStream(str(path))
     reader, it = batches(stream, 1, 2, 3)
     straight = [batch["id"].tolist() for batch in islice(it, 6)]
@@ -144,7 +148,9 @@ def test_an_empty_part_is_refused(tmp_path):
 def test_a_resume_at_another_world_size_is_refused(tmp_path):
     reader = StreamBatches(JsonlStream(str(write_jsonl(tmp_path / "h.jsonl", range(8)))), rank=0, world_size=1,
                            micro=2, num_workers=0)  # fmt: skip
-    with pytest.raises(ConfigError, match="cannot resume at world size 1.*positions of 2 parts; resume with 2"):
+    with pytest.raises(
+        ConfigError, match="cannot resume at world size 1.*positions of 2 parts; resume with 2"
+    ):
         reader.restore(None, saved_world=2)
 
 

@@ -114,3 +114,20 @@ def test_token_records_become_fixed_blocks_from_each_data_source(tmp_path):
     for name in ("disk", "hf"):
         for a, b in zip(samples[name], samples["jsonl"]):
             assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("config", ["digits", "none"])
+def test_an_hf_export_of_a_run_it_cannot_rebuild_exits_2_with_one_line(tmp_path, capsys, config):
+    from disttrain.checkpoint import CheckpointManager
+    from disttrain.commands.ckpt import main as ckpt_main
+    from disttrain.config import CheckpointConfig, dump_yaml, load_config
+
+    run = tmp_path / "run"
+    CheckpointManager(str(run), CheckpointConfig()).save(1, {"model": {"w": torch.zeros(2)}}, {})
+    if config == "digits":
+        (run / "config.yaml").write_text(dump_yaml(load_config()))
+    assert ckpt_main(["export", str(run), "--hf", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert ("DigitsPipeline has no HuggingFace export" if config == "digits" else "no readable config.yaml") in err
+    assert not (tmp_path / "out").exists()

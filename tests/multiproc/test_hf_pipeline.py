@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -94,10 +93,11 @@ def test_a_stopped_hf_run_resumes_bitwise_identical(data, reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(reference, tmp_path_factory) -> Path:
+    """`disttrain ckpt export RUN --hf --out DIR`, through the command's own main()."""
+    from disttrain.commands.ckpt import main as ckpt_main
+
     out = tmp_path_factory.mktemp("export") / "gpt2"
-    proc = subprocess.run([sys.executable, "-m", "disttrain", "ckpt", "export", str(reference), "--hf", "--out", str(out)],
-                          env=child_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0 and f"exported step {STEPS}" in proc.stdout, proc.stderr[-3000:]
+    assert ckpt_main(["export", str(reference), "--hf", "--out", str(out)]) == 0
     return out
 
 

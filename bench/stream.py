@@ -87,6 +87,7 @@ def _resume_seek(path: str, frac: float) -> float:
     )
     t0 = time.perf_counter()
     reader.restore({"stream": position}, 1)
+    reader.check()
     next(reader.batches(seed=0))
     return time.perf_counter() - t0
 

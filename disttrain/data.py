@@ -219,26 +219,28 @@ class StreamBatches:
         self.stream, self.rank, self.world, self.micro = stream, rank, world_size, micro
         self.workers = min(num_workers, 1)
         self.position: Position = {"epoch": 0, "at": None}
+        self._problem: str | None = None  # why restored positions cannot continue (see check)
 
     @property
     def epoch(self) -> int:
         return int(self.position["epoch"])
 
     def restore(self, rank_state: dict[str, Any] | None, saved_world: int) -> None:
-        """Continue from the position a checkpoint saved for this rank. Raises ConfigError."""
-        if rank_state is None:
-            raise ConfigError(
-                f"cannot resume at world size {self.world}: the train split is a stream split into one part "
-                f"per rank, and the checkpoint holds the positions of {saved_world} parts; resume with "
-                f"{saved_world} ranks, or start a new run_dir with init_from=PATH to keep only the weights"
-            )
-        if "stream" not in rank_state:
-            raise ConfigError(
-                "the checkpoint holds no stream position (its train split was map-style); start a new run_dir"
-            )
-        position = rank_state["stream"]
-        self.stream.check_position(self.rank, self.world, position["at"])
-        self.position = position
+        """Continue from the position a checkpoint saved for this rank. Positions that cannot continue
+        here (another world size, changed data) are refused by `check()` when training starts, not now:
+        evaluating the checkpoint (--test) needs none."""
+        try:
+            position = _saved_position(rank_state, saved_world, self.world)
+            self.stream.check_position(self.rank, self.world, position["at"])
+        except ConfigError as err:
+            self._problem = str(err)
+        else:
+            self.position, self._problem = position, None
+
+    def check(self) -> None:
+        """Raise ConfigError if the restored positions cannot continue this stream."""
+        if self._problem is not None:
+            raise ConfigError(self._problem)
 
     def batches(self, seed: int) -> Iterator[Any]:
         """Endless micro-batches of this rank's part, from `position`."""
@@ -270,6 +272,20 @@ class StreamBatches:
                     "fewer ranks"
                 )
             epoch, at = epoch + 1, None
+
+
+def _saved_position(rank_state: dict[str, Any] | None, saved_world: int, world: int) -> Position:
+    if rank_state is None:
+        raise ConfigError(
+            f"cannot resume at world size {world}: the train split is a stream split into one part per "
+            f"rank, and the checkpoint holds the positions of {saved_world} parts; resume with {saved_world} "
+            "ranks, or start a new run_dir with init_from=PATH to keep only the weights"
+        )
+    if "stream" not in rank_state:
+        raise ConfigError(
+            "the checkpoint holds no stream position (its train split was map-style); start a new run_dir"
+        )
+    return dict(rank_state["stream"])
 
 
 class _Positioned(IterableDataset):

@@ -182,6 +182,8 @@ class Trainer:
                 f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
             )
             return FitResult("already_done", self.step)
+        if self.stream is not None:
+            self.stream.check()  # positions restored for this world size, before anything is written
         own_handlers = not self.signal.installed
         if own_handlers:
             self.signal.install()

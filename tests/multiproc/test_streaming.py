@@ -128,3 +128,12 @@ def test_a_stopped_stream_resumes_bitwise_identical_and_trains_on_each_record_on
     assert got["weights"] == reference["weights"]
     assert got["ids"] == reference["ids"] and set(got["ids"].values()) == {1}
     assert sum(got["ids"].values()) == STEPS * 16
+
+
+def test_evaluating_the_stopped_run_at_another_world_size_needs_no_stream_position(stopped, data, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(stopped / "run", run_dir)
+    same = [f"pipeline.args.path={data}", f"pipeline.args.record_dir={stopped / 'ids'}", "data.num_workers=1"]
+    proc = run_main(f"run_dir={run_dir}", *same, *BASE, "--test")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test/accuracy" in json.loads((run_dir / "test_metrics.json").read_text())

@@ -4,8 +4,11 @@ the CPU, the same tiny_gpt and config otherwise.
 - Model-state memory per rank: bytes of parameters + gradients + optimizer state this rank holds after
   a step (gradients are as large as the parameters they belong to; counted from the parameters).
 - The largest tiny_gpt each strategy trains under a per-rank cap on the process's peak RSS: a ladder of
-  widths, each trained for a few steps in a fresh pair of processes; the cap sits a fixed budget above
-  the smallest model's peak (what torch and the data cost alone).
+  widths (8 layers), each trained for a few steps in a fresh pair of processes; the cap sits a fixed
+  budget above the smallest model's peak (what torch and the data cost alone). glibc keeps freed heap
+  memory and reuses it imperfectly, so RSS would track the allocator's history more than live tensors:
+  the ladder runs with a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_), which returns every large
+  buffer to the OS when freed, for both strategies alike.
 - Step time, interleaved launches (ddp, fsdp, fsdp, ddp, ...): CPU/gloo moves data differently from
   NCCL (all-gather + reduce-scatter instead of one all-reduce), so this is a report, not a goal.
 - Save time of a sync checkpoint (every rank writes its shard vs rank 0 writes the whole state) and how
@@ -23,9 +26,12 @@ from typing import Any
 
 from bench.common import Row, Section, median, ratio_row, rss_mib, run_worker, train_cfg, worker_main
 
-MODEL = ["pipeline.args.n_layer=4", "pipeline.args.n_head=4", "pipeline.args.block_size=64", "data.batch_size=16"]
-WIDTHS = (128, 256, 384, 512, 640, 768)  # d_model of the memory ladder
-CAP_ABOVE_SMALLEST_MIB = 400  # the per-rank budget for model states and activations, above the baseline
+MODEL = ["pipeline.args.n_layer=4", "pipeline.args.n_head=4", "pipeline.args.block_size=64", "data.batch_size=16",
+         "scheduler.warmup_steps=0"]
+WIDTHS = (128, 256, 384, 512, 640, 768)  # d_model of the memory ladder, 8 layers
+LADDER = ["pipeline.args.n_layer=8", "data.batch_size=8"]
+CAP_ABOVE_SMALLEST_MIB = 500  # the per-rank budget for model states and activations, above the baseline
+LIVE_RSS = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def run(quick: bool) -> Section:
@@ -70,7 +76,9 @@ def _ladder_rows(sec: Section, quick: bool) -> None:
     params: dict[int, int] = {}
     for width in widths:
         for strategy in ("ddp", "fsdp"):
-            ranks = run_worker("bench.fsdp", _spec(strategy, width, steps=3, saves=0), nproc=2)
+            spec = _spec(strategy, width, steps=3, saves=0)
+            spec["overrides"] += LADDER
+            ranks = run_worker("bench.fsdp", spec, nproc=2, env=LIVE_RSS)
             peaks[strategy][width] = max(r["peak_rss_mib"] for r in ranks)
             params[width] = ranks[0]["params"]
     cap = min(peaks["ddp"][widths[0]], peaks["fsdp"][widths[0]]) + CAP_ABOVE_SMALLEST_MIB

@@ -134,6 +134,7 @@ def fully_shard(
     model: torch.nn.Module,
     units: list[torch.nn.Module],
     *,
+    device: torch.device,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
     cpu_offload: bool,
@@ -143,8 +144,7 @@ def fully_shard(
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
     from torch.distributed.fsdp import fully_shard as shard
 
-    device_type = next(model.parameters()).device.type
-    mesh = init_device_mesh(device_type, (world_size(),))
+    mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for unit in units:

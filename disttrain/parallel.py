@@ -150,8 +150,9 @@ class FSDPStrategy(Strategy):
         self.device = dist.init_for_sharding(cuda, cfg.trainer.collective_timeout_s)
 
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
-        model.to(self.device)
-        dist.fully_shard(model, shard_units, **self._policies())
+        # No model.to(device) first: fully_shard moves one unit at a time and keeps only its shard, so a
+        # model that does not fit on one GPU whole never has to.
+        dist.fully_shard(model, shard_units, device=self.device, **self._policies())
         self.model = self.module = model
         self.optimizer = make_optimizer(model)  # over the sharded parameters (DTensors)
 

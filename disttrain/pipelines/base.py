@@ -40,7 +40,8 @@ class Pipeline:
         raise NotImplementedError
 
     def datasets(self) -> dict[str, Dataset]:
-        """Map-style datasets by split: "train" (required), "eval" and "test" (optional)."""
+        """Datasets by split: "train" (required), "eval" and "test" (optional, map-style). "train" may be
+        a stream (disttrain.stream.Stream, or a HuggingFace datasets.IterableDataset) instead."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -62,7 +63,14 @@ class Pipeline:
 
 def load_pipeline(cfg: PipelineConfig) -> Pipeline:
     """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError."""
-    module_name, _, class_name = cfg.target.partition(":")
+    cls = pipeline_class(cfg.target)
+    _check_args(cls, cfg.args)
+    return cls(**cfg.args)
+
+
+def pipeline_class(target: str) -> type[Pipeline]:
+    """The Pipeline subclass `package.module:ClassName` names, imported, not constructed. Raises ConfigError."""
+    module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -76,8 +84,7 @@ def load_pipeline(cfg: PipelineConfig) -> Pipeline:
             f"pipeline.target: {module_name} has no Pipeline subclass named {class_name!r}; "
             "write pipeline.target=package.module:ClassName"
         )
-    _check_args(cls, cfg.args)
-    return cls(**cfg.args)
+    return cls
 
 
 def _check_args(cls: type, args: dict[str, Any]) -> None:

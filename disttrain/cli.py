@@ -12,8 +12,8 @@ from collections.abc import Sequence
 COMMANDS = {
     "train": ("disttrain.main", "train a config (same as python -m disttrain.main)"),
     "ckpt": ("disttrain.commands.ckpt", "list, verify and export checkpoints of a run dir"),
-    "status": ("disttrain.commands.status", "state, progress, checkpoints and requeue history of a run"),
-    "plot": ("disttrain.commands.plot", "draw the curves of a run as a PNG"),
+    "status": ("disttrain.commands.status", "state, progress, checkpoints and requeue history of a run (or each task of a sweep)"),
+    "plot": ("disttrain.commands.plot", "draw the curves of a run, or overlay several runs or a sweep, as a PNG"),
     "submit": ("disttrain.launch.submit", "submit a run to SLURM through submitit"),
     "config": ("disttrain.commands.config", "print every config key with its default and meaning"),
 }

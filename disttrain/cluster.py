@@ -25,7 +25,7 @@ class ClusterEnv:
     num_nodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    job_id: str = ""
+    job_id: str = ""  # what scontrol takes for this job: `A_T` for task T of array A (slurm_job_id)
     restart_count: int = 0
 
     @property
@@ -53,7 +53,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
         return _from_slurm(env)
     if "SUBMITIT_LOCAL_GLOBALID" in env and "SUBMITIT_LOCAL_NTASKS" in env:
         return _from_submitit_local(env)
-    return ClusterEnv(launcher="single", job_id=env.get("SLURM_JOB_ID", ""))
+    return ClusterEnv(launcher="single", job_id=slurm_job_id(env))
 
 
 def _from_torchrun(env: Mapping[str, str]) -> ClusterEnv:
@@ -69,13 +69,12 @@ def _from_torchrun(env: Mapping[str, str]) -> ClusterEnv:
         num_nodes=max(1, world // max(1, local_world)),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", 29500)),
-        job_id=env.get("SLURM_JOB_ID", env.get("TORCHELASTIC_RUN_ID", "")),
+        job_id=slurm_job_id(env) or env.get("TORCHELASTIC_RUN_ID", ""),
         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", 0))),
     )
 
 
 def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
-    job_id = env["SLURM_JOB_ID"]
     nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
     world = int(env["SLURM_NTASKS"])
     num_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", len(nodes) or 1)))
@@ -88,8 +87,9 @@ def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
         node_rank=int(env.get("SLURM_NODEID", 0)),
         num_nodes=num_nodes,
         master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
-        master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
-        job_id=job_id,
+        # SLURM_JOB_ID is unique per array task, so tasks sharing a node get distinct ports.
+        master_port=int(env.get("MASTER_PORT") or port_for_job(env["SLURM_JOB_ID"])),
+        job_id=slurm_job_id(env),
         restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
     )
 
@@ -108,6 +108,17 @@ def _from_submitit_local(env: Mapping[str, str]) -> ClusterEnv:
         master_port=port_for_job(job_id),
         job_id=job_id,
     )
+
+
+def slurm_job_id(env: Mapping[str, str]) -> str:
+    """The id that names exactly this job to scontrol. For a task of a job array that is `A_T`
+    (SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID), not SLURM_JOB_ID: one task of every array (the last to
+    start) has SLURM_JOB_ID equal to the array's id, and `scontrol requeue A` requeues every running task
+    of the array while `scontrol show job A` lists them all (tests/cluster/NOTES.md §11)."""
+    array, task = env.get("SLURM_ARRAY_JOB_ID", ""), env.get("SLURM_ARRAY_TASK_ID", "")
+    if array and task:
+        return f"{array}_{task}"
+    return env.get("SLURM_JOB_ID", "")
 
 
 def _tasks_on_this_node(env: Mapping[str, str], world: int, num_nodes: int) -> int:

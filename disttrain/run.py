@@ -21,7 +21,7 @@ from disttrain import fs
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, ConfigError, check_batch_divides
 from disttrain.preemption import StopSignal
-from disttrain.rundir import RunDir, step_name
+from disttrain.rundir import RunDir, is_committed, step_name
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 # Writers that need an optional package: config key -> (module, pip extra).
@@ -199,6 +199,7 @@ def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> Ru
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step)
     if env.launcher != "slurm":
+        trainer.files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain import preemption
 
@@ -215,6 +216,19 @@ def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> Ru
     trainer.files.warn(f"disttrain: {note}")
     outcome = Outcome.REQUEUED if decision.requeued else Outcome.STOPPED
     return RunResult(outcome, fit.step, decision.signal, decision.reason)
+
+
+def stop_note(run_dir: str, step: int, signal: str | None, launcher: str) -> str:
+    """The one line a stopped run leaves (off SLURM, where the requeue note says it): where it stopped,
+    that its checkpoint is committed (checked, not assumed), and how it comes back."""
+    step_dir = RunDir(run_dir).step_dir(step)
+    code = 130 if signal == "SIGINT" else 143
+    stopped = f"disttrain: stopped by {signal or 'a stop request'} at step {step}"
+    if not is_committed(step_dir):
+        return f"{stopped}, but no checkpoint of step {step} is committed; resuming redoes the steps since the last one"
+    again = "run the same command again to resume from it"
+    how = f"torchrun --max-restarts restarts it and it resumes from it (or {again})" if launcher == "torchrun" else again
+    return f"{stopped}; checkpoint {step_dir} is committed; {how} (exit {code})"
 
 
 def _bad_input(env: ClusterEnv, err: ConfigError) -> RunResult:

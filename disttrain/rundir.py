@@ -13,6 +13,9 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       checkpoints/step_00000120/  one committed checkpoint: manifest.json is written last
       checkpoints/latest          the newest committed step's directory name
       wandb/ tb/ slurm/           writer and launcher output
+
+A sweep dir (`disttrain submit --sweep`) holds `sweep.json` (its tasks, their overrides and job ids),
+`slurm/` (the job array's files) and one run dir per task, named from the task's overrides.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ WANDB = "wandb"
 WANDB_ID = "wandb_id.txt"
 TENSORBOARD = "tb"
 SLURM = "slurm"
+SWEEP = "sweep.json"  # in a sweep dir, never in a run dir
 
 # A committed step directory's name: `step_` and at least eight digits, nothing after. A save in
 # progress writes to `step_N.tmp-XXXX` (local disks), which this pattern does not match.

@@ -312,7 +312,7 @@ def _duration(seconds: float | None) -> str:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="disttrain status", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="run directory: a path or a URL such as s3://bucket/prefix")
+    parser.add_argument("run_dir", help="run directory, or a sweep dir: a path or a URL such as s3://bucket/prefix")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     parser.add_argument(
         "--stale-after",
@@ -321,7 +321,12 @@ def main(argv: Sequence[str]) -> int:
         metavar="S",
         help=f"seconds without an event or metric before a running run is 'running-or-died' (default {STALE_AFTER_S:.0f})",
     )
+    parser.add_argument("--metric", help="for a sweep dir: the eval metric that ranks tasks (default eval/accuracy, else eval/loss)")
     args = parser.parse_args(list(argv))
+    from disttrain.commands import sweep_status  # a sweep dir: one row per task
+
+    if sweep_status.is_sweep_dir(args.run_dir):
+        return sweep_status.show(args.run_dir, args.json, args.metric, args.stale_after)
     try:
         report = collect(args.run_dir, stale_after=args.stale_after)
     except StatusError as err:

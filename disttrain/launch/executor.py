@@ -56,16 +56,21 @@ def local_parameters(o: SubmitOptions) -> dict[str, Any]:
     }
 
 
-def sbatch_script(o: SubmitOptions, folder: str, job_name: str) -> str:
-    """The exact script `sbatch` would receive, without creating anything (for --dry-run)."""
+def sbatch_script(o: SubmitOptions, folder: str, job_name: str, array_size: int = 0) -> str:
+    """The exact script `sbatch` would receive, without creating anything (for --dry-run). With
+    `array_size`, the script of a job array of that many tasks (`#SBATCH --array=0-N%P`)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
-    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(o, job_name))
+    params = slurm_parameters(o, job_name)
+    if array_size > 1:  # submitit submits a single task as a plain job
+        params.update(map_count=array_size, array_parallelism=o.array_parallelism or array_size)
+    return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def make_executor(o: SubmitOptions, folder: str, job_name: str) -> Any:
-    """A configured submitit executor. Creates `folder`."""
+def make_executor(o: SubmitOptions, folder: str, job_name: str, array_size: int = 0) -> Any:
+    """A configured submitit executor. Creates `folder`. With `array_size`, for `submit_array` of that
+    many tasks, at most `--array-parallelism` of them running at once (default: all)."""
     import submitit
 
     executor: Any
@@ -76,4 +81,6 @@ def make_executor(o: SubmitOptions, folder: str, job_name: str) -> Any:
     # max_num_timeout only matters to submitit's own USR2 handler, which disttrain replaces at once.
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=o.max_requeues)
     executor.update_parameters(**slurm_parameters(o, job_name))
+    if array_size:
+        executor.update_parameters(array_parallelism=o.array_parallelism or array_size)
     return executor

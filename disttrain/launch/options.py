@@ -54,6 +54,13 @@ class SubmitOptions:
     dry_run: bool = False
     wait: bool = False
     overrides: list[str] = field(default_factory=list)
+    sweep: list[str] = field(default_factory=list)  # `KEY=V1,V2` axes of a job array (launch/sweep.py)
+    sweep_file: str | None = None
+    array_parallelism: int | None = None  # None: every task of the array may run at once
+
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.sweep or self.sweep_file)
 
     @property
     def ranks_per_node(self) -> int:
@@ -76,7 +83,7 @@ class SubmitOptions:
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
     "time", "job_name", "constraint", "exclude", "signal_delay", "max_requeues", "cluster",
-    "container_image", "log_dir",
+    "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
 
@@ -133,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="follow the job (through requeues) until it ends; exit 0 if it finished",
     )
+    add(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="sweep a key over values; several --sweep give their cartesian product, submitted as one job "
+        "array with one run dir per combination under run_dir (the sweep dir)",
+    )
+    add("--sweep-file", help="YAML list of explicit combinations, one mapping per task: - {optim.lr: 1.0e-3, seed: 1}")
+    add("--array-parallelism", type=int, help="run at most N tasks of a sweep at once (default: all)")
     add("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
     return p
 
@@ -192,6 +208,7 @@ def validate(o: SubmitOptions) -> None:
     if o.mem is not None and not _MEM.match(str(o.mem)):
         raise ConfigError(f"--mem {o.mem!r}: write a SLURM size such as 64G, 4000M or 0")
     _check_cluster(o)
+    _check_sweep(o)
     for item in o.overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(
@@ -201,7 +218,7 @@ def validate(o: SubmitOptions) -> None:
 
 def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                      ("signal_delay", 0), ("max_requeues", 0)):  # fmt: skip
+                      ("signal_delay", 0), ("max_requeues", 0), ("array_parallelism", 1)):  # fmt: skip
         value = getattr(o, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ConfigError(f"--{name.replace('_', '-')}: {value!r} must be an integer >= {low}")
@@ -219,6 +236,17 @@ def _check_cluster(o: SubmitOptions) -> None:
         raise ConfigError(f"--cluster local runs on this machine: --nodes must be 1, not {o.nodes}")
     if o.cluster == "local" and o.container_image:
         raise ConfigError("--container-image needs --cluster slurm (pyxis passes it to srun)")
+
+
+def _check_sweep(o: SubmitOptions) -> None:
+    if o.array_parallelism is not None and not o.is_sweep:
+        raise ConfigError("--array-parallelism applies to a sweep: add --sweep KEY=V1,V2 or --sweep-file")
+    if not o.is_sweep:
+        return
+    if o.cluster != "slurm":
+        raise ConfigError("--sweep submits a SLURM job array: it needs --cluster slurm")
+    if o.wait:
+        raise ConfigError("--wait follows one job; for a sweep, watch it with `disttrain status SWEEP_DIR`")
 
 
 def parse_time(text: str) -> int:

@@ -34,7 +34,13 @@ class Plan:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        plan = prepare(list(sys.argv[1:] if argv is None else argv))
+        opts = parse(list(sys.argv[1:] if argv is None else argv))
+        if opts.is_sweep:  # one job array, one task per combination (launch/array.py)
+            from disttrain.launch import array
+
+            sweep = array.prepare(opts)
+            return array.print_dry_run(sweep) if opts.dry_run else array.submit(sweep)
+        plan = prepare(opts)
     except ConfigError as err:
         print(f"disttrain submit: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -44,20 +50,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return submit(plan)
 
 
-def prepare(argv: list[str]) -> Plan:
-    """Parse and validate everything (options, config, run dir, pipeline). Raises ConfigError."""
-    opts = parse(argv)
+def prepare(opts: SubmitOptions) -> Plan:
+    """Validate everything (the config, run dir, pipeline) for parsed options. Raises ConfigError."""
     cfg = load_config(opts.config, opts.overrides)
     if "://" not in cfg.run_dir:
         cfg.run_dir = os.path.abspath(cfg.run_dir)  # the job may start in another directory
     check_config(cfg, opts.world_size)
-    folder = opts.log_dir or (os.path.join(cfg.run_dir, SLURM) if "://" not in cfg.run_dir else None)
+    folder = log_folder(opts, cfg.run_dir)
+    name = opts.job_name or cfg.name or os.path.basename(cfg.run_dir.rstrip("/")) or "disttrain"
+    return Plan(opts, cfg, folder, name)
+
+
+def log_folder(opts: SubmitOptions, run_dir: str) -> str:
+    """Where submitit's files go (default RUN_DIR/slurm); also checks that sbatch is there to take them."""
+    folder = opts.log_dir or (os.path.join(run_dir, SLURM) if "://" not in run_dir else None)
     if folder is None:
-        raise ConfigError(f"run_dir {cfg.run_dir} is remote: give --log-dir on a filesystem the nodes share")
+        raise ConfigError(f"run_dir {run_dir} is remote: give --log-dir on a filesystem the nodes share")
     if opts.cluster == "slurm" and not opts.dry_run and not shutil.which("sbatch"):
         raise ConfigError("sbatch not found: submit from a SLURM login node, or use --cluster local")
-    name = opts.job_name or cfg.name or os.path.basename(cfg.run_dir.rstrip("/")) or "disttrain"
-    return Plan(opts, cfg, os.path.abspath(folder), name)
+    return os.path.abspath(folder)
 
 
 def check_config(cfg: Config, world_size: int) -> None:
@@ -90,18 +101,14 @@ def submit(plan: Plan) -> int:
 
     opts, run_dir = plan.opts, plan.cfg.run_dir
     config_yaml, secrets = split_secrets(plan.cfg)
-    created = _first_missing(plan.folder)
+    created = first_missing(plan.folder)
     try:
         executor = make_executor(opts, plan.folder, plan.job_name)
         # submitit echoes sbatch's stderr on failure; the error below carries it, on one line
         with secrets_in_environment(secrets), contextlib.redirect_stderr(io.StringIO()):
             job = executor.submit(TrainJob(config_yaml, opts.max_requeues, run_dir))
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
-        reason = " ".join(str(err).split())[-600:]
-        print(f"disttrain submit: error: the job was not submitted: {reason}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return not_submitted(err, created)
     print_submitted(plan, job.job_id)
     if not opts.wait:
         return EXIT_OK
@@ -126,7 +133,16 @@ def print_submitted(plan: Plan, job_id: str) -> None:
     sys.stdout.flush()
 
 
-def _first_missing(path: str) -> str | None:
+def not_submitted(err: Exception, created: str | None) -> int:
+    """sbatch refused: remove what this submission created, say why on one line, exit 2."""
+    if created:
+        shutil.rmtree(created, ignore_errors=True)
+    reason = " ".join(str(err).split())[-600:]
+    print(f"disttrain submit: error: the job was not submitted: {reason}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def first_missing(path: str) -> str | None:
     """The outermost directory of `path` that does not exist yet (what a failed submit must remove)."""
     missing = None
     while path and not os.path.exists(path):

@@ -56,3 +56,14 @@ def test_hostlist_with_a_letter_range_is_refused_as_slurm_refuses_it():
 def test_port_is_deterministic_and_outside_ephemeral_range():
     assert port_for_job("123") == port_for_job("123") != port_for_job("124")
     assert all(1024 < port_for_job(str(j)) < 32768 for j in range(0, 100000, 997))
+
+
+def test_an_array_task_is_named_by_array_and_task_id_and_gets_a_port_of_its_own():
+    """scontrol needs `A_T` for one task of array A: the array's last task has SLURM_JOB_ID == A, and
+    `scontrol requeue A` would requeue every running task (tests/cluster/test_sweep_array.py)."""
+    task = {"SLURM_JOB_ID": "41", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "3", "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "node1"}  # fmt: skip
+    sibling = {**task, "SLURM_JOB_ID": "44", "SLURM_ARRAY_TASK_ID": "2"}
+    assert (detect(task).job_id, detect(sibling).job_id) == ("41_3", "41_2")
+    assert detect(task).master_port == port_for_job("41") != detect(sibling).master_port
+    assert detect({**task, "RANK": "0", "WORLD_SIZE": "1"}).job_id == "41_3"  # torchrun inside an array task

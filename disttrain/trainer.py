@@ -23,7 +23,14 @@ from accelerate.utils import InitProcessGroupKwargs, send_to_device
 from disttrain import __version__, dist
 from disttrain.checkpoint import CheckpointManager, Loaded, SaveResult, capture_rank_state, restore_rank_state
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, config_hash, resume_fingerprint
+from disttrain.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    resume_conflicts,
+    resume_fingerprint,
+    resume_refusal,
+)
 from disttrain.data import (
     DataCursor,
     ResumableBatchSampler,
@@ -34,7 +41,8 @@ from disttrain.data import (
     make_loader,
 )
 from disttrain.hooks import Hook, default_hooks
-from disttrain.optim import build_optimizer, build_scheduler
+from disttrain.lease import RunLease
+from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
 from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
@@ -57,7 +65,12 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: Config, cluster: ClusterEnv, hooks: list[Hook] | None = None, stop: StopSignal | None = None
+        self,
+        cfg: Config,
+        cluster: ClusterEnv,
+        hooks: list[Hook] | None = None,
+        stop: StopSignal | None = None,
+        lease: RunLease | None = None,
     ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
         self.accelerator = _make_accelerator(cfg)
@@ -80,7 +93,8 @@ class Trainer:
         self._bar = _use_bar(cfg) and dist.is_main()
         self.hooks = default_hooks(progress_bar=self._bar) + list(hooks or [])
         self.signal = stop or StopSignal()
-        self.agreement = StopAgreement(self.signal)
+        hang_after = cfg.trainer.collective_timeout_s if self.world > 1 else None
+        self.agreement = StopAgreement(self.signal, hang_after, on_hang=self._record_hang)
         self.stop_request: StopRequest | None = None
         self.last_train_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
@@ -95,6 +109,8 @@ class Trainer:
             fingerprint=resume_fingerprint(cfg),
             versions={"disttrain": __version__, "torch": torch.__version__},
         )
+        self.lease = lease or RunLease(self.run_dir, cluster)
+        self.lease.acquire()  # one run per run dir, before anything there is read (a second run exits 2)
         self.resumed: Loaded | None = self._restore()
 
     @property
@@ -129,8 +145,10 @@ class Trainer:
     def _load_state(self, loaded: Loaded) -> None:
         app = loaded.app
         _load_model(self._module, app["model"], loaded.path)
+        configured = hyperparameters(self.optimizer.optimizer)  # what the config asks for now
         self.optimizer.optimizer.load_state_dict(app["optimizer"])
         self.scheduler.load_state_dict(app["scheduler"])
+        reapply_hyperparameters(self.optimizer.optimizer, self.scheduler, configured)
         if app.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(app["scaler"])
         state = app["trainer"]
@@ -179,6 +197,7 @@ class Trainer:
         if own_handlers:
             self.signal.install()
         self._start_segment()
+        self.agreement.arm()  # from here a rank that reaches no step boundary in time ends itself
         train_iter = iter(self._train_loader())
         try:
             self._call("before_train")
@@ -329,9 +348,11 @@ class Trainer:
         shutdown, freeing them needs the GIL while it is being torn down, and the process aborts
         ("terminate called without an active exception") after a run that otherwise succeeded.
         """
+        self.agreement.close()
         self.accelerator.free_memory()
         del self.model, self.optimizer, self.scheduler
         gc.collect()
+        self.lease.release()
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -345,7 +366,7 @@ class Trainer:
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
         if changed:
-            self.files.say(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}")
+            self.files.say(f"note: config changed since the checkpoint, applied from step {self.step}: {'; '.join(changed)}")
             self.events.emit("config_changed", step=self.step, changes=changed)
         if self.resumed is not None:
             self._note_threads(self.resumed.manifest.get("num_threads"))
@@ -358,6 +379,9 @@ class Trainer:
                 interrupted_at=self.writer.logged_through,
             )
             self.files.say(f"resumed from step {self.step}")
+
+    def _record_hang(self, why: str) -> None:
+        self.events.emit("error", step=self.step, error=why)
 
     def _note_threads(self, saved: Any) -> None:
         now = torch.get_num_threads()
@@ -410,15 +434,9 @@ def _make_accelerator(cfg: Config) -> Accelerator:
 
 def _check_compatible(cfg: Config, loaded: Loaded) -> None:
     """Refuse a checkpoint whose run differs in a key that makes its state meaningless here."""
-    saved = dict(loaded.manifest.get("fingerprint") or {})
-    now = resume_fingerprint(cfg)
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    changed = resume_conflicts(dict(loaded.manifest.get("fingerprint") or {}), cfg)
     if changed:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ConfigError(
-            f"cannot resume from {loaded.path}: {detail} changed since the checkpoint; restore the old "
-            "values, start a new run_dir, or use init_from=PATH to start from its weights only"
-        )
+        raise ConfigError(resume_refusal(loaded.path, changed))
 
 
 def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:

@@ -158,12 +158,12 @@ class HangWatch:
     and then exit; the hung rank would stay: under SLURM until the time limit, under torchrun until the
     agent's SIGKILL 30 s after its SIGTERM, which a hung rank only notes as a flag. So a thread watches
     the step boundaries (every `StopAgreement.poll`, also between eval batches): after `after_s` without
-    one, the rank says where its main thread is, records it (`on_hang`) and exits 1, at about the time
-    its peers' collectives fail. A step, waits included, must stay under that timeout anyway: the peers'
-    collectives would fail first."""
+    one, plus a margin, the rank says where its main thread is, records it (`on_hang`) and exits 1.
+    The margin (a tenth, at least 5 s) lets a rank that is merely waiting in a collective for the hung
+    one fail by that collective's own timeout first, with the message that says another rank hangs."""
 
     def __init__(self, after_s: float, on_hang: Callable[[str], None] | None = None):
-        self.after_s, self.on_hang = after_s, on_hang
+        self.after_s, self.on_hang = after_s + max(5.0, after_s / 10), on_hang
         self._last = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -189,8 +189,8 @@ class HangWatch:
         from disttrain import dist
 
         message = (
-            f"rank {dist.rank()} reached no step boundary for {self.after_s:g} s (trainer.collective_timeout_s): "
-            f"it hangs in {_main_thread_at()}; exiting so that the job does not wait for it"
+            f"rank {dist.rank()} reached no step boundary for {self.after_s:g} s (trainer.collective_timeout_s "
+            f"and a margin): it hangs in {_main_thread_at()}; exiting so that the job does not wait for it"
         )
         print(f"disttrain: {message}", file=sys.stderr, flush=True)
         if self.on_hang is not None:

@@ -162,7 +162,7 @@ def child_env(threads: int = 1, **extra: str) -> dict[str, str]:
 
 
 def run_worker(module: str, spec: dict[str, Any], nproc: int = 1, threads: int = 1,
-               timeout: float = 600) -> list[Any]:  # fmt: skip
+               timeout: float = 600, env: dict[str, str] | None = None) -> list[Any]:  # fmt: skip
     """Run `python -m MODULE SPEC.json OUT.json` in `nproc` fresh processes and return each one's JSON
     result, rank 0 first. With nproc > 1 they get torchrun's variables (env:// rendezvous on loopback)
     without torchrun's agent process, so a launch costs only the interpreter start and the imports."""
@@ -176,7 +176,7 @@ def run_worker(module: str, spec: dict[str, Any], nproc: int = 1, threads: int =
                                                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
             log = open(os.path.join(tmp, f"log_{rank}.txt"), "w", encoding="utf-8")  # noqa: SIM115
             cmd = [sys.executable, "-m", module, spec_path, os.path.join(tmp, f"out_{rank}.json")]
-            procs.append(subprocess.Popen(cmd, env=child_env(threads, **ranks), cwd=REPO, stdout=log,
+            procs.append(subprocess.Popen(cmd, env=child_env(threads, **ranks, **(env or {})), cwd=REPO, stdout=log,
                                           stderr=subprocess.STDOUT))  # fmt: skip
             log.close()  # the child holds its own copy
         codes = _wait_all(procs, time.monotonic() + timeout)

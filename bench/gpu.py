@@ -160,7 +160,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             out["a"].append(a)
             out["b"].append(run_plain(cfg(f"b{i}"), w, False, device))
         c = cfg("flops")
-        out["flops_per_token"] = model_flops_per_token(trainer.accelerator.unwrap_model(trainer.model), c)
+        out["flops_per_token"] = model_flops_per_token(trainer.module, c)
         out["tokens_per_step"] = c.data.batch_size * c.pipeline.args["block_size"]
         state_io(trainer, spec["ckpt_reps"], root, out)
         del trainer

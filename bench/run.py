@@ -27,7 +27,7 @@ from bench.report import write_report  # noqa: E402
 
 # section -> the function that runs it, as module:function under bench/ (imported when it runs)
 SECTIONS = {"step": "step:run", "ckpt": "ckpt:run_write", "async": "ckpt:run_async", "resume": "resume:run",
-            "data": "datawait:run", "gpu": "gpu:run"}  # fmt: skip
+            "data": "datawait:run", "fsdp": "fsdp:run", "gpu": "gpu:run"}  # fmt: skip
 CPU_SECTIONS = [s for s in SECTIONS if s != "gpu"]
 
 

@@ -128,7 +128,7 @@ def run_trainer(cfg: Any, stamp: Any) -> Any:
 
     trainer = Trainer(cfg, detect(), hooks=[Stamp()])
     trainer.fit()
-    return trainer.accelerator.unwrap_model(trainer.model)
+    return trainer.module
 
 
 def run_plain(cfg: Any, stamp: Any) -> Any:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+import safetensors.torch
 import torch
 
-from disttrain import __version__, dist, fs
+from disttrain import __version__, ckpt_sharded, dist, fs
 from disttrain import ckpt_format as fmt
 from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
 from disttrain.config import CheckpointConfig
@@ -32,6 +33,7 @@ from disttrain.rundir import LATEST, MANIFEST, RunDir, step_of
 log = logging.getLogger(__name__)
 State = dict[str, Any]
 Make = Callable[[], State]
+Shards = tuple[dict[str, torch.Tensor], State]  # this rank's rows of sharded tensors, and their layout
 
 # What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
 # at save time, so a checkpoint that saved is one that loads.
@@ -69,6 +71,14 @@ class Loaded:
     def step(self) -> int:
         return int(self.manifest["step"])
 
+    @property
+    def sharded(self) -> bool:
+        return int(self.manifest.get("format", 1)) >= ckpt_sharded.FORMAT
+
+    def saved(self, names: list[str] | None) -> ckpt_sharded.SavedState:
+        """Rows of any saved tensor by name (for loading into another layout or strategy)."""
+        return ckpt_sharded.SavedState(self.path, self.manifest, self.app, names)
+
 
 @dataclass
 class CheckpointInfo:
@@ -81,6 +91,7 @@ class CheckpointInfo:
     verified: bool
     problem: str | None
     world_size: int
+    strategy: str = "ddp"  # "fsdp": one shard file per rank of world_size
 
 
 def capture_rank_state() -> State:
@@ -137,8 +148,17 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self.last_step: int | None = None  # the step this process last saved (or loaded)
         self._bytes: int | None = None  # bytes of the last save this process committed
+        self._group: Any = None  # a gloo group for async sharded saves, made at the first one
 
-    def maybe_save(self, step: int, app_state: Make, rank_state: Make, *, final: bool = False) -> SaveResult | None:
+    def maybe_save(
+        self,
+        step: int,
+        app_state: Make,
+        rank_state: Make,
+        *,
+        final: bool = False,
+        shards: Callable[[], Shards | None] | None = None,
+    ) -> SaveResult | None:
         """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
         if final and (self.last_step == step or not self.cfg.save_final):
             self.wait()  # nothing new to save, but what is in flight must be committed before the end
@@ -147,7 +167,8 @@ class CheckpointManager:
             self.check()
             return None
         reason = "final" if final else "periodic"
-        return self.save(step, app_state(), rank_state(), sync=final, reason=reason)
+        rows = shards() if shards is not None else None
+        return self.save(step, app_state(), rank_state(), sync=final, reason=reason, shards=rows)
 
     def _due(self, step: int) -> bool:
         by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -158,31 +179,90 @@ class CheckpointManager:
         return dist.any_flag(late)
 
     def save(
-        self, step: int, app_state: State, rank_state: State, *, sync: bool = False, reason: str = "manual"
+        self,
+        step: int,
+        app_state: State,
+        rank_state: State,
+        *,
+        sync: bool = False,
+        reason: str = "manual",
+        shards: Shards | None = None,
     ) -> SaveResult:
         """Must be called on all ranks. Blocks for the host copy; writes in the background when
-        `checkpoint.async_save` is on and not `sync`. `app_state` matters on rank 0 only."""
+        `checkpoint.async_save` is on and not `sync`. `app_state` matters on rank 0 only. `shards`:
+        this rank's rows of a sharded model and their layout (ckpt_sharded.split_state); then every
+        rank writes its own shard file and rank 0 commits."""
         t0 = time.perf_counter()
         self._join()  # one save in flight: a new one waits for the previous
         background = self.cfg.async_save and not sync
         # A synchronous save writes before training moves on, so CPU tensors need no snapshot; an async
         # one must copy, since the next step changes them while the write is in progress.
 
-        def prepare() -> tuple[Any, Any]:
+        def prepare() -> tuple[Any, Any, Any]:
             self.check()  # a failed background save fails this save on every rank, not only on rank 0
             mine = _host_copy(rank_state, "rank_state", background)
-            return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine
+            rows = _host_copy(shards[0], "shards", background) if shards is not None else None
+            return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine, rows
 
-        host, mine = _agreed(prepare)
-        ranks = dist.gather_to_main(mine)
+        host, mine, rows = _agreed(prepare)
         self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
-        if not background:
+        if shards is not None:
+            self._save_sharded(step, host, mine, (rows, shards[1]), background)
+        elif not background:
+            ranks = dist.gather_to_main(mine)
             _agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
+        else:
+            ranks = dist.gather_to_main(mine)
+            if dist.is_main():
+                self._start_background(self._write, step, host, ranks)
+        if not background:
             self._last_time = time.monotonic()  # every_minutes counts training time, not time saving
-        elif dist.is_main():
-            self._thread = threading.Thread(target=self._background, args=(step, host, ranks))
-            self._thread.start()
         return SaveResult(step, time.perf_counter() - t0, self._bytes, reason)
+
+    def _start_background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
+        self._thread = threading.Thread(target=self._background, args=(fn, step, *args))
+        self._thread.start()
+
+    def _save_sharded(self, step: int, host: Any, mine: State, shards: Shards, background: bool) -> None:
+        """Every rank writes its shard into one work dir that rank 0 named; rank 0 commits."""
+        work = _from_main(lambda: self._work_dir(step))
+        if not background:
+            _agreed(lambda: self._write_sharded(step, work, host, mine, shards, None))
+            return
+        if self._group is None:  # collectives from the save thread must not share the loop's group
+            self._group = dist.new_gloo_group()
+        self._start_background(self._write_sharded, step, work, host, mine, shards, self._group)
+
+    def _write_sharded(
+        self, step: int, work: str, host: Any, mine: State, shards: Shards, group: Any
+    ) -> None:
+        """All ranks (of `group`): write and hash this rank's shard, then rank 0 publishes the rest and
+        the manifest; every rank learns the verdict, so a failure anywhere fails the save everywhere."""
+        rows, layout = shards
+        try:
+            fs.makedirs(work)
+            report: Any = (*ckpt_sharded.write_shard(work, dist.rank(), rows), layout, mine, None)
+        except Exception as err:
+            report = (None, None, layout, mine, f"rank {dist.rank()}: {err}")
+        reports = dist.all_gather_objects(report, group)
+        errors = [r[4] for r in reports if r[4]]
+        if dist.is_main() and not errors:
+            try:
+                self._commit_sharded(step, work, host, reports)
+            except Exception as err:
+                errors.append(str(err))
+        errors = dist.all_gather_objects(errors, group)[0]  # rank 0's verdict, on every rank
+        if errors:
+            if dist.is_main():
+                fs.remove(work, recursive=True)
+            raise CheckpointError(f"writing checkpoint step {step} to {self.dir} failed: {errors[0]}; {self._intact()}")
+
+    def _commit_sharded(self, step: int, work: str, host: State, reports: list[Any]) -> None:
+        files = fmt.write_files(work, host, [r[3] for r in reports], model=False)
+        files.update({r[0]: r[1] for r in reports})
+        layout = ckpt_sharded.merge_layouts([r[2] for r in reports])
+        meta = {**self._meta, "format": ckpt_sharded.FORMAT, "strategy": "fsdp", "layout": layout}
+        self._publish(step, work, fmt.manifest(step, len(reports), files, meta))
 
     def check(self) -> None:
         """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
@@ -200,24 +280,41 @@ class CheckpointManager:
             self._thread.join()
             self._thread = None
 
-    def _background(self, step: int, host: State, ranks: list[Any]) -> None:
+    def _background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
         try:
-            self._write(step, host, ranks)
+            fn(step, *args)
         except Exception as err:  # kept and raised at the next step: a background failure is never lost
             self._error = err if isinstance(err, CheckpointError) else CheckpointError(f"step {step}: {err}")
 
+    def _work_dir(self, step: int) -> str:
+        """Rank 0: where a save of `step` writes before it is committed (stale leftovers removed first).
+        Local disks: a temporary directory renamed into place. Object stores: in place, manifest last."""
+        self._clean_stale()
+        final = self._path(step)
+        if not fs.is_local(final):
+            fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
+            return final
+        return f"{final}.tmp-{secrets.token_hex(4)}"
+
     def _write(self, step: int, host: State, ranks: list[Any]) -> None:
         """Rank 0: write the files, the manifest last, then `latest`, then apply retention."""
-        final = self._path(step)
-        # Local disks: a temporary directory renamed into place. Object stores: in place, manifest last.
-        work = f"{final}.tmp-{secrets.token_hex(4)}" if fs.is_local(final) else final
+        work = None
         try:
-            self._clean_stale()
-            if work == final:
-                fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
+            work = self._work_dir(step)
             files = fmt.write_files(work, host, ranks)
-            fmt.publish(work, final, fmt.manifest(step, len(ranks), files, self._meta))
-            self._bytes = sum(f["bytes"] for f in files.values())
+        except Exception as err:
+            if work is not None:
+                fs.remove(work, recursive=True)
+            msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
+            raise CheckpointError(msg) from err
+        self._publish(step, work, fmt.manifest(step, len(ranks), files, self._meta))
+
+    def _publish(self, step: int, work: str, manifest: State) -> None:
+        """Rank 0: the manifest (the commit), then `latest`, then retention."""
+        final = self._path(step)
+        try:
+            fmt.publish(work, final, manifest)
+            self._bytes = sum(f["bytes"] for f in manifest["files"].values())
         except Exception as err:
             fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
@@ -276,7 +373,8 @@ class CheckpointManager:
             return CheckpointInfo(step, path, 0.0, 0, False, str(err), 0)
         problem = fmt.files_problem(path, m, full)
         size = sum(f["bytes"] for f in m["files"].values())
-        return CheckpointInfo(step, path, m["time"], size, problem is None, problem, m["world_size"])
+        strategy = str(m.get("strategy", "ddp"))
+        return CheckpointInfo(step, path, m["time"], size, problem is None, problem, m["world_size"], strategy)
 
     def verify(self, step: int | str) -> str | None:
         """None if every file matches the manifest (size and sha256), else what is wrong and where."""
@@ -291,9 +389,10 @@ class CheckpointManager:
             log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
         return None
 
-    def load_newest(self) -> Loaded | None:
+    def load_newest(self, apply: Callable[[Loaded], None] | None = None) -> Loaded | None:
         """Load the newest checkpoint whose files verify, falling back to older ones with a warning; None
-        if there is none. Must be called on all ranks.
+        if there is none. `apply(loaded)` (on every rank) puts it into the live model: a shard file that
+        fails verification there falls back too. Must be called on all ranks.
 
         Each file is hashed once, as it is read for loading; latest_verified() followed by load() reads
         and hashes the whole checkpoint twice (a third of a resume's time, bench/RESULTS.md section 4)."""
@@ -303,6 +402,8 @@ class CheckpointManager:
                 if info.problem is not None:
                     raise CheckpointError(info.problem)
                 loaded = self.read(info.path)
+                if apply is not None:
+                    _agreed(lambda: apply(loaded))  # noqa: B023 - called at once
             except CheckpointError as err:  # raised on every rank alike (read agrees), so all fall back
                 log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, err)
                 continue
@@ -323,9 +424,9 @@ class CheckpointManager:
         world size changed (no per-rank stream to continue)."""
         path = _from_main(lambda: self._resolve(path_or_step))
         if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
-            m, app, ranks = _from_main(lambda: (fmt.read_manifest(path), *fmt.read_checkpoint(path)))
+            m, app, ranks = _from_main(lambda: _read(path))
         else:
-            m, app, ranks = _agreed(lambda: (fmt.read_manifest(path), *fmt.read_checkpoint(path)))
+            m, app, ranks = _agreed(lambda: _read(path))
         mine = ranks[dist.rank()] if len(ranks) == dist.world_size() else None
         return Loaded(path, m, app, mine)
 
@@ -338,7 +439,11 @@ class CheckpointManager:
         """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
         path = self._resolve(step)
         m = fmt.read_manifest(path)
-        fs.atomic_write(out, fmt.read_verified(path, "model.safetensors", m))
+        if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
+            tensors = ckpt_sharded.consolidate(path, m)
+            fs.atomic_write(out, bytes(safetensors.torch.save(fmt.own_storage(tensors))))
+        else:
+            fs.atomic_write(out, fmt.read_verified(path, "model.safetensors", m))
         return int(m["step"])
 
     def _resolve(self, path_or_step: str | int | None) -> str:
@@ -356,6 +461,15 @@ class CheckpointManager:
 
     def _path(self, step: int) -> str:
         return self.layout.step_dir(step)
+
+
+def _read(path: str) -> tuple[State, State, list[Any]]:
+    """(manifest, shared state, per-rank states) of either format, every file verified before use.
+    Shard files of a sharded checkpoint are read later, by the rank that needs their rows."""
+    m = fmt.read_manifest(path)
+    if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:
+        return m, fmt.read_state(path, m), fmt.read_ranks(path, m)
+    return (m, *fmt.read_checkpoint(path))
 
 
 def _agreed(fn: Callable[[], Any]) -> Any:

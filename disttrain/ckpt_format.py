@@ -31,17 +31,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written, read or trusted; the message names the file and the problem."""
 
 
-def write_files(work: str, host: State, ranks: list[Any]) -> dict[str, State]:
+def write_files(work: str, host: State, ranks: list[Any], model: bool = True) -> dict[str, State]:
+    """Rank 0's files: the weights (unless sharded: then each rank wrote its own), state.pt, ranks.pt."""
     fs.makedirs(work)
-    blobs: dict[str, bytes | memoryview] = {
-        "model.safetensors": bytes(safetensors.torch.save(_own_storage(host["model"]))),
-        "state.pt": _torch_bytes({k: v for k, v in host.items() if k != "model"}),
-        "ranks.pt": _torch_bytes(ranks),
-    }
+    blobs: dict[str, bytes | memoryview] = {}
+    if model:
+        blobs["model.safetensors"] = bytes(safetensors.torch.save(own_storage(host["model"])))
+    blobs["state.pt"] = _torch_bytes({k: v for k, v in host.items() if k != "model" or not model})
+    blobs["ranks.pt"] = _torch_bytes(ranks)
     return {name: _put(fs.join(work, name), data) for name, data in blobs.items()}
 
 
-def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory (tied weights, views of one buffer): give every
     tensor after the first on a storage a copy of its own, and make all contiguous."""
     seen: set[int] = set()
@@ -58,6 +59,11 @@ def _torch_bytes(obj: Any) -> memoryview:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getbuffer()  # a view, not getvalue()'s copy of the whole archive
+
+
+def put(path: str, data: bytes | memoryview) -> State:
+    """Write `data` to `path` (fsynced on local disks); returns {bytes, sha256} for the manifest."""
+    return _put(path, data)
 
 
 def _put(path: str, data: bytes | memoryview) -> State:
@@ -124,14 +130,25 @@ def _manifest_problem(m: Any) -> str | None:
         return "not a disttrain manifest (no files table)"
     if not all(isinstance(m.get(key), (int, float)) for key in ("step", "time", "world_size")):
         return "step, time or world_size is missing or not a number"
-    if any(name not in m["files"] for name in FILES):
-        return f"does not list all of {', '.join(FILES)}"
+    required = _required_files(m)
+    if any(name not in m["files"] for name in required):
+        return f"does not list all of {', '.join(required)}"
     for name, meta in m["files"].items():
         if "/" in name or name.startswith(".") or not isinstance(meta, dict):
             return f"bad file entry {name!r}"
         if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
             return f"file entry {name!r} lacks bytes or sha256"
     return None
+
+
+def _required_files(m: State) -> list[str]:
+    """The files a manifest must list: the replicated format's three, or state, ranks and every shard."""
+    if int(m.get("format", 1)) < 2:
+        return list(FILES)
+    layout = m.get("layout")
+    entries = layout.values() if isinstance(layout, dict) else []
+    shards = {s["file"] for e in entries if isinstance(e, dict) for s in e.get("shards", [])}
+    return ["state.pt", "ranks.pt", *sorted(shards)]
 
 
 def problem(path: str, full: bool) -> str | None:
@@ -211,6 +228,22 @@ def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     if not isinstance(state, dict) or not isinstance(ranks, list):
         raise CheckpointError(f"{path}: state.pt or ranks.pt does not hold what disttrain writes")
     return {"model": model, **state}, ranks
+
+
+def read_state(path: str, m: State) -> State:
+    """state.pt, verified then loaded with weights_only."""
+    state = _torch_load(read_verified(path, "state.pt", m), fs.join(path, "state.pt"))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state.pt does not hold what disttrain writes")
+    return state
+
+
+def read_ranks(path: str, m: State) -> list[Any]:
+    """ranks.pt (every rank's RNG states and cursor), verified then loaded with weights_only."""
+    ranks = _torch_load(read_verified(path, "ranks.pt", m), fs.join(path, "ranks.pt"))
+    if not isinstance(ranks, list):
+        raise CheckpointError(f"{path}: ranks.pt does not hold what disttrain writes")
+    return ranks
 
 
 def _torch_load(data: bytes, where: str) -> Any:

@@ -54,9 +54,18 @@ class TrainerConfig:
         600.0, "seconds before a stuck collective, or a rank reaching no step boundary, aborts the job", min=1.0
     )
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
+    strategy: str = _f("ddp", "ddp: replicate the model; fsdp: shard params, grads and optimizer state", choices=("ddp", "fsdp"))
     threads: int = _f(
         0, "intra-op CPU threads per rank (0: $OMP_NUM_THREADS, else SLURM's cpus-per-task, else torch's)", min=0
     )
+
+
+@dataclass
+class FSDPConfig:
+    """Sharded training (trainer.strategy=fsdp): FSDP2 over all ranks; shard units from the pipeline."""
+
+    reduce_dtype: str = _f("fp32", "dtype gradients are reduced in under bf16 mixed precision", choices=("fp32", "bf16"))
+    cpu_offload: bool = _f(False, "keep sharded params, grads and optimizer state in CPU memory (GPU runs)")
 
 
 @dataclass
@@ -142,6 +151,7 @@ class Config:
     )
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -31,7 +31,7 @@ def is_main() -> bool:
 
 
 def _device() -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU tensors.
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors (also in a mixed "cuda:nccl,cpu:gloo" group).
     if initialized() and tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -108,6 +108,108 @@ def is_collective_failure(err: BaseException) -> bool:
 
 def timeout(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
+
+
+# ------------------------------------------------------------------------------- sharding (FSDP2)
+
+
+def init_for_sharding(cuda: bool, timeout_s: float) -> torch.device:
+    """Initialise the process group for sharded training and return this rank's device. Reads the
+    rendezvous from the environment (torchrun, or the SLURM layout run.start exported); one process
+    alone gets a group of one, so the same sharded code runs on a laptop."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not initialized():
+        # NCCL moves CUDA tensors; gloo serves the CPU side (rank-state gathers, flags) on GPUs too.
+        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": timeout(timeout_s)}
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            kwargs.update(store=tdist.HashStore(), rank=0, world_size=1)
+        tdist.init_process_group(**kwargs)
+    return device
+
+
+def fully_shard(
+    model: torch.nn.Module,
+    units: list[torch.nn.Module],
+    *,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+    cpu_offload: bool,
+) -> None:
+    """Shard `units` (each its own all-gather group), then the root, over all ranks. Must be called on all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+    from torch.distributed.fsdp import fully_shard as shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for unit in units:
+        shard(unit, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether `t` is a DTensor (a tensor whose rows are spread over the ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor (the tensor itself when it is not sharded)."""
+    if not is_sharded(t):
+        return t
+    from torch.distributed.tensor import Shard
+
+    if tuple(t.placements) != (Shard(0),):  # type: ignore[attr-defined]
+        raise ValueError(f"unsupported sharding {t.placements}: disttrain saves Shard(0) on one mesh dim")  # type: ignore[attr-defined]
+    return t.to_local()  # type: ignore[attr-defined]
+
+
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, stop) of dim 0 that `rank` holds of a tensor sharded over `world` ranks: FSDP2's
+    Shard(0) cuts like torch.chunk, c = ceil(rows / world) rows per rank, the last ones short or empty."""
+    chunk = -(-rows // world) if rows else 0
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+def local_rows(t: torch.Tensor) -> tuple[int, int]:
+    """This rank's rows [start, stop) of a sharded tensor (checked against its local shape)."""
+    start, stop = shard_rows(t.shape[0], rank(), world_size())
+    if local_part(t).shape[0] != stop - start:
+        raise ValueError(f"a shard of {tuple(t.shape)} holds {local_part(t).shape[0]} rows, not {stop - start}")
+    return start, stop
+
+
+def sharded_like(like: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A DTensor laid out as `like` (same mesh, placements, global shape) holding `local` rows."""
+    from torch.distributed.tensor import DTensor
+
+    assert isinstance(like, DTensor)
+    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
+def new_gloo_group() -> Any:
+    """A separate gloo group for background work (async sharded saves): collectives from another
+    thread on the default group would interleave with the training loop's. Must be called on all ranks."""
+    return tdist.new_group(backend="gloo") if initialized() else None
+
+
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, on every rank. Must be called on all ranks (of `group`)."""
+    if not initialized():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size(group)
+    tdist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def destroy(clean: bool = True) -> None:

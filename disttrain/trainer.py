@@ -17,11 +17,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, send_to_device
+from accelerate.utils import send_to_device
 
 from disttrain import __version__, dist
-from disttrain.checkpoint import CheckpointManager, Loaded, SaveResult, capture_rank_state, restore_rank_state
+from disttrain.checkpoint import (
+    CheckpointManager,
+    Loaded,
+    SaveResult,
+    Shards,
+    capture_rank_state,
+    restore_rank_state,
+)
+from disttrain.ckpt_sharded import load_model, load_optimizer, parameter_names, split_state
 from disttrain.cluster import ClusterEnv
 from disttrain.config import (
     Config,
@@ -37,12 +44,14 @@ from disttrain.data import (
     ShardedEvalBatches,
     advance,
     check_train_split,
+    collate_or_empty,
     dataset_size,
     make_loader,
 )
 from disttrain.hooks import Hook, default_hooks
 from disttrain.lease import RunLease
 from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
+from disttrain.parallel import build_strategy
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
 from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
@@ -73,8 +82,8 @@ class Trainer:
         lease: RunLease | None = None,
     ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
-        self.accelerator = _make_accelerator(cfg)
-        self.device = self.accelerator.device
+        self.strategy = build_strategy(cfg)  # initialises the process group
+        self.device = self.strategy.device
         self.rank, self.world = dist.rank(), dist.world_size()
         self.pipeline = load_pipeline(cfg.pipeline)
         self.datasets = self.pipeline.datasets()
@@ -84,10 +93,12 @@ class Trainer:
         check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = self.pipeline.build_model()
-        optimizer = build_optimizer(cfg.optim, model, on_cuda=self.device.type == "cuda")
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self._module = self.accelerator.unwrap_model(self.model)  # the pipeline's model, inside DDP
-        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer.optimizer, cfg.trainer.max_steps)
+        on_cuda = self.device.type == "cuda"
+        units = self.pipeline.shard_units(model) if cfg.trainer.strategy == "fsdp" else []
+        self.strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, on_cuda=on_cuda), units)
+        self.model, self.module = self.strategy.model, self.strategy.module  # forward on one, names of the other
+        self.optimizer = self.strategy.optimizer
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.trainer.max_steps)
         _seed_all(cfg.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout & co
         self.step, self.cursor = 0, DataCursor()
         self._bar = _use_bar(cfg) and dist.is_main()
@@ -125,32 +136,41 @@ class Trainer:
         if mode == "never":
             loaded = None
         elif mode == "auto":
-            loaded = self.ckpt.load_newest()
+            loaded = self.ckpt.load_newest(self._load_state)
         else:
             loaded = self.ckpt.read(mode)
-        if loaded is None:
-            if self.cfg.init_from:
-                self._init_weights(self.cfg.init_from)
-            return None
-        _check_compatible(self.cfg, loaded)
-        self._load_state(loaded)
+            self._load_state(loaded)
+        if loaded is None and self.cfg.init_from:
+            self._init_weights(self.cfg.init_from)
         return loaded
 
     def _init_weights(self, source: str) -> None:
         """Start from a checkpoint's weights only: fresh optimizer, schedule and step 0 (fine-tuning)."""
-        app, _ = CheckpointManager(self.run_dir, self.cfg.checkpoint).load(source)
-        _load_model(self._module, app["model"], source)
+        loaded = CheckpointManager(self.run_dir, self.cfg.checkpoint).read(source)
+        self._load_weights(loaded)
         self.files.say(f"initialised the weights from {source} (optimizer, schedule and step start fresh)")
 
+    def _load_weights(self, loaded: Loaded) -> None:
+        if loaded.sharded or self.strategy.sharded:  # into another layout: rows by name
+            _check_shapes(self.module.state_dict(), loaded.saved(None).shapes("model/"), loaded.path)
+            load_model(self.module, loaded.saved(None), loaded.path)
+        else:
+            _load_model(self.module, loaded.app["model"], loaded.path)
+
     def _load_state(self, loaded: Loaded) -> None:
+        """Everything a checkpoint holds into this trainer (its model, optimizer, cursor, RNG)."""
+        _check_compatible(self.cfg, loaded)
         app = loaded.app
-        _load_model(self._module, app["model"], loaded.path)
-        configured = hyperparameters(self.optimizer.optimizer)  # what the config asks for now
-        self.optimizer.optimizer.load_state_dict(app["optimizer"])
+        self._load_weights(loaded)
+        configured = hyperparameters(self.optimizer)  # what the config asks for now
+        if loaded.sharded or self.strategy.sharded:
+            load_optimizer(self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer)))
+        else:
+            self.optimizer.load_state_dict(app["optimizer"])
         self.scheduler.load_state_dict(app["scheduler"])
-        reapply_hyperparameters(self.optimizer.optimizer, self.scheduler, configured)
-        if app.get("scaler") is not None and self.accelerator.scaler is not None:
-            self.accelerator.scaler.load_state_dict(app["scaler"])
+        reapply_hyperparameters(self.optimizer, self.scheduler, configured)
+        if app.get("scaler") is not None and self.strategy.scaler is not None:
+            self.strategy.scaler.load_state_dict(app["scaler"])
         state = app["trainer"]
         self.step = int(state["step"])
         self.cursor = DataCursor.from_state(state["cursor"])
@@ -165,11 +185,15 @@ class Trainer:
             _seed_all(self.cfg.seed * 1000 + 1 + self.rank + 7919 * self.step)
 
     def app_state(self) -> dict[str, Any]:
-        """Everything shared by all ranks that a checkpoint holds."""
-        scaler = self.accelerator.scaler
+        """Everything shared by all ranks that a checkpoint holds (sharded: the part that is not sharded;
+        `shard_state` has the rest)."""
+        scaler = self.strategy.scaler
+        if self.strategy.sharded:
+            model_optim = split_state(self.module, self.optimizer)[2]
+        else:
+            model_optim = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         return {
-            "model": self._module.state_dict(),
-            "optimizer": self.optimizer.optimizer.state_dict(),
+            **model_optim,
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "trainer": {
@@ -180,6 +204,13 @@ class Trainer:
             },
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
         }
+
+    def shard_state(self) -> Shards | None:
+        """This rank's rows of the sharded tensors and their layout (None when nothing is sharded)."""
+        if not self.strategy.sharded:
+            return None
+        rows, layout, _ = split_state(self.module, self.optimizer)
+        return rows, layout
 
     def rank_state(self) -> dict[str, Any]:
         return {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
@@ -220,33 +251,21 @@ class Trainer:
 
     def train_step(self, batches: Any) -> None:
         """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only)."""
-        if not self._module.training:  # eval restores the mode; walking every module each step costs
+        if not self.module.training:  # eval restores the mode; walking every module each step costs
             self.model.train()
-        for _ in range(self.cfg.trainer.grad_accum):
+        accum = self.cfg.trainer.grad_accum
+        for micro in range(accum):
             batch = self._to_device(next(batches))
-            with self.accelerator.accumulate(self.model):
+            with self.strategy.accumulate(last=micro == accum - 1):
                 loss = self.pipeline.loss(self.model, batch)
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self._optimizer_step()
+                self.strategy.backward(loss)
             self._window_loss += loss.detach()
+        self.strategy.optimizer_step(self.cfg.trainer.grad_clip)
         self.scheduler.step()
         self.step += 1
         self._window_steps += 1
         self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
         self.ckpt.check()
-
-    def _optimizer_step(self) -> None:
-        """Clip, step and zero, on the micro-batch that ends an optimizer step.
-
-        accelerate's optimizer wrapper asks importlib on every call whether an optional package is
-        installed (two sys.path scans) and inspects a signature: ~0.12 ms a step (bench/RESULTS.md).
-        Without a grad scaler (fp16) it only forwards the call, so call the torch optimizer directly."""
-        if self.cfg.trainer.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-        optimizer = self.optimizer if self.accelerator.scaler is not None else self.optimizer.optimizer
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def log_train_window(self) -> None:
         """Reduce the window's mean loss over ranks and write it. Must be called on all ranks."""
@@ -277,7 +296,8 @@ class Trainer:
 
     def maybe_checkpoint(self, final: bool = False) -> None:
         """Let the manager decide whether this step saves. Must be called on all ranks."""
-        self._saved(self.ckpt.maybe_save(self.step, self.app_state, self.rank_state, final=final))
+        saved = self.ckpt.maybe_save(self.step, self.app_state, self.rank_state, final=final, shards=self.shard_state)
+        self._saved(saved)
 
     def save_checkpoint(self, reason: str = "manual") -> None:
         """Save now, synchronously (hooks may call this on demand); a step already saved is not saved
@@ -285,7 +305,10 @@ class Trainer:
         if self.ckpt.last_step == self.step:
             self.ckpt.wait()
             return
-        self._saved(self.ckpt.save(self.step, self.app_state(), self.rank_state(), sync=True, reason=reason))
+        result = self.ckpt.save(
+            self.step, self.app_state(), self.rank_state(), sync=True, reason=reason, shards=self.shard_state()
+        )
+        self._saved(result)
 
     def _saved(self, result: SaveResult | None) -> None:
         if result is not None:
@@ -308,7 +331,7 @@ class Trainer:
         dataset = self.datasets.get(split)
         if dataset is None:
             return None
-        model = self._module
+        model = self.module
         # Buffers (BatchNorm statistics) drift apart between ranks in training: DDP hands rank 0's to
         # the others only at the next forward. Evaluate what a checkpoint holds (rank 0's) everywhere.
         dist.broadcast_tensors_from_main(list(model.buffers()))
@@ -318,19 +341,27 @@ class Trainer:
         size = dataset_size(dataset, split)
         batches = ShardedEvalBatches(size, self.cfg.data.eval_batch_size, self.rank, self.world)
         try:
-            with torch.no_grad(), self.accelerator.autocast():
+            with torch.no_grad(), self.strategy.autocast():
                 for batch in make_loader(dataset, batches, self.cfg.data.num_workers, self._pin()):
                     if stoppable and self.agreement.poll() is not None:
                         return None
-                    if batch is not None:
-                        for key, value in self.pipeline.eval_step(model, self._to_device(batch)).items():
-                            sums[key] = sums.get(key, 0) + value.detach().double()
+                    self._eval_batch(model, batch, dataset, sums)
         finally:
             model.train(was_training)
         keys = dist.broadcast_from_main(sorted(sums))
         totals = dict(zip(keys, dist.all_reduce_sum([float(sums[k]) if k in sums else 0.0 for k in keys])))
         count = totals.pop("count", None) or 1.0
         return {f"{split}/{k}": v / count for k, v in totals.items()}
+
+    def _eval_batch(self, model: torch.nn.Module, batch: Any, dataset: Any, sums: dict[str, Any]) -> None:
+        if batch is None and self.strategy.eval_needs_every_rank():
+            # A sharded forward is a collective: a rank whose slice is empty still runs one, on a
+            # sample it then ignores, or the others would wait for it in the all-gather.
+            self.pipeline.eval_step(model, self._to_device(collate_or_empty([dataset[0]])))
+            return
+        if batch is not None:
+            for key, value in self.pipeline.eval_step(model, self._to_device(batch)).items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
 
     def test(self) -> dict[str, float]:
         """Evaluate the loaded weights on the test split (or eval, if there is none) and write
@@ -349,7 +380,7 @@ class Trainer:
         ("terminate called without an active exception") after a run that otherwise succeeded.
         """
         self.agreement.close()
-        self.accelerator.free_memory()
+        self.strategy.close()
         del self.model, self.optimizer, self.scheduler
         gc.collect()
         self.lease.release()
@@ -417,21 +448,6 @@ class Trainer:
             getattr(hook, point)(self, *args)
 
 
-def _make_accelerator(cfg: Config) -> Accelerator:
-    handlers = [
-        # A rank that dies or hangs must not leave the others blocked forever in a collective.
-        InitProcessGroupKwargs(timeout=dist.timeout(cfg.trainer.collective_timeout_s)),
-    ]
-    return Accelerator(
-        mixed_precision=cfg.trainer.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
-        # accelerate only sets up CPU DDP (gloo) when told cpu=True; without a GPU, say so.
-        cpu=cfg.trainer.cpu or not torch.cuda.is_available(),
-        kwargs_handlers=handlers,
-        step_scheduler_with_optimizer=False,
-    )
-
-
 def _check_compatible(cfg: Config, loaded: Loaded) -> None:
     """Refuse a checkpoint whose run differs in a key that makes its state meaningless here."""
     changed = resume_conflicts(dict(loaded.manifest.get("fingerprint") or {}), cfg)
@@ -441,20 +457,23 @@ def _check_compatible(cfg: Config, loaded: Loaded) -> None:
 
 def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, refusing (as bad input, one line) a checkpoint whose tensors do not fit the model."""
-    current = module.state_dict()
+    _check_shapes(module.state_dict(), {k: tuple(v.shape) for k, v in saved.items()}, source)
+    module.load_state_dict(saved)
+
+
+def _check_shapes(current: dict[str, torch.Tensor], saved: dict[str, tuple[int, ...]], source: str) -> None:
     hint = "restore the config or code the checkpoint was made with, or start a new run_dir"
     for name, tensor in current.items():
         if name not in saved:
             raise ConfigError(f"the checkpoint {source} has no tensor {name!r} that the model has; {hint}")
-        if tuple(saved[name].shape) != tuple(tensor.shape):
+        if tuple(saved[name]) != tuple(tensor.shape):
             raise ConfigError(
-                f"the checkpoint {source} does not fit the model: {name} is {tuple(saved[name].shape)} there "
+                f"the checkpoint {source} does not fit the model: {name} is {tuple(saved[name])} there "
                 f"but {tuple(tensor.shape)} now; {hint}"
             )
     extra = sorted(set(saved) - set(current))
     if extra:
         raise ConfigError(f"the checkpoint {source} has a tensor {extra[0]!r} the model lacks; {hint}")
-    module.load_state_dict(saved)
 
 
 def _seed_all(seed: int) -> None:

@@ -78,11 +78,12 @@ def _ls(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if not infos:
         print(f"no committed checkpoints under {manager.dir}")
         return 0
-    print(f"{'step':>10}  {'size':>10}  {'time':<19}  verified")
+    print(f"{'step':>10}  {'size':>10}  {'time':<19}  {'layout':<14}  verified")
     for info in infos:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time)) if info.time else "?"
         status = "yes" if info.verified else f"NO: {info.problem}"
-        print(f"{info.step:>10}  {_human(info.bytes):>10}  {when:<19}  {status}")
+        layout = f"fsdp, {info.world_size} shards" if info.strategy == "fsdp" else "whole"
+        print(f"{info.step:>10}  {_human(info.bytes):>10}  {when:<19}  {layout:<14}  {status}")
     return 0
 
 

@@ -50,6 +50,12 @@ class Pipeline:
         """The scalar training loss of one micro-batch (a mean over its samples)."""
         raise NotImplementedError
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """With trainer.strategy=fsdp, the submodules sharded as units of their own (each all-gathered
+        just before it runs and freed after): a transformer's blocks. The default is every module held
+        in an nn.ModuleList; none means only the whole model is one unit."""
+        return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums over the batch, plus "count". disttrain adds them over all batches and ranks, then reports
         each as sum / count: return {"loss": loss_sum, "accuracy": n_correct, "count": n} to get the mean

@@ -91,7 +91,8 @@ def outcome(run_dir: Path, steps: int) -> dict:
     """What must match an uninterrupted run: every logged number except throughput, and the weights."""
     records = [{k: v for k, v in r.items() if k != "train/samples_per_sec"} for r in read_jsonl(Path(run_dir) / "metrics.jsonl")]
     manifest = json.loads((Path(run_dir) / "checkpoints" / f"step_{steps:08d}" / "manifest.json").read_text())
-    return {"records": records, "weights": manifest["files"]["model.safetensors"]["sha256"]}
+    weights = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}  # or shards
+    return {"records": records, "weights": weights}
 
 
 class Reference:

@@ -59,6 +59,7 @@ def references(tmp_path_factory):
     refs = {
         "time_limit": Reference(base / "time_limit", TIME_LIMIT_RUN, TIME_LIMIT_STEPS),
         "preempt": Reference(base / "preempt", PREEMPT_RUN, PREEMPT_STEPS),
+        "preempt_fsdp": Reference(base / "preempt_fsdp", (*PREEMPT_RUN, "trainer.strategy=fsdp"), PREEMPT_STEPS),
     }
     yield refs
     for ref in refs.values():
@@ -125,9 +126,11 @@ def test_time_limit_warning_saves_requeues_and_resumes_bit_identically(slurm, tm
     assert outcome(run_dir, TIME_LIMIT_STEPS) == references["time_limit"].outcome()
 
 
-def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(slurm, tmp_path, references):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(slurm, tmp_path, references, strategy):
     run_dir = tmp_path / "run"
-    job = submit(slurm, run_dir, *TWO_NODES, "--cpus-per-task", "2", "--time", "5", *PREEMPT_RUN)
+    run = (*PREEMPT_RUN, f"trainer.strategy={strategy}")
+    job = submit(slurm, run_dir, *TWO_NODES, "--cpus-per-task", "2", "--time", "5", *run)
     wait_for_event(run_dir, lambda e: e["event"] == "checkpoint" and e["step"] >= 10, 60, slurm, job)
     t0 = time.monotonic()
     high = slurm.sbatch("--partition=high", *WHOLE_CLUSTER, wrap="sleep 1")
@@ -142,8 +145,8 @@ def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(slurm, 
     wait_finished(slurm, job, run_dir, timeout=90)
 
     resumed = _check_requeued_run(run_dir, job, requeue)
-    _report("preemption", requeue, off_nodes, slurm.scontrol_show_job(job), resumed)
-    assert outcome(run_dir, PREEMPT_STEPS) == references["preempt"].outcome()
+    _report(f"preemption ({strategy})", requeue, off_nodes, slurm.scontrol_show_job(job), resumed)
+    assert outcome(run_dir, PREEMPT_STEPS) == references["preempt" if strategy == "ddp" else "preempt_fsdp"].outcome()
 
 
 def test_max_requeues_is_honoured(slurm, tmp_path):

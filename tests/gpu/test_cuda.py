@@ -41,3 +41,19 @@ def test_two_gpu_nccl_run_is_reproducible(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         digests.append([r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r])
     assert digests[0] == digests[1]
+
+
+def test_tiny_gpt_fsdp_bf16_on_one_gpu_trains_saves_and_resumes(tmp_path):
+    """FSDP2 over NCCL with a world of one (a single GPU): bf16 compute, fp32 reduction, a sharded
+    checkpoint holding the CUDA RNG, and a resume from it."""
+    args = (f"run_dir={tmp_path}", "--config", "configs/tiny_gpt_fsdp.yaml", "trainer.mixed_precision=bf16",
+            "trainer.log_every=1", "checkpoint.every_steps=10", "trainer.eval_every=0", *FAST)  # fmt: skip
+    first = run_main(*args, "trainer.max_steps=20")
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    step_dir = tmp_path / "checkpoints" / "step_00000020"
+    assert json.loads((step_dir / "manifest.json").read_text())["strategy"] == "fsdp"
+    assert "cuda" in torch.load(step_dir / "ranks.pt", weights_only=True)[0]["rng"]
+    second = run_main(*args, "trainer.max_steps=30")
+    assert second.returncode == 0 and "resumed from step 20" in second.stdout, second.stderr[-3000:]

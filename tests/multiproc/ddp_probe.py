@@ -19,7 +19,7 @@ from disttrain.trainer import Trainer
 def main(out: str, overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
     trainer = Trainer(cfg, detect())
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.module
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainer.train_step(iter(trainer._train_loader()))
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}

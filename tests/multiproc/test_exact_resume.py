@@ -32,7 +32,9 @@ def outcome(run_dir: Path) -> dict:
         {k: v for k, v in r.items() if k not in ("train/samples_per_sec",)} for r in read_jsonl(run_dir / "metrics.jsonl")
     ]
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
-    return {"records": records, "weights": manifest["files"]["model.safetensors"]["sha256"]}
+    # The weights' files: model.safetensors, or (sharded) every rank's shard file.
+    weights = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}
+    return {"records": records, "weights": weights}
 
 
 _REFERENCES: dict[tuple[str, ...], dict] = {}

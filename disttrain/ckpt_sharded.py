@@ -1,0 +1,221 @@
+"""The sharded checkpoint format (trainer.strategy=fsdp), and loading any checkpoint into any layout.
+
+A sharded step directory holds, besides `state.pt` and `ranks.pt` (as in the replicated format):
+
+    shard_00000.safetensors ...   one per rank: its rows of every sharded tensor, under
+                                  `model/<name>` and `optim/<param name>/<state>` (exp_avg, ...)
+
+and its `manifest.json` (format 2) records the layout as JSON: for every sharded tensor its global
+shape, dtype and each rank's rows of dim 0. Nothing in it is pickled; `state.pt` (optimizer
+hyper-parameters by parameter name, scheduler, trainer, hooks, unsharded buffers) is loaded only with
+`torch.load(weights_only=True)` after its sha256 matched, like every other file.
+
+`SavedState` reads either format and hands out rows of any tensor, so a checkpoint loads into the
+same layout (each rank reads only its own shard file), another world size (rows are cut from the
+saved shards that overlap), or the other strategy (a replicated checkpoint into fsdp and back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from disttrain import ckpt_format as fmt
+from disttrain import dist, fs
+from disttrain.ckpt_format import CheckpointError
+
+State = dict[str, Any]
+FORMAT = 2
+
+
+def shard_name(rank: int) -> str:
+    return f"shard_{rank:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------- save
+
+
+def split_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], State, State]:
+    """(this rank's rows of every sharded tensor, their layout, the plain rest) of model + optimizer.
+
+    The plain rest is what every rank holds whole (buffers, the optimizer's step counts and
+    hyper-parameters): rank 0 saves it in state.pt. Optimizer state is keyed by parameter name, not
+    index, so that it can be resharded into another layout."""
+    rows: dict[str, torch.Tensor] = {}
+    layout: State = {}
+    plain_model: State = {}
+    for name, t in module.state_dict().items():
+        _put(f"model/{name}", t, rows, layout, plain_model, name)
+    by_name = named_optimizer_state(optimizer.state_dict(), parameter_names(module, optimizer))
+    plain_state: State = {}
+    for pname, entries in by_name["state"].items():
+        for key, value in entries.items():
+            target = plain_state.setdefault(pname, {})
+            _put(f"optim/{pname}/{key}", value, rows, layout, target, key)
+    optim_plain = {"param_groups": by_name["param_groups"], "state": plain_state}
+    return rows, layout, {"model": plain_model, "optimizer": optim_plain}
+
+
+def _put(key: str, t: Any, rows: dict, layout: State, plain: State, plain_key: str) -> None:
+    if isinstance(t, torch.Tensor) and dist.is_sharded(t):
+        local = dist.local_part(t)
+        start, _ = dist.local_rows(t)
+        rows[key] = local
+        layout[key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                       "rows": [start, start + local.shape[0]]}  # fmt: skip
+    else:
+        plain[plain_key] = t
+
+
+def write_shard(work: str, rank: int, rows: dict[str, torch.Tensor]) -> tuple[str, State]:
+    """Write this rank's rows to its shard file; returns (file name, {bytes, sha256})."""
+    data = safetensors.torch.save({k: v.contiguous() for k, v in rows.items()})
+    name = shard_name(rank)
+    return name, fmt.put(fs.join(work, name), data)
+
+
+def merge_layouts(per_rank: list[State]) -> State:
+    """Rank 0: one layout from every rank's, each tensor with the rows each rank holds."""
+    merged: State = {}
+    for rank, layout in enumerate(per_rank):
+        for key, entry in layout.items():
+            into = merged.setdefault(key, {"shape": entry["shape"], "dtype": entry["dtype"], "shards": []})
+            into["shards"].append({"file": shard_name(rank), "rows": entry["rows"]})
+    return merged
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+class SavedState:
+    """A verified checkpoint of either format, handing out rows of its tensors by name.
+
+    `plain` is state.pt with the optimizer state keyed by parameter name. Shard files are read (whole,
+    hashed, then parsed: safetensors runs no code) only when a requested row range overlaps them."""
+
+    def __init__(self, path: str, manifest: State, plain: State, names: list[str] | None):
+        self.path, self.manifest = path, manifest
+        self.sharded = int(manifest.get("format", 1)) >= FORMAT
+        self.layout: State = manifest.get("layout") or {}
+        self._files: dict[str, dict[str, torch.Tensor]] = {}
+        if self.sharded:
+            self.plain = plain
+        else:  # the replicated format: full weights (model.safetensors, read already), optimizer by index
+            model = plain["model"]
+            self.layout = {f"model/{k}": _whole(fmt.FILES[0], k, v) for k, v in model.items()}
+            self._files[fmt.FILES[0]] = {f"model/{k}": v for k, v in model.items()}
+            optim = named_optimizer_state(plain["optimizer"], names) if names is not None else None
+            self.plain = {**plain, "model": {}, "optimizer": optim}
+
+    def shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
+        """{name: global shape} of the saved tensors under `prefix` (e.g. "model/"), plain ones too."""
+        out = {k.removeprefix(prefix): tuple(e["shape"]) for k, e in self.layout.items() if k.startswith(prefix)}
+        plain = self.plain.get(prefix.rstrip("/")) or {}
+        return {**out, **{k: tuple(v.shape) for k, v in plain.items() if isinstance(v, torch.Tensor)}}
+
+    def has(self, key: str) -> bool:
+        return key in self.layout
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the saved tensor `key`, cut from the shards that hold them."""
+        entry = self.layout[key]
+        pieces = []
+        for shard in entry["shards"]:
+            lo, hi = shard["rows"]
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                pieces.append(self._file(shard["file"])[key][a - lo : b - lo])
+        if not pieces:
+            shape = [max(0, stop - start), *entry["shape"][1:]]
+            return torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def full(self, key: str) -> torch.Tensor:
+        entry = self.layout[key]
+        if len(entry["shards"]) == 1:  # whole in one file (a replicated checkpoint, or one rank)
+            return self._file(entry["shards"][0]["file"])[key]
+        return self.rows(key, 0, entry["shape"][0])
+
+    def _file(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._files:
+            data = fmt.read_verified(self.path, name, self.manifest)
+            try:
+                self._files[name] = safetensors.torch.load(data)
+            except Exception as err:  # the safetensors parser's own error types
+                raise CheckpointError(f"{fs.join(self.path, name)}: not a safetensors file ({err})") from None
+        return self._files[name]
+
+
+def _whole(file: str, key: str, t: torch.Tensor) -> State:
+    rows = t.shape[0] if t.dim() else 1
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "shards": [{"file": file, "rows": [0, rows]}]}
+
+
+def load_model(module: nn.Module, saved: SavedState, source: str) -> None:
+    """Fill the model's tensors (sharded or whole) from `saved`, in this rank's layout."""
+    out: State = {}
+    for name, t in module.state_dict().items():
+        key = f"model/{name}"
+        if saved.has(key):
+            out[name] = _cut(saved, key, t)
+        elif name in saved.plain.get("model", {}):
+            out[name] = saved.plain["model"][name]
+        else:
+            raise CheckpointError(f"{source} has no tensor {name!r} for the model")
+    module.load_state_dict(out)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, saved: SavedState) -> None:
+    """Give the optimizer its saved state, matched by parameter name and cut to this rank's layout."""
+    names = parameter_names(module, optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_name = saved.plain["optimizer"]
+    state: dict[int, State] = {}
+    for index, (name, param) in enumerate(zip(names, params)):
+        entries = {k: _cut_plain(v, param) for k, v in by_name["state"].get(name, {}).items()}
+        for key in [k for k in saved.layout if k.startswith(f"optim/{name}/")]:
+            entries[key.rsplit("/", 1)[1]] = _cut(saved, key, param)
+        if entries:
+            state[index] = entries
+    groups = [{**g, "params": [names.index(n) for n in g["params"]]} for g in by_name["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _cut(saved: SavedState, key: str, like: torch.Tensor) -> torch.Tensor:
+    """The saved tensor `key` in the layout of `like`: this rank's rows if `like` is sharded."""
+    if dist.is_sharded(like):
+        start, stop = dist.local_rows(like)
+        return dist.sharded_like(like, saved.rows(key, start, stop).to(dist.local_part(like).dtype))
+    return saved.full(key)
+
+
+def _cut_plain(value: Any, param: torch.Tensor) -> Any:
+    """A whole per-parameter state tensor (from a replicated checkpoint) cut to a sharded parameter's rows."""
+    if isinstance(value, torch.Tensor) and dist.is_sharded(param) and value.shape == param.shape:
+        start, stop = dist.local_rows(param)
+        return dist.sharded_like(param, value[start:stop].to(dist.local_part(param).dtype))
+    return value
+
+
+def parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The module's name of every optimizer parameter, in the optimizer's order (its state's indices)."""
+    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def named_optimizer_state(sd: State, names: list[str]) -> State:
+    """An optimizer state_dict keyed by parameter index, re-keyed by parameter name."""
+    state = {names[int(i)]: dict(entries) for i, entries in sd["state"].items()}
+    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def consolidate(path: str, manifest: State) -> dict[str, torch.Tensor]:
+    """Every model tensor of a sharded checkpoint, whole (export: no process group, any world size)."""
+    plain = fmt.read_state(path, manifest)
+    saved = SavedState(path, manifest, plain, names=None)
+    model = {k.removeprefix("model/"): saved.full(k) for k in saved.layout if k.startswith("model/")}
+    return {**model, **plain.get("model", {})}

@@ -133,10 +133,13 @@ def open_file(path: str, mode: str = "rb") -> IO[Any] | _BoundedFile:
 
 def read_bytes(path: str) -> bytes:
     if is_local(path):
-        with open_file(path, "rb") as fh:
-            return fh.read()
+        with open(_local(path), "rb") as local:
+            return local.read()
     fs, inner = filesystem(path)
-    return storage_call("reading", path, lambda: bytes(fs.cat_file(inner)))
+    fh = storage_call("opening", path, lambda: fs.open(inner, "rb"))
+    with fh:  # closing a file opened for reading sends nothing
+        size = getattr(fh, "size", None)  # known once open: a big file gets the time its size needs
+        return storage_call("reading", path, fh.read, nbytes=size if isinstance(size, int) else 0)
 
 
 def read_text(path: str) -> str:

@@ -193,11 +193,17 @@ class HangWatch:
             f"and a margin): it hangs in {_main_thread_at()}; exiting so that the job does not wait for it"
         )
         print(f"disttrain: {message}", file=sys.stderr, flush=True)
-        if self.on_hang is not None:
-            with contextlib.suppress(Exception):
-                self.on_hang(message)
+        if self.on_hang is not None:  # on a thread of its own: the storage it writes to may be what hangs
+            record = threading.Thread(target=self._record, args=(message,), daemon=True)
+            record.start()
+            record.join(timeout=10)
         sys.stdout.flush()
         os._exit(1)
+
+    def _record(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            if self.on_hang is not None:
+                self.on_hang(message)
 
 
 def _main_thread_at() -> str:

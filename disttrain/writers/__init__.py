@@ -82,7 +82,8 @@ class EventLog:
         line = redact_text(json.dumps(record, default=str), self.secrets) + "\n"
         try:
             if not self._repaired:  # a torn last line (kill -9, full disk) must not swallow this record
-                self._repaired = repair_tail(self.path) or True
+                repair_tail(self.path)
+                self._repaired = True
             fs.append_text(self.path, line)
         except Exception as err:  # any storage failure: an event must never take the run down
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]

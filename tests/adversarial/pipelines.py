@@ -19,7 +19,7 @@ class RaisingInit(DigitsPipeline):
 
 
 class TinyTrain(DigitsPipeline):
-    """A train split of `n` samples (0: empty)."""
+    """A train split of `n` samples (0: empty: no batch can be drawn)."""
 
     def __init__(self, n: int = 0):
         super().__init__()

@@ -446,6 +446,14 @@ class CheckpointManager:
             fs.atomic_write(out, fmt.read_verified(path, "model.safetensors", m))
         return int(m["step"])
 
+    def read_weights(self, step: int | None = None) -> tuple[int, State]:
+        """(step, the model's tensors) of a checkpoint (the newest verified by default), verified first."""
+        path = self._resolve(step)
+        m = fmt.read_manifest(path)
+        if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
+            return int(m["step"]), ckpt_sharded.consolidate(path, m)
+        return int(m["step"]), fmt.parse_weights(path, fmt.read_verified(path, "model.safetensors", m))
+
     def _resolve(self, path_or_step: str | int | None) -> str:
         if isinstance(path_or_step, int):
             return self._path(path_or_step)

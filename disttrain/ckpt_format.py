@@ -230,6 +230,14 @@ def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     return {"model": model, **state}, ranks
 
 
+def parse_weights(path: str, data: bytes) -> State:
+    """The tensors of a model.safetensors whose bytes were verified; CheckpointError if unparsable."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as err:  # the safetensors parser's own error types
+        raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
+
+
 def read_state(path: str, m: State) -> State:
     """state.pt, verified then loaded with weights_only."""
     state = _torch_load(read_verified(path, "state.pt", m), fs.join(path, "state.pt"))

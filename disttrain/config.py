@@ -22,7 +22,11 @@ from typing import Any
 import yaml
 
 DEFAULT_PIPELINE = "disttrain.pipelines.digits:DigitsPipeline"
-SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I)
+# "token" names credentials (HF_TOKEN, api_token) but also model vocabulary ids and counts (bos_token_id,
+# tokenizer, max_new_tokens): those are model config a from_pretrained export needs, never secrets.
+SECRET_KEY_PATTERN = re.compile(
+    r"(secret|token(?!s|izer|_?ids?\b|_type)|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I
+)
 REDACTED = "***REDACTED***"
 _SCI_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 

@@ -8,6 +8,9 @@ global batch consumes exactly the same samples per step: none repeated, none ski
 
 Each epoch trains on floor(N / batch_size) full batches; the remainder of the shuffled order is left
 for that epoch (a different remainder every epoch, so every sample is still seen).
+
+A train split that is a stream (disttrain.stream) has no global order: each rank reads its own part,
+and `StreamBatches` keeps this rank's position, saved per rank in the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from disttrain.config import ConfigError
+from disttrain.stream import Position, Stream
 
 # Signals the preemption protocol handles in the main process. A DataLoader worker that received one
 # would die mid-batch and take the step with it, so workers ignore them (DESIGN §5).
@@ -98,8 +102,8 @@ def dataset_size(dataset: Dataset, split: str) -> int:
     """The number of samples of a map-style split. Raises ConfigError for a split without a length."""
     if not isinstance(dataset, Sized):
         raise ConfigError(
-            f"the {split} split ({type(dataset).__name__}) has no len(): disttrain's sampler needs a "
-            "map-style dataset (__len__ and __getitem__)"
+            f"the {split} split ({type(dataset).__name__}) has no len(): it is read whole at every eval, so "
+            "it must be a map-style dataset (__len__ and __getitem__); only the train split may be a stream"
         )
     return len(dataset)
 
@@ -199,3 +203,96 @@ def make_loader(
         prefetch_factor=4 if num_workers else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class StreamBatches:
+    """This rank's micro-batches from a Stream, and the position after the last batch handed out.
+
+    Each batch travels with the position after its last sample, from wherever it was read (this process,
+    or one DataLoader worker when data.num_workers > 0: a stream is sequential, so one reader keeps its
+    order), and `position` moves only when the trainer takes the batch: prefetching never moves it.
+    A part that ends mid-batch continues the batch from the part's next pass (epoch), so every sample is
+    used and a batch boundary is always a position to resume from.
+    """
+
+    def __init__(self, stream: Stream, *, rank: int, world_size: int, micro: int, num_workers: int):
+        self.stream, self.rank, self.world, self.micro = stream, rank, world_size, micro
+        self.workers = min(num_workers, 1)
+        self.position: Position = {"epoch": 0, "at": None}
+        self._problem: str | None = None  # why restored positions cannot continue (see check)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.position["epoch"])
+
+    def restore(self, rank_state: dict[str, Any] | None, saved_world: int) -> None:
+        """Continue from the position a checkpoint saved for this rank. Positions that cannot continue
+        here (another world size, changed data) are refused by `check()` when training starts, not now:
+        evaluating the checkpoint (--test) needs none."""
+        try:
+            position = _saved_position(rank_state, saved_world, self.world)
+            self.stream.check_position(self.rank, self.world, position["at"])
+        except ConfigError as err:
+            self._problem = str(err)
+        else:
+            self.position, self._problem = position, None
+
+    def check(self) -> None:
+        """Raise ConfigError if the restored positions cannot continue this stream."""
+        if self._problem is not None:
+            raise ConfigError(self._problem)
+
+    def batches(self, seed: int) -> Iterator[Any]:
+        """Endless micro-batches of this rank's part, from `position`."""
+        source: Iterator[tuple[Any, Position]] = self._read()
+        if self.workers:
+            loader = DataLoader(
+                _Positioned(self), batch_size=None, num_workers=1, worker_init_fn=_ignore_signals,
+                prefetch_factor=4, generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+            source = iter(loader)
+        for batch, position in source:
+            self.position = position
+            yield batch
+
+    def _read(self) -> Iterator[tuple[Any, Position]]:
+        epoch, at = self.epoch, self.position["at"]
+        samples: list[Any] = []
+        while True:
+            empty = True
+            for sample, after in self.stream.read(self.rank, self.world, epoch, at):
+                empty = False
+                samples.append(sample)
+                if len(samples) == self.micro:
+                    yield default_collate(samples), {"epoch": epoch, "at": after}
+                    samples = []
+            if empty and at is None:
+                raise ConfigError(
+                    f"part {self.rank} of {self.world} of the train stream is empty: give it more data or use "
+                    "fewer ranks"
+                )
+            epoch, at = epoch + 1, None
+
+
+def _saved_position(rank_state: dict[str, Any] | None, saved_world: int, world: int) -> Position:
+    if rank_state is None:
+        raise ConfigError(
+            f"cannot resume at world size {world}: the train split is a stream split into one part per "
+            f"rank, and the checkpoint holds the positions of {saved_world} parts; resume with {saved_world} "
+            "ranks, or start a new run_dir with init_from=PATH to keep only the weights"
+        )
+    if "stream" not in rank_state:
+        raise ConfigError(
+            "the checkpoint holds no stream position (its train split was map-style); start a new run_dir"
+        )
+    return dict(rank_state["stream"])
+
+
+class _Positioned(IterableDataset):
+    """StreamBatches' (batch, position) pairs, for a DataLoader worker to produce."""
+
+    def __init__(self, batches: StreamBatches):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[tuple[Any, Position]]:
+        return self.batches._read()

@@ -42,6 +42,7 @@ from disttrain.data import (
     DataCursor,
     ResumableBatchSampler,
     ShardedEvalBatches,
+    StreamBatches,
     advance,
     check_train_split,
     collate_or_empty,
@@ -54,6 +55,7 @@ from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, r
 from disttrain.parallel import build_strategy
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
+from disttrain.stream import as_stream
 from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
 
 
@@ -89,8 +91,10 @@ class Trainer:
         self.datasets = self.pipeline.datasets()
         if "train" not in self.datasets:
             raise ConfigError(f"{cfg.pipeline.target}.datasets() returned no 'train' split; add one")
-        self.train_size = dataset_size(self.datasets["train"], "train")
-        check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
+        self.stream, self.train_size = _train_stream(cfg, self.datasets, self.rank, self.world), 0
+        if self.stream is None:  # a map-style train split
+            self.train_size = dataset_size(self.datasets["train"], "train")
+            check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = self.pipeline.build_model()
         on_cuda = self.device.type == "cuda"
@@ -177,6 +181,8 @@ class Trainer:
         for hook in self.hooks:
             if type(hook).__name__ in app.get("hooks", {}):
                 hook.load_state_dict(app["hooks"][type(hook).__name__])
+        if self.stream is not None:  # a stream's position is per rank: only the same world size resumes it
+            self.stream.restore(loaded.rank_state, int(loaded.manifest["world_size"]))
         if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
             restore_rank_state(loaded.rank_state["rng"])
             self._window_loss = torch.tensor(loaded.rank_state["window_loss"], device=self.device)
@@ -213,7 +219,8 @@ class Trainer:
         return rows, layout
 
     def rank_state(self) -> dict[str, Any]:
-        return {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
+        state = {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
+        return state if self.stream is None else {**state, "stream": self.stream.position}
 
     # ------------------------------------------------------------------------------------- train
 
@@ -224,6 +231,8 @@ class Trainer:
                 f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
             )
             return FitResult("already_done", self.step)
+        if self.stream is not None:
+            self.stream.check()  # positions restored for this world size, before anything is written
         own_handlers = not self.signal.installed
         if own_handlers:
             self.signal.install()
@@ -264,7 +273,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self._window_steps += 1
-        self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
+        if self.stream is None:  # a stream's position moves as its batches are taken
+            self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
         self.ckpt.check()
 
     def log_train_window(self) -> None:
@@ -277,7 +287,7 @@ class Trainer:
             "train/loss": loss_total / self.world,
             "train/lr": float(self.scheduler.get_last_lr()[0]) if self.step else self.cfg.optim.lr,
             "train/samples_per_sec": steps * self.cfg.data.batch_size / elapsed,
-            "train/epoch": self.cursor.epoch + self.cursor.offset / self.train_size,
+            "train/epoch": self._epoch(),
         }
         self.writer.log(self.step, self.last_train_metrics)
         self._window_loss.zero_()
@@ -423,7 +433,15 @@ class Trainer:
                 f"(trainer.threads={saved} would keep them)"
             )
 
+    def _epoch(self) -> float:
+        if self.stream is not None:
+            return float(self.stream.epoch)  # passes over this rank's part (rank 0's is logged)
+        return self.cursor.epoch + self.cursor.offset / self.train_size
+
     def _train_loader(self) -> Any:
+        seed = self.cfg.seed * 1000 + self.rank + 7919 * self.step  # worker seeds differ per rank and segment
+        if self.stream is not None:
+            return self.stream.batches(seed)
         sampler = ResumableBatchSampler(
             self.train_size,
             self.cfg.data.batch_size,
@@ -434,7 +452,6 @@ class Trainer:
             shuffle=self.cfg.data.shuffle,
             start=self.cursor,
         )
-        seed = self.cfg.seed * 1000 + self.rank + 7919 * self.step  # worker seeds differ per rank and segment
         return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin(), seed)
 
     def _pin(self) -> bool:
@@ -446,6 +463,19 @@ class Trainer:
     def _call(self, point: str, *args: Any) -> None:
         for hook in self.hooks:
             getattr(hook, point)(self, *args)
+
+
+def _train_stream(cfg: Config, splits: dict[str, Any], rank: int, world: int) -> StreamBatches | None:
+    """This rank's reader of a streamed train split, None for a map-style one. Eval and test splits are
+    read whole at every eval, so they must be map-style. Raises ConfigError."""
+    for split in ("eval", "test"):
+        if split in splits:
+            dataset_size(splits[split], split)
+    stream = as_stream(splits["train"], "train")
+    if stream is None:
+        return None
+    micro = cfg.data.batch_size // (world * cfg.trainer.grad_accum)
+    return StreamBatches(stream, rank=rank, world_size=world, micro=micro, num_workers=cfg.data.num_workers)
 
 
 def _check_compatible(cfg: Config, loaded: Loaded) -> None:

@@ -8,7 +8,9 @@ import time
 import torch
 from torch.utils.data import Dataset
 
+from disttrain.pipelines import Pipeline
 from disttrain.pipelines.digits import DigitsPipeline
+from disttrain.pipelines.hf import CausalLM
 
 
 class Indexed(Dataset):
@@ -77,3 +79,82 @@ class EnvWidthDigits(DigitsPipeline):
         from disttrain.pipelines.digits import DigitsCNN
 
         return DigitsCNN(int(os.environ.get("TEST_MODEL_WIDTH", "32")), self.dropout)
+
+
+def stream_record(i: int, pad: int = 0) -> dict:
+    """Record i of a ProbeStream file: 8 features and a label that depend on i alone."""
+    g = torch.Generator().manual_seed(i)
+    x = torch.randn(8, generator=g)
+    return {"id": i, "x": [round(v, 6) for v in x.tolist()], "y": int(x.sum() > 0), "pad": "." * pad}
+
+
+def _stream_sample(record: dict) -> dict:
+    return {"id": torch.tensor(record["id"]), "x": torch.tensor(record["x"]), "y": torch.tensor(record["y"])}
+
+
+class ProbeStream(Pipeline):
+    """A small classifier trained from a JSON-lines stream (`path`), with dropout (so resume must restore
+    each rank's RNG), a per-step delay, and with `record_dir` a file per process of every record id
+    trained on."""
+
+    def __init__(self, path: str = "", step_delay: float = 0.0, record_dir: str = ""):
+        self.path, self.step_delay, self.record_dir = path, step_delay, record_dir
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 2))
+
+    def datasets(self):
+        from torch.utils.data import TensorDataset
+
+        from disttrain.stream import JsonlStream
+
+        evals = [_stream_sample(stream_record(-1 - i)) for i in range(64)]
+        x, y = torch.stack([s["x"] for s in evals]), torch.stack([s["y"] for s in evals])
+        return {"train": JsonlStream(self.path, transform=_stream_sample), "eval": TensorDataset(x, y)}
+
+    def loss(self, model, batch):
+        if self.record_dir:
+            with open(os.path.join(self.record_dir, f"samples_{os.getpid()}.txt"), "a") as fh:
+                fh.write(" ".join(map(str, batch["id"].tolist())) + "\n")
+        time.sleep(self.step_delay)
+        return torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+
+    def eval_step(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return {
+            "loss": torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+            "accuracy": (logits.argmax(1) == y).sum(),
+            "count": torch.tensor(len(y)),
+        }
+
+
+class SlowCausalLM(CausalLM):
+    """The built-in HF pipeline with a per-step delay, so that a signal lands where a test wants it."""
+
+    def __init__(self, step_delay: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.step_delay = step_delay
+
+    def loss(self, model, batch):
+        time.sleep(self.step_delay)
+        return super().loss(model, batch)
+
+
+class PlainIterable(DigitsPipeline):
+    """Digits whose train split is a torch IterableDataset that cannot say where it is."""
+
+    def datasets(self):
+        from torch.utils.data import IterableDataset
+
+        class Samples(IterableDataset):
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __iter__(self):
+                return (self.inner[i] for i in range(len(self.inner)))
+
+        splits = super().datasets()
+        return {**splits, "train": Samples(splits["train"])}

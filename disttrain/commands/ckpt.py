@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
+
+import yaml
 
 from disttrain import fs
 from disttrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
-from disttrain.config import CheckpointConfig
+from disttrain.config import CheckpointConfig, ConfigError
+from disttrain.pipelines import pipeline_class
+from disttrain.rundir import RunDir
 
 
 class BadInput(Exception):
@@ -35,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the model weights alone as one safetensors file")
     export.add_argument("run_dir")
     export.add_argument("--step", type=int, help="which step (default: the newest that verifies)")
-    export.add_argument("--out", required=True, help="output path, e.g. model.safetensors")
+    export.add_argument(
+        "--out", required=True, help="output path, e.g. model.safetensors (with --hf: a folder)"
+    )
+    export.add_argument(
+        "--hf", action="store_true", help="write a folder transformers' from_pretrained loads (HF pipelines)"
+    )
     return parser
 
 
@@ -49,7 +59,7 @@ def main(argv: list[str]) -> int:
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, OSError) as err:
+    except (CheckpointError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -100,9 +110,40 @@ def _verify(manager: CheckpointManager, args: argparse.Namespace) -> int:
 def _export(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.step is not None:
         _infos(manager, args.step)  # a step that does not exist is bad input, not a failed check
+    if args.hf:
+        return _export_hf(manager, args)
     step = manager.export(args.out, args.step)
     print(f"exported the model weights of step {step} to {args.out}")
     return 0
+
+
+def _export_hf(manager: CheckpointManager, args: argparse.Namespace) -> int:
+    """The run's pipeline writes the folder: only it knows the model's config and its tied weights."""
+    target, pipe_args = _run_pipeline(manager.run_dir)
+    if not fs.is_local(args.out) or fs.isfile(args.out):
+        raise BadInput(f"--hf --out {args.out}: give a local folder (from_pretrained reads a folder)")
+    try:
+        export = getattr(pipeline_class(target), "export_pretrained", None)
+        if export is None:
+            raise BadInput(
+                f"the run's pipeline {target} has no HuggingFace export; drop --hf to export safetensors"
+            )
+        step, weights = manager.read_weights(args.step)
+        export(pipe_args, weights, args.out)
+    except ConfigError as err:
+        raise BadInput(str(err)) from None
+    print(f"exported step {step} as a transformers model to {args.out} (load it with from_pretrained)")
+    return 0
+
+
+def _run_pipeline(run_dir: str) -> tuple[str, dict[str, Any]]:
+    """The pipeline target and args of the run, from its config.yaml."""
+    try:
+        raw = yaml.safe_load(fs.read_text(RunDir(run_dir).config))
+        pipeline = raw["pipeline"]
+        return str(pipeline["target"]), dict(pipeline.get("args") or {})
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise BadInput(f"{run_dir}: no readable config.yaml with a pipeline section ({err})") from None
 
 
 def _human(n: float) -> str:

@@ -43,7 +43,8 @@ class Pipeline:
         raise NotImplementedError
 
     def datasets(self) -> dict[str, Dataset]:
-        """Map-style datasets by split: "train" (required), "eval" and "test" (optional)."""
+        """Datasets by split: "train" (required), "eval" and "test" (optional, map-style). "train" may be
+        a stream (disttrain.stream.Stream, or a HuggingFace datasets.IterableDataset) instead."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -67,14 +68,7 @@ def load_pipeline(cfg: PipelineConfig) -> Pipeline:
     """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError, also for
     a module that does not import and a constructor that raises: both are input the run cannot start
     from, so they get one line naming the file and line, not a traceback."""
-    module_name, _, class_name = cfg.target.partition(":")
-    module = _import(module_name)
-    cls = getattr(module, class_name, None)
-    if not (inspect.isclass(cls) and issubclass(cls, Pipeline)):
-        raise ConfigError(
-            f"pipeline.target: {module_name} has no Pipeline subclass named {class_name!r}; "
-            "write pipeline.target=package.module:ClassName"
-        )
+    cls = pipeline_class(cfg.target)
     _check_args(cls, cfg.args)
     try:
         return cls(**cfg.args)
@@ -83,6 +77,19 @@ def load_pipeline(cfg: PipelineConfig) -> Pipeline:
             f"pipeline.args: {cls.__name__}({', '.join(cfg.args)}) raised {_described(err)}; fix the "
             "arguments or the constructor"
         ) from None
+
+
+def pipeline_class(target: str) -> type[Pipeline]:
+    """The Pipeline subclass `package.module:ClassName` names, imported, not constructed. Raises ConfigError."""
+    module_name, _, class_name = target.partition(":")
+    module = _import(module_name)
+    cls = getattr(module, class_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Pipeline)):
+        raise ConfigError(
+            f"pipeline.target: {module_name} has no Pipeline subclass named {class_name!r}; "
+            "write pipeline.target=package.module:ClassName"
+        )
+    return cls
 
 
 def _import(module_name: str) -> Any:

@@ -47,7 +47,7 @@ def test_report_has_machine_command_and_tables_only(tmp_path):
 
 
 def test_cli_selects_sections():
-    assert parse([]).section_list == ["step", "ckpt", "async", "resume", "data"]
+    assert parse([]).section_list == ["step", "ckpt", "async", "resume", "data", "fsdp", "stream"]
     assert parse(["--gpu"]).section_list == ["gpu"]
     assert parse(["--gpu"]).out.endswith("RESULTS_GPU.md")
     assert parse(["--sections", "ckpt,gpu", "--gpu"]).section_list == ["ckpt", "gpu"]

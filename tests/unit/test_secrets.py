@@ -47,3 +47,18 @@ def test_planted_secrets_are_not_in_the_output(run):
 def test_the_secret_key_stays_visible_redacted(run):
     config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert config["pipeline"]["args"] == {"step_delay": 0.02, "eval_delay": 0.08, "api_token": REDACTED}
+
+
+def test_model_vocabulary_keys_are_not_taken_for_secrets():
+    """`token` in a key names a credential (hf_token), not a vocabulary id (bos_token_id) or a tokenizer:
+    an HF model's config must reach config.yaml as it is, or an export cannot rebuild the model."""
+    from disttrain.config import dump_yaml, load_config
+
+    cfg = load_config(overrides=[
+        "pipeline.args.model.bos_token_id=0", "pipeline.args.model.pad_token_id=1", "pipeline.args.tokenizer=gpt2",
+        "pipeline.args.max_new_tokens=8", "pipeline.args.hf_token=hf_abcdefgh12345678",
+    ])  # fmt: skip
+    args = yaml.safe_load(dump_yaml(cfg))["pipeline"]["args"]
+    assert args["model"] == {"bos_token_id": 0, "pad_token_id": 1}
+    assert args["tokenizer"] == "gpt2" and args["max_new_tokens"] == 8
+    assert args["hf_token"] == REDACTED

@@ -135,11 +135,11 @@ def read_bytes(path: str) -> bytes:
     if is_local(path):
         with open(_local(path), "rb") as local:
             return local.read()
+    # One GET for the whole object, given the time its size needs. Not through open(): s3fs pins the
+    # object's ETag when it opens it, and a log rewritten meanwhile (an append, on S3) fails the read.
     fs, inner = filesystem(path)
-    fh = storage_call("opening", path, lambda: fs.open(inner, "rb"))
-    with fh:  # closing a file opened for reading sends nothing
-        size = getattr(fh, "size", None)  # known once open: a big file gets the time its size needs
-        return storage_call("reading", path, fh.read, nbytes=size if isinstance(size, int) else 0)
+    size = storage_call("checking", path, lambda: int(fs.size(inner)))
+    return storage_call("reading", path, lambda: bytes(fs.cat_file(inner)), nbytes=size)
 
 
 def read_text(path: str) -> str:

@@ -330,10 +330,13 @@ class CheckpointManager:
         return f"previous checkpoint step {older[0].step} is intact" if older else "there is no earlier one"
 
     def _clean_stale(self) -> None:
-        """Remove what a killed save or deletion left: `*.tmp-*` dirs, step dirs without a manifest."""
+        """Remove what a killed save or deletion left: `*.tmp-*` dirs, step dirs without a manifest, a
+        `latest` being replaced; and stray `step_*` symlinks (the link only: a save of that step would
+        fail on it)."""
         committed = set(self.layout.committed_steps())
         for name in fs.listdir(self.dir):
-            if name.startswith("step_") and step_of(name) not in committed:
+            leftover = name.startswith(f".{LATEST}.") and name.endswith(".tmp")
+            if leftover or (name.startswith("step_") and step_of(name) not in committed):
                 fs.remove(fs.join(self.dir, name), recursive=True)
 
     def _retain(self, saved: int) -> None:

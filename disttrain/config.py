@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -53,7 +54,9 @@ class TrainerConfig:
     mixed_precision: str = _f("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     grad_clip: float = _f(1.0, "max global gradient norm (0: no clipping)", min=0.0)
     progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "none"))
-    collective_timeout_s: float = _f(600.0, "seconds before a stuck collective aborts the job", min=1.0)
+    collective_timeout_s: float = _f(
+        600.0, "seconds before a stuck collective, or a rank reaching no step boundary, aborts the job", min=1.0
+    )
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
     strategy: str = _f("ddp", "ddp: replicate the model; fsdp: shard params, grads and optimizer state", choices=("ddp", "fsdp"))
     threads: int = _f(
@@ -73,17 +76,19 @@ class FSDPConfig:
 class DataConfig:
     """Batching and loading. Batch sizes are global: summed over ranks and accumulation steps."""
 
-    batch_size: int = _f(64, "global training batch per optimizer step", min=1)
+    batch_size: int = _f(64, "global training batch per optimizer step", min=1, resume="refuse")
     eval_batch_size: int = _f(256, "global evaluation batch", min=1)
     num_workers: int = _f(0, "DataLoader worker processes per rank", min=0)
-    shuffle: bool = _f(True, "reshuffle the training set every epoch (order fixed by seed and epoch)")
+    shuffle: bool = _f(
+        True, "reshuffle the training set every epoch (order fixed by seed and epoch)", resume="refuse"
+    )
 
 
 @dataclass
 class OptimConfig:
     """The optimizer."""
 
-    name: str = _f("adamw", "optimizer", choices=("sgd", "adam", "adamw"))
+    name: str = _f("adamw", "optimizer", choices=("sgd", "adam", "adamw"), resume="refuse")
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
     weight_decay: float = _f(0.0, "decoupled weight decay (adamw) or L2 penalty (sgd, adam)", min=0.0)
     betas: list[float] = _f([0.9, 0.999], "Adam betas")
@@ -131,8 +136,10 @@ class LogConfig:
 class PipelineConfig:
     """The user's model, data and loss: a Pipeline subclass named by import path."""
 
-    target: str = _f(DEFAULT_PIPELINE, "import path `package.module:ClassName` of a Pipeline subclass")
-    args: dict[str, Any] = _f({}, "keyword arguments passed to the pipeline's constructor")
+    target: str = _f(
+        DEFAULT_PIPELINE, "import path `package.module:ClassName` of a Pipeline subclass", resume="refuse"
+    )
+    args: dict[str, Any] = _f({}, "keyword arguments passed to the pipeline's constructor", resume="refuse")
 
 
 @dataclass
@@ -140,10 +147,11 @@ class Config:
     """A whole run. Top-level keys describe the run itself; sections configure components."""
 
     run_dir: str = _f("runs/digits", "where config, metrics, events and checkpoints go (path or fsspec URL)")
-    seed: int = _f(0, "seed for model init, data order and per-rank RNG", min=0)
+    seed: int = _f(0, "seed for model init, data order and per-rank RNG", min=0, resume="refuse")
     resume: str = _f("auto", "auto: newest verified checkpoint in run_dir; never: refuse if any; or a path")
     init_from: str = _f(
-        "", "a checkpoint (step dir or run dir) whose weights start a new run: fresh optimizer, step 0"
+        "", "a checkpoint (step dir or run dir) whose weights start a new run: fresh optimizer, step 0",
+        resume="refuse",
     )
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -156,9 +164,25 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
-# Keys whose change makes an existing checkpoint meaningless for this run (model shape, data order,
-# optimizer state layout). Other changes (max_steps, log cadence) are allowed on resume and noted.
-RESUME_CRITICAL_KEYS = ("seed", "data.batch_size", "optim.name", "pipeline.target", "pipeline.args")
+
+
+def _resume_refused(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
+    keys: list[str] = []
+    for fld in dataclasses.fields(cls):
+        if isinstance(fld.default_factory, type) and dataclasses.is_dataclass(fld.default_factory):
+            keys += _resume_refused(fld.default_factory, prefix + fld.name + ".")
+        elif fld.metadata.get("resume") == "refuse":
+            keys.append(prefix + fld.name)
+    return tuple(keys)
+
+
+# The one rule for config changes on resume (README, "Reliability"). A key marked resume="refuse" would
+# make the checkpoint's state meaningless or silently change the run (model and data identity, the data
+# order of the epoch in progress, the optimizer state layout, where the weights came from): a change is
+# refused, naming the key. Every other key is applied from the resumed step on, and the applied value is
+# what the logs show: optimizer hyperparameters override the loaded param_groups and schedule
+# (optim.reapply_hyperparameters), everything else is read from the config when the segment starts.
+RESUME_CRITICAL_KEYS = _resume_refused()
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -348,13 +372,7 @@ def _tname(value: Any) -> str:
 def validate(cfg: Config, source: str = "config") -> None:
     """Range and choice checks from field metadata, then cross-field rules. Raises ConfigError."""
     for key, value, meta in _walk(cfg):
-        if "choices" in meta and value not in meta["choices"]:
-            options = " | ".join(map(str, meta["choices"]))
-            raise ConfigError(f"{key}: {value!r} is not one of {options} [{source}]")
-        if "min" in meta and value is not None and value < meta["min"]:
-            raise ConfigError(f"{key}: {value} is below the minimum {meta['min']} [{source}]")
-        if "max" in meta and value is not None and value > meta["max"]:
-            raise ConfigError(f"{key}: {value} is above the maximum {meta['max']} [{source}]")
+        _check_field(key, value, meta, source)
     if not cfg.run_dir.strip():
         raise ConfigError(f"run_dir: must not be empty; write run_dir=runs/my_run [{source}]")
     if not cfg.resume.strip():
@@ -370,6 +388,19 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(
             f"pipeline.target: {cfg.pipeline.target!r} must look like package.module:ClassName [{source}]"
         )
+
+
+def _check_field(key: str, value: Any, meta: dict[str, Any], source: str) -> None:
+    # NaN passes every comparison and inf every minimum: a run would train to a NaN model and exit 0.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number; write a number like 3e-4 [{source}]")
+    if "choices" in meta and value not in meta["choices"]:
+        options = " | ".join(map(str, meta["choices"]))
+        raise ConfigError(f"{key}: {value!r} is not one of {options} [{source}]")
+    if "min" in meta and value is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value} is below the minimum {meta['min']} [{source}]")
+    if "max" in meta and value is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: {value} is above the maximum {meta['max']} [{source}]")
 
 
 def check_batch_divides(cfg: Config, world_size: int) -> None:
@@ -436,6 +467,22 @@ def resume_fingerprint(cfg: Config) -> dict[str, Any]:
     """The values of RESUME_CRITICAL_KEYS, compared against a checkpoint's before resuming."""
     data = to_dict(cfg, redact=True)
     return {key: get_dotted(data, key) for key in RESUME_CRITICAL_KEYS}
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """`key: saved -> now` for every refused key (RESUME_CRITICAL_KEYS) whose value differs from the
+    checkpoint's fingerprint. Keys the checkpoint did not record are not compared, and leaving init_from
+    empty on resume is no change: it only ever seeds a run's first segment."""
+    now = resume_fingerprint(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed if not (k == "init_from" and not now[k])]
+
+
+def resume_refusal(source: str, changed: list[str]) -> str:
+    return (
+        f"cannot resume from {source}: {', '.join(changed)} changed since the checkpoint; restore the old "
+        "values, start a new run_dir, or use init_from=PATH to start from its weights only"
+    )
 
 
 def config_hash(cfg: Config) -> str:

@@ -92,7 +92,11 @@ def broadcast_from_main(obj: Any) -> Any:
 
 
 # How a peer's death or hang surfaces from gloo (plain RuntimeError) and NCCL (DistBackendError).
-_COLLECTIVE_FAILURES = ("gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL")
+# A hang during eval can surface as gloo closing the pair on its own timeout, without a transport path.
+_COLLECTIVE_FAILURES = (
+    "gloo/transport", "Connection closed by peer", "Connection reset by peer", "NCCL",
+    "Application timeout caused pair closure",
+)  # fmt: skip
 
 
 def is_collective_failure(err: BaseException) -> bool:

@@ -9,13 +9,15 @@ warning, preemption) and the budget allows ($DISTTRAIN_MAX_REQUEUES, default 10)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from disttrain import cluster
+from disttrain import cluster, run
 from disttrain.config import ConfigError, load_config
 from disttrain.preemption import StopSignal, max_requeues_from_env
+from disttrain.redact import mask_output, secret_values
 
 EXIT_BAD_INPUT = 2
 
@@ -42,18 +44,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     # USR2 would otherwise kill the task while torch is still importing). The one handler of the run.
     stop = StopSignal().install()
     env = cluster.detect()
+    mask_output(secret_values())  # credentials from the environment, in anything printed from now on
     try:
         args = build_parser().parse_intermixed_args(argv)  # flags may sit between overrides
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         if env.rank == 0:
             print(f"disttrain: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    from disttrain import run
-
-    result = run.start(cfg, env, stop, test=args.test, max_requeues=max_requeues_from_env())
+        result = run.RunResult(run.Outcome.BAD_INPUT, message=str(err))
+    else:
+        result = run.start(cfg, env, stop, test=args.test, max_requeues=max_requeues_from_env())
+    run.tell_torchrun(result)
     return result.exit_code()
 
 
+def _exit(code: int) -> None:
+    """After storage failed, skip the interpreter's teardown: s3fs would close its sessions through the
+    stalled endpoint, a second at a time. Everything disttrain owns is closed by now."""
+    from disttrain import fs
+
+    if fs.storage_degraded():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _exit(main())

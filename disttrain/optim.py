@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,3 +45,27 @@ def lr_factor(cfg: SchedulerConfig, max_steps: int, step: int) -> float:
 
 def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, max_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(cfg, max_steps, step))
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each param group's settings (lr, initial_lr, betas, weight_decay, momentum, ...) without its tensors."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def reapply_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR, configured: list[dict[str, Any]]
+) -> None:
+    """After a checkpoint's optimizer and scheduler state were loaded: the settings the config asks for
+    now (`configured`, taken from the freshly built optimizer before the load) override the saved ones.
+
+    Loading restores every param group's lr, initial_lr, betas, weight_decay, ... and the scheduler's
+    base_lrs, so a changed optim.lr would otherwise be written to config.yaml and never used. The
+    moments and step counts (the state) are kept; the schedule continues at its step from the new peak.
+    With an unchanged config this recomputes exactly the values that were saved."""
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() (and so train/lr in the logs) reports

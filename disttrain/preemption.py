@@ -20,10 +20,15 @@ its handlers before any heavy import: USR2's default action would kill the proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -100,16 +105,33 @@ class StopAgreement:
     The flags of every stop signal travel in one all-reduce (MAX per signal, so every rank learns the
     union, whichever rank was signalled), started at one step boundary and read at the next: the loop
     never waits for a network round trip, and all ranks still stop after the same step.
+
+    With `hang_after` (multi-rank runs), a HangWatch notices a rank that reaches no boundary for that
+    long once `arm`ed; `drain` and `close` disarm it.
     """
 
-    def __init__(self, local: StopSignal):
+    def __init__(
+        self, local: StopSignal, hang_after: float | None = None, on_hang: Callable[[str], None] | None = None
+    ):
         self.local = local
         self._pending: dist.PendingFlags | None = None
         self.agreed: StopRequest | None = None
+        self.watch = HangWatch(hang_after, on_hang) if hang_after else None
+
+    def arm(self) -> None:
+        """Start watching for a hang (the training loop begins)."""
+        if self.watch is not None:
+            self.watch.start()
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
 
     def poll(self) -> StopRequest | None:
         from disttrain import dist
 
+        if self.watch is not None:
+            self.watch.beat()
         if self.agreed is None and self._pending is not None:
             self._take(self._pending.result())
         if self.agreed is None:
@@ -118,6 +140,7 @@ class StopAgreement:
 
     def drain(self) -> None:
         """Finish the in-flight all-reduce (all ranks) so no collective is left dangling at exit."""
+        self.close()
         if self._pending is not None:
             self._take(self._pending.result())
 
@@ -126,6 +149,87 @@ class StopAgreement:
         signals = tuple(name for name, on in zip(STOP_SIGNALS, flags) if on)
         if signals and self.agreed is None:
             self.agreed = StopRequest(signals)
+
+
+class HangWatch:
+    """Ends a rank that hangs outside any collective (in the user's loss, a data loader, a stuck file).
+
+    Its peers notice nothing until their next collective gives up after trainer.collective_timeout_s,
+    and then exit; the hung rank would stay: under SLURM until the time limit, under torchrun until the
+    agent's SIGKILL 30 s after its SIGTERM, which a hung rank only notes as a flag. So a thread watches
+    the step boundaries (every `StopAgreement.poll`, also between eval batches): after `after_s` without
+    one, plus a margin, the rank says where its main thread is, records it (`on_hang`) and exits 1.
+    The margin (a tenth, at least 5 s) lets a rank that is merely waiting in a collective for the hung
+    one fail by that collective's own timeout first, with the message that says another rank hangs."""
+
+    def __init__(self, after_s: float, on_hang: Callable[[str], None] | None = None):
+        self.after_s, self.on_hang = after_s + max(5.0, after_s / 10), on_hang
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.beat()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="disttrain-hang-watch", daemon=True)
+            self._thread.start()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.after_s / 10)):
+            if time.monotonic() - self._last > self.after_s:
+                self._give_up()
+
+    def _give_up(self) -> None:
+        from disttrain import dist
+
+        message = (
+            f"rank {dist.rank()} reached no step boundary for {self.after_s:g} s (trainer.collective_timeout_s "
+            f"and a margin): it hangs in {_main_thread_at()}; exiting so that the job does not wait for it"
+        )
+        print(f"disttrain: {message}", file=sys.stderr, flush=True)
+        if self.on_hang is not None:  # on a thread of its own: the storage it writes to may be what hangs
+            record = threading.Thread(target=self._record, args=(message,), daemon=True)
+            record.start()
+            record.join(timeout=10)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def _record(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            if self.on_hang is not None:
+                self.on_hang(message)
+
+
+def _main_thread_at() -> str:
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    if frame is None:
+        return "an unknown place"
+    last = traceback.extract_stack(frame)[-1]
+    return f"{last.name} ({last.filename}:{last.lineno})"
+
+
+def tie_to_launcher(cluster: ClusterEnv) -> None:
+    """A torchrun worker dies with its agent. torchrun starts each worker in a session of its own, so a
+    kill -9 of the agent reaches only the agent, and its orphaned ranks would go on training and
+    committing checkpoints into a run dir that a relaunch then shares with them. Linux's parent-death
+    signal makes the kernel SIGKILL the worker the moment the agent goes: nothing is written after
+    that, and a kill -9 leaves every committed checkpoint intact (DESIGN §4). (The agent forks its
+    workers from its main thread, which lives as long as the agent.)"""
+    if cluster.launcher != "torchrun" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        print(f"disttrain: warning: could not tie this rank to torchrun (prctl errno {ctypes.get_errno()})",
+              file=sys.stderr)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- requeue

@@ -8,20 +8,24 @@ imported only once the input is valid.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
+import json
 import logging
 import os
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
 from disttrain import fs
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, check_batch_divides
-from disttrain.preemption import StopSignal
-from disttrain.rundir import RunDir, is_committed, step_name
+from disttrain.config import Config, ConfigError, check_batch_divides, resume_conflicts, resume_refusal
+from disttrain.preemption import StopSignal, tie_to_launcher
+from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 # Writers that need an optional package: config key -> (module, pip extra).
@@ -105,13 +109,66 @@ def _check_run_dir(cfg: Config, test: bool) -> None:
         )
     for key in ("resume", "init_from"):
         path = getattr(cfg, key)
-        if path not in ("auto", "never", "") and not fs.exists(path):
-            raise ConfigError(f"{key}: checkpoint {path!r} does not exist; give a checkpoints/step_N directory")
+        if path not in ("auto", "never", ""):
+            check_checkpoint_path(key, path)
+    if fs.is_local(layout.path):
+        check_creatable(layout.path)
+    check_resume_compatible(cfg, committed)
     if test and cfg.resume == "auto" and not committed:
         raise ConfigError(
             f"--test: {layout.path} holds no committed checkpoint to evaluate; train first, point "
             "resume=PATH at a checkpoint, or add resume=never to evaluate the untrained initialisation"
         )
+
+
+def check_resume_compatible(cfg: Config, committed: list[int]) -> None:
+    """Refuse a resume whose config changed a key the checkpoint depends on (config.RESUME_CRITICAL_KEYS),
+    from the manifest alone, before anything is built. (The trainer checks the checkpoint it finally
+    loads again: a newest one that fails verification makes it fall back to an older one.)"""
+    if cfg.resume == "auto":
+        source = RunDir(cfg.run_dir).step_dir(committed[0]) if committed else None
+    elif cfg.resume != "never":
+        own = RunDir(cfg.resume).committed_steps()
+        source = cfg.resume if is_committed(cfg.resume) or not own else RunDir(cfg.resume).step_dir(own[0])
+    else:
+        source = None
+    if source is None:
+        return
+    try:
+        manifest = json.loads(fs.read_text(fs.join(source, MANIFEST)))
+    except (OSError, ValueError):
+        return  # unreadable: loading it says so, or falls back to an older one
+    changed = resume_conflicts(dict(manifest.get("fingerprint") or {}), cfg)
+    if changed:
+        raise ConfigError(resume_refusal(source, changed))
+
+
+def check_checkpoint_path(key: str, path: str) -> None:
+    """`resume=PATH` / `init_from=PATH` must name a committed checkpoint, or a run dir that holds one."""
+    if not fs.exists(path):
+        raise ConfigError(f"{key}: checkpoint {path!r} does not exist; give a checkpoints/step_N directory")
+    if not is_committed(path) and not RunDir(path).committed_steps():
+        raise ConfigError(
+            f"{key}: {path!r} is neither a checkpoint (a checkpoints/step_N directory holding {MANIFEST}) nor "
+            "a run dir that holds one; give the path of one"
+        )
+
+
+def check_creatable(path: str) -> None:
+    """A local run dir must exist as a writable directory, or be creatable. Decided without leaving
+    anything behind: the nearest existing parent gets a probe directory, removed at once (permissions,
+    read-only mounts and pseudo filesystems like /proc all answer to that, and to nothing cheaper)."""
+    parent = os.path.abspath(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    hint = "choose another run_dir=PATH"
+    if not os.path.isdir(parent):
+        what = "a broken symlink" if not os.path.exists(parent) else "not a directory"
+        raise ConfigError(f"run_dir: cannot create {path!r}: {parent} is {what}; {hint}")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".disttrain-probe-", dir=parent))
+    except OSError as err:
+        raise ConfigError(f"run_dir: cannot create {path!r} in {parent}: {err.strerror}; {hint}") from None
 
 
 def check_writers(cfg: Config) -> None:
@@ -149,6 +206,10 @@ def start(
     cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
 ) -> RunResult:
     """Preflight, then train (or test) on this rank. Must be called on all ranks."""
+    from disttrain.redact import mask_output, secret_values
+
+    tie_to_launcher(env)  # a torchrun worker must not outlive its agent
+    mask_output(secret_values(cfg))  # before anything is printed: tracebacks can quote a credential
     try:
         preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
     except ConfigError as err:
@@ -167,12 +228,13 @@ def execute(
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
     from disttrain import dist
+    from disttrain.lease import RunLease
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
     apply_threads(cfg, env)
-    trainer, clean = None, False
+    trainer, clean, lease = None, False, RunLease(cfg.run_dir, env)
     try:
-        trainer = Trainer(cfg, env, stop=stop)
+        trainer = Trainer(cfg, env, stop=stop, lease=lease)
         if test:
             metrics = trainer.test()
             trainer.files.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
@@ -184,13 +246,13 @@ def execute(
     except ConfigError as err:
         return _bad_input(env, err)
     except KeyboardInterrupt:
-        print(f"disttrain: rank {env.rank}: interrupted", file=sys.stderr)
-        return RunResult(Outcome.INTERRUPTED, signal="SIGINT")
+        return _interrupted(trainer, env)
     except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
         return _failed(trainer, cfg, env, err)
     finally:
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
+        lease.release()  # also when the trainer was never built (bad input found after the lease)
         dist.destroy(clean=clean)
 
 
@@ -237,21 +299,49 @@ def _bad_input(env: ClusterEnv, err: ConfigError) -> RunResult:
     return RunResult(Outcome.BAD_INPUT, message=str(err))
 
 
-def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunResult:
-    from disttrain import dist
+def _interrupted(trainer: Any, env: ClusterEnv) -> RunResult:
+    """Ctrl-C twice: out at once, without a save, but the end is recorded (status must not say running)."""
+    step = trainer.step if trainer is not None else None
+    if trainer is not None:
+        trainer.events.emit("interrupted", step=step, signal="SIGINT", saved=False)
+    print(f"disttrain: rank {env.rank}: interrupted (Ctrl-C twice) at step {step}, without a checkpoint",
+          file=sys.stderr)  # fmt: skip
+    return RunResult(Outcome.INTERRUPTED, step, signal="SIGINT")
 
-    traceback.print_exc()
-    message = f"{type(err).__name__}: {err}"
+
+def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunResult:
+    """Report a failure in one `disttrain:` line (last, after the traceback of an error in the user's
+    code; disttrain's own failures, a storage or checkpoint problem or a dead peer, need none), and
+    record it."""
+    from disttrain import dist
+    from disttrain.checkpoint import CheckpointError
+
+    message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
     if dist.is_collective_failure(err):
         message = (
-            f"a collective failed ({message.splitlines()[0]}): another rank died or hangs "
+            f"a collective failed ({message}): another rank died or hangs "
             f"(trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}); see the other ranks' logs"
         )
+    elif not isinstance(err, (CheckpointError, fs.StorageError)):
+        traceback.print_exc()
     step = trainer.step if trainer is not None else None
     if trainer is not None:
         trainer.events.emit("error", step=step, error=message)
     print(f"disttrain: rank {env.rank}: training failed: {message}", file=sys.stderr)
     return RunResult(Outcome.FAILED, step, message=message)
+
+
+def tell_torchrun(result: RunResult) -> None:
+    """Hand a failed rank's one line to the torchrun agent (its per-worker error file), so the summary it
+    prints after ~40 lines of its own says what went wrong instead of "To enable traceback see: ...".
+    The line itself is printed before the agent's output begins."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or result.exit_code() not in (EXIT_FAILURE, EXIT_BAD_INPUT) or not result.message:
+        return
+    kind = "error" if result.outcome is Outcome.BAD_INPUT else "training failed"
+    record = {"message": f"disttrain: {kind}: {result.message}", "timestamp": int(time.time())}
+    with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh)
 
 
 def _fresh_store_after_torchrun_restart(environ: Any) -> None:

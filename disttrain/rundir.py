@@ -12,6 +12,7 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       curves.png                  drawn at the end of a segment
       checkpoints/step_00000120/  one committed checkpoint: manifest.json is written last
       checkpoints/latest          the newest committed step's directory name
+      lease.json                  the run now holding the run dir (host, pid, job id); gone when it ends
       wandb/ tb/ slurm/           writer and launcher output
 
 A sweep dir (`disttrain submit --sweep`) holds `sweep.json` (its tasks, their overrides and job ids),
@@ -36,6 +37,7 @@ CURVES = "curves.png"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
+LEASE = "lease.json"
 WANDB = "wandb"
 WANDB_ID = "wandb_id.txt"
 TENSORBOARD = "tb"
@@ -92,9 +94,11 @@ class RunDir:
 
     def committed_steps(self) -> list[int]:
         """Steps of the committed checkpoints, newest first. The one definition every reader uses:
-        a `step_N` directory (never a `step_N.tmp-*` one) holding a manifest."""
+        a `step_N` directory (never a `step_N.tmp-*` one, never a symlink to somewhere else: retention
+        would delete through it) holding a manifest."""
         steps = [s for s in map(step_of, fs.listdir(self.checkpoints)) if s is not None]
-        return sorted((s for s in steps if is_committed(self.step_dir(s))), reverse=True)
+        own = (s for s in steps if not fs.islink(self.step_dir(s)) and is_committed(self.step_dir(s)))
+        return sorted(own, reverse=True)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

@@ -30,7 +30,14 @@ from disttrain.checkpoint import (
 )
 from disttrain.ckpt_sharded import load_model, load_optimizer, parameter_names, split_state
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, config_hash, resume_fingerprint
+from disttrain.config import (
+    Config,
+    ConfigError,
+    config_hash,
+    resume_conflicts,
+    resume_fingerprint,
+    resume_refusal,
+)
 from disttrain.data import (
     DataCursor,
     ResumableBatchSampler,
@@ -43,7 +50,8 @@ from disttrain.data import (
     make_loader,
 )
 from disttrain.hooks import Hook, default_hooks
-from disttrain.optim import build_optimizer, build_scheduler
+from disttrain.lease import RunLease
+from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
 from disttrain.parallel import build_strategy
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
@@ -68,7 +76,12 @@ class Trainer:
     """
 
     def __init__(
-        self, cfg: Config, cluster: ClusterEnv, hooks: list[Hook] | None = None, stop: StopSignal | None = None
+        self,
+        cfg: Config,
+        cluster: ClusterEnv,
+        hooks: list[Hook] | None = None,
+        stop: StopSignal | None = None,
+        lease: RunLease | None = None,
     ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
         self.strategy = build_strategy(cfg)  # initialises the process group
@@ -95,7 +108,8 @@ class Trainer:
         self._bar = _use_bar(cfg) and dist.is_main()
         self.hooks = default_hooks(progress_bar=self._bar) + list(hooks or [])
         self.signal = stop or StopSignal()
-        self.agreement = StopAgreement(self.signal)
+        hang_after = cfg.trainer.collective_timeout_s if self.world > 1 else None
+        self.agreement = StopAgreement(self.signal, hang_after, on_hang=self._record_hang)
         self.stop_request: StopRequest | None = None
         self.last_train_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
@@ -110,6 +124,8 @@ class Trainer:
             fingerprint=resume_fingerprint(cfg),
             versions={"disttrain": __version__, "torch": torch.__version__},
         )
+        self.lease = lease or RunLease(self.run_dir, cluster)
+        self.lease.acquire()  # one run per run dir, before anything there is read (a second run exits 2)
         self.resumed: Loaded | None = self._restore()
 
     @property
@@ -150,11 +166,13 @@ class Trainer:
         _check_compatible(self.cfg, loaded)
         app = loaded.app
         self._load_weights(loaded)
+        configured = hyperparameters(self.optimizer)  # what the config asks for now
         if loaded.sharded or self.strategy.sharded:
             load_optimizer(self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer)))
         else:
             self.optimizer.load_state_dict(app["optimizer"])
         self.scheduler.load_state_dict(app["scheduler"])
+        reapply_hyperparameters(self.optimizer, self.scheduler, configured)
         if app.get("scaler") is not None and self.strategy.scaler is not None:
             self.strategy.scaler.load_state_dict(app["scaler"])
         state = app["trainer"]
@@ -219,6 +237,7 @@ class Trainer:
         if own_handlers:
             self.signal.install()
         self._start_segment()
+        self.agreement.arm()  # from here a rank that reaches no step boundary in time ends itself
         train_iter = iter(self._train_loader())
         try:
             self._call("before_train")
@@ -370,9 +389,11 @@ class Trainer:
         shutdown, freeing them needs the GIL while it is being torn down, and the process aborts
         ("terminate called without an active exception") after a run that otherwise succeeded.
         """
+        self.agreement.close()
         self.strategy.close()
         del self.model, self.optimizer, self.scheduler
         gc.collect()
+        self.lease.release()
 
     # ---------------------------------------------------------------------------------- helpers
 
@@ -386,7 +407,7 @@ class Trainer:
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
         if changed:
-            self.files.say(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}")
+            self.files.say(f"note: config changed since the checkpoint, applied from step {self.step}: {'; '.join(changed)}")
             self.events.emit("config_changed", step=self.step, changes=changed)
         if self.resumed is not None:
             self._note_threads(self.resumed.manifest.get("num_threads"))
@@ -399,6 +420,9 @@ class Trainer:
                 interrupted_at=self.writer.logged_through,
             )
             self.files.say(f"resumed from step {self.step}")
+
+    def _record_hang(self, why: str) -> None:
+        self.events.emit("error", step=self.step, error=why)
 
     def _note_threads(self, saved: Any) -> None:
         now = torch.get_num_threads()
@@ -456,15 +480,9 @@ def _train_stream(cfg: Config, splits: dict[str, Any], rank: int, world: int) ->
 
 def _check_compatible(cfg: Config, loaded: Loaded) -> None:
     """Refuse a checkpoint whose run differs in a key that makes its state meaningless here."""
-    saved = dict(loaded.manifest.get("fingerprint") or {})
-    now = resume_fingerprint(cfg)
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    changed = resume_conflicts(dict(loaded.manifest.get("fingerprint") or {}), cfg)
     if changed:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ConfigError(
-            f"cannot resume from {loaded.path}: {detail} changed since the checkpoint; restore the old "
-            "values, start a new run_dir, or use init_from=PATH to start from its weights only"
-        )
+        raise ConfigError(resume_refusal(loaded.path, changed))
 
 
 def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:

@@ -136,6 +136,8 @@ def _state(
         return "failed", str(last.get("error", "an error was recorded"))
     if any(e.get("event") == "requeue" for e in segment):
         return "requeued", "stopped, saved and requeued; waiting for the scheduler to start it again"
+    if kind == "interrupted":
+        return "interrupted", f"interrupted by Ctrl-C twice at step {last.get('step')}, without a checkpoint; run it again to resume"
     if kind == "stopped":
         why = f" by {last['signal']}" if last.get("signal") else ""
         return (

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import traceback
+import types
+import typing
 from typing import Any
 
 import torch
@@ -62,22 +65,24 @@ class Pipeline:
 
 
 def load_pipeline(cfg: PipelineConfig) -> Pipeline:
-    """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError."""
+    """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError, also for
+    a module that does not import and a constructor that raises: both are input the run cannot start
+    from, so they get one line naming the file and line, not a traceback."""
     cls = pipeline_class(cfg.target)
     _check_args(cls, cfg.args)
-    return cls(**cfg.args)
+    try:
+        return cls(**cfg.args)
+    except Exception as err:
+        raise ConfigError(
+            f"pipeline.args: {cls.__name__}({', '.join(cfg.args)}) raised {_described(err)}; fix the "
+            "arguments or the constructor"
+        ) from None
 
 
 def pipeline_class(target: str) -> type[Pipeline]:
     """The Pipeline subclass `package.module:ClassName` names, imported, not constructed. Raises ConfigError."""
     module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"pipeline.target: cannot import module {module_name!r} ({err}); check the name and that the "
-            "package is installed or on PYTHONPATH"
-        ) from None
+    module = _import(module_name)
     cls = getattr(module, class_name, None)
     if not (inspect.isclass(cls) and issubclass(cls, Pipeline)):
         raise ConfigError(
@@ -85,6 +90,30 @@ def pipeline_class(target: str) -> type[Pipeline]:
             "write pipeline.target=package.module:ClassName"
         )
     return cls
+
+
+def _import(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"pipeline.target: cannot import module {module_name!r} ({err}); check the name and that the "
+            "package is installed or on PYTHONPATH"
+        ) from None
+    except SyntaxError as err:
+        raise ConfigError(
+            f"pipeline.target: {module_name} has a syntax error at {err.filename}:{err.lineno}: {err.msg}; "
+            "fix the module"
+        ) from None
+    except Exception as err:  # the module's own code raised while it was imported
+        raise ConfigError(f"pipeline.target: importing {module_name} raised {_described(err)}; fix the module") from None
+
+
+def _described(err: BaseException) -> str:
+    """`ValueError: message (at path/file.py:12)`: where the innermost frame of the error was."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {err}{where}"
 
 
 def _check_args(cls: type, args: dict[str, Any]) -> None:
@@ -99,3 +128,43 @@ def _check_args(cls: type, args: dict[str, Any]) -> None:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f"did you mean pipeline.args.{close[0]}?" if close else f"it accepts: {', '.join(accepted)}"
             raise ConfigError(f"pipeline.args.{key}: {cls.__name__} has no argument {key!r}; {hint}")
+    _check_arg_types(cls, args)
+
+
+# Constructor annotations disttrain can check before anything is built: a YAML value of the wrong type
+# (`pipeline.args.width=abc`) would otherwise fail deep inside the model's code, after setup.
+_ANNOTATED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+              dict: "a mapping"}  # fmt: skip
+
+
+def _check_arg_types(cls: type, args: dict[str, Any]) -> None:
+    try:
+        hints = typing.get_type_hints(cls.__init__)  # type: ignore[misc]
+    except Exception:  # an annotation that does not resolve here: nothing to check against
+        return
+    for key, value in args.items():
+        expected = _plain_type(hints.get(key))
+        if expected is None or (value is None and _optional(hints.get(key))) or _fits(value, expected):
+            continue
+        raise ConfigError(
+            f"pipeline.args.{key}: expected {_ANNOTATED[expected]} ({cls.__name__} declares "
+            f"{key}: {expected.__name__}), got {value!r}"
+        )
+
+
+def _plain_type(hint: Any) -> type | None:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _optional(hint) else [hint]
+    base = (typing.get_origin(args[0]) or args[0]) if len(args) == 1 else None
+    return base if base in _ANNOTATED else None
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def _fits(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)

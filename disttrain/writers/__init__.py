@@ -14,6 +14,7 @@ from typing import Any
 
 from disttrain import dist, fs
 from disttrain.config import Config
+from disttrain.redact import mask_output, redact_argv, redact_text, secret_values
 from disttrain.rundir import RunDir
 from disttrain.writers.base import (
     ConsoleWriter,
@@ -22,20 +23,20 @@ from disttrain.writers.base import (
     NullWriter,
     Writer,
     read_jsonl,
+    repair_tail,
     truncate_after,
 )
 from disttrain.writers.curves import CurvesWriter, resume_spans, write_curves
 from disttrain.writers.files import NullRunFiles, RunFiles, build_run_files
-from disttrain.writers.redact import redact_argv, redact_text, secret_values
 from disttrain.writers.staging import Staging
 from disttrain.writers.tensorboard import TensorBoardWriter
 from disttrain.writers.wandb_writer import STEP_KEY, WandbWriter, _logged_floors, wandb_history, wandb_run_id
 
 __all__ = [
     "STEP_KEY", "ConsoleWriter", "CurvesWriter", "EventLog", "JsonlWriter", "MultiWriter", "NullRunFiles",
-    "NullWriter", "RunFiles", "Staging", "build_run_files",
+    "NullWriter", "RunFiles", "Staging", "build_run_files", "mask_output",
     "TensorBoardWriter", "WandbWriter", "Writer", "_logged_floors", "build_writer", "read_jsonl",
-    "redact_argv", "redact_text", "resume_spans", "secret_values", "truncate_after", "wandb_history",
+    "redact_argv", "redact_text", "repair_tail", "resume_spans", "secret_values", "truncate_after", "wandb_history",
     "wandb_run_id", "write_curves",
 ]  # fmt: skip
 
@@ -70,6 +71,7 @@ class EventLog:
         self.restart_count = restart_count
         self.enabled = dist.is_main()
         self.secrets = secret_values(cfg) if self.enabled else []
+        self._repaired = False
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
@@ -77,7 +79,12 @@ class EventLog:
         record = {"time": round(time.time(), 3), "event": event, "job_id": self.job_id}
         record["restart_count"] = self.restart_count
         record.update(fields)
+        line = redact_text(json.dumps(record, default=str), self.secrets) + "\n"
         try:
-            fs.append_text(self.path, redact_text(json.dumps(record, default=str), self.secrets) + "\n")
-        except OSError as err:  # an event must never take the run down; say so on stderr
-            print(f"disttrain: could not write {self.path}: {err}", file=sys.stderr)
+            if not self._repaired:  # a torn last line (kill -9, full disk) must not swallow this record
+                repair_tail(self.path)
+                self._repaired = True
+            fs.append_text(self.path, line)
+        except Exception as err:  # any storage failure: an event must never take the run down
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            print(f"disttrain: could not record the {event!r} event in {self.path}: {first}", file=sys.stderr)

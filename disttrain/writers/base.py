@@ -10,7 +10,9 @@ from typing import Any
 from disttrain import fs, rundir
 from disttrain.rundir import read_jsonl
 
-__all__ = ["ConsoleWriter", "JsonlWriter", "MultiWriter", "NullWriter", "Writer", "read_jsonl", "truncate_after"]
+__all__ = [
+    "ConsoleWriter", "JsonlWriter", "MultiWriter", "NullWriter", "Writer", "read_jsonl", "repair_tail", "truncate_after",
+]  # fmt: skip
 
 
 class Writer:
@@ -58,19 +60,44 @@ class JsonlWriter(Writer):
         self.path = rundir.RunDir(run_dir).metrics
         if fs.exists(self.path):
             self.logged_through = truncate_after(self.path, resumed_step)
+            repair_tail(self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         fs.append_text(self.path, json.dumps({"step": step, **_finite(metrics)}) + "\n")
 
 
 def truncate_after(path: str, step: int) -> int | None:
-    """Keep only the records of `path` whose step is at most `step` (atomically). Returns the highest
-    step the file held before (None if it held none)."""
+    """Keep only the records of `path` whose step is at most `step` (atomically); lines that are not
+    records (torn by a kill -9) go too. Returns the highest step the file held before (None if none)."""
     lines = [line for line in fs.read_text(path).splitlines() if line.strip()]
-    kept = [line for line in lines if _step_of(line) <= step]
+    kept = [line for line in lines if _parses(line) and _step_of(line) <= step]
     if len(kept) != len(lines):
         fs.atomic_write(path, "".join(line + "\n" for line in kept))
     return max((_step_of(line) for line in lines), default=None)
+
+
+def repair_tail(path: str) -> bool:
+    """Make a JSONL file end with a whole line before anything is appended: a last line without its
+    newline (an append cut short by kill -9 or a full disk) would swallow the next record. A torn line
+    that still parses gets its newline; one that does not is dropped. Returns whether it changed."""
+    if not fs.exists(path):
+        return False
+    text = fs.read_text(path)
+    if not text or text.endswith("\n"):
+        return False
+    head, _, last = text.rpartition("\n")
+    kept = head + "\n" if head else ""
+    if _parses(last):
+        kept += last + "\n"
+    fs.atomic_write(path, kept)
+    return True
+
+
+def _parses(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _step_of(line: str) -> int:

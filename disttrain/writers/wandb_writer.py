@@ -13,8 +13,8 @@ from typing import Any
 
 from disttrain import fs, rundir
 from disttrain.config import Config, to_dict
+from disttrain.redact import argv_redacted, redact_text, secret_values
 from disttrain.writers.base import Writer, read_jsonl
-from disttrain.writers.redact import argv_redacted, redact_text, secret_values
 from disttrain.writers.staging import Staging
 
 STEP_KEY = "trainer/step"  # the x-axis of every metric in wandb: the global optimizer step

@@ -19,7 +19,7 @@ def test_auto_resume_logs_and_records_it(tmp_path):
     train(tmp_path, "trainer.max_steps=8")
     proc = train(tmp_path)
     assert "resumed from step 8" in proc.stdout
-    assert "note: config changed since the checkpoint (allowed on resume): trainer.max_steps: 8 -> 12" in proc.stdout
+    assert "note: config changed since the checkpoint, applied from step 8: trainer.max_steps: 8 -> 12" in proc.stdout
     events = read_jsonl(tmp_path / "events.jsonl")
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 8

@@ -1,4 +1,5 @@
-"""Secrets: find the values that must never be written, and mask them in text and argv."""
+"""Secrets: find the values that must never be written or printed, and mask them in text, argv and
+the process output. Torch-free: the entry point masks its output before anything heavy is imported."""
 
 from __future__ import annotations
 
@@ -60,3 +61,32 @@ def argv_redacted(secrets: list[str]) -> Iterator[None]:
         yield
     finally:
         sys.argv = saved
+
+
+class MaskedStream:
+    """A text stream that writes everything with known secret values masked: what disttrain prints,
+    logging, warnings and tracebacks alike (an exception quoting a token is printed with the token
+    masked). Output written below Python (C++ libraries writing to fd 2) does not pass through it."""
+
+    def __init__(self, stream: Any, secrets: list[str]):
+        self.stream, self.secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        self.stream.write(redact_text(text, self.secrets))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def mask_output(secrets: list[str]) -> None:
+    """Mask `secrets` in everything this process prints through sys.stdout and sys.stderr from now on
+    (added to those already masked). Under SLURM stderr is a file in RUN_DIR/slurm/."""
+    if not secrets:
+        return
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if isinstance(stream, MaskedStream):
+            stream.secrets = sorted(set(stream.secrets) | set(secrets), key=len, reverse=True)
+        elif stream is not None:
+            setattr(sys, name, MaskedStream(stream, list(secrets)))

@@ -1,0 +1,296 @@
+"""One run per run dir: a lease that names its holder (host, pid, job id).
+
+Two runs writing one run dir adopt each other's checkpoints, interleave their logs and delete each
+other's files. So rank 0 takes RUN_DIR/lease.json before the run reads or writes anything there, holds
+it for the run's life and gives it back at the end; a second run exits 2 naming the holder. Only rank
+0 takes it (one per run, however many nodes), after the process group exists, so every rank learns the
+outcome and all exit alike.
+
+Local disks (and NFS): an exclusive POSIX record lock on lease.json (fcntl.lockf). The kernel drops it
+when the holder dies, kill -9 included, so a stale lease needs no judging: the next run simply gets the
+lock. A torchrun restart or a SLURM requeue of the same run starts after the previous attempt's
+processes are gone, so it never finds its own lease held. A POSIX lock belongs to a process and is not
+inherited by DataLoader workers forked from it.
+
+Object stores (s3://) have no locks: the lease is an object created only if absent (a conditional PUT)
+and renewed by a heartbeat every TTL/4. It is stale, and taken over, when its last renewal is older than
+the TTL ($DISTTRAIN_LEASE_TTL_S, default 120 s), when its holder was a process on this host that is
+gone, or when it belongs to the same SLURM job (a requeued attempt). Taking over a stale lease (delete,
+then create) is not atomic: two runs doing so in the same instant can both believe they hold it.
+
+This module decides rank roles (rank 0 holds the lease), like the writers do for files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from disttrain import dist, fs
+from disttrain.cluster import ClusterEnv
+from disttrain.config import ConfigError
+from disttrain.rundir import LEASE, RunDir
+
+TTL_ENV = "DISTTRAIN_LEASE_TTL_S"
+DEFAULT_TTL_S = 120.0
+Holder = dict[str, Any]
+
+
+class RunLease:
+    """The run dir's lease, held by rank 0 between `acquire` and `release`."""
+
+    def __init__(self, run_dir: str, env: ClusterEnv):
+        self.run_dir = run_dir.removeprefix("file://")
+        self.path = RunDir(self.run_dir).file(LEASE)
+        self.env = env
+        self._created: list[str] = []  # local directories made for the lease, deepest first
+        self._lock: _FileLock | _ObjectLock | None = None
+
+    def acquire(self) -> None:
+        """Take the lease on rank 0; raises ConfigError on every rank if another run holds it.
+        Must be called on all ranks."""
+        problem = self._take() if dist.is_main() else None
+        problem = dist.broadcast_from_main(problem)
+        if problem is not None:
+            raise ConfigError(problem)
+
+    def release(self) -> None:
+        """Give the lease back (rank 0; a no-op elsewhere and when not held). If the run dir was created
+        for the lease and nothing else was written there (bad input found after it was taken), it goes."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        lock.release()
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # deepest first; rmdir refuses a directory that is not empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return
+
+    def _take(self) -> str | None:
+        me = holder_record(self.env)
+        try:
+            self._created = _missing_dirs(self.run_dir) if fs.is_local(self.run_dir) else []
+            fs.makedirs(self.run_dir)
+            lock: _FileLock | _ObjectLock = _FileLock(self.path) if fs.is_local(self.path) else _ObjectLock(self.path)
+            other = lock.take(me, self.env)
+        except OSError as err:
+            return f"run_dir: cannot take the run-dir lease {self.path}: {err}; check the path and permissions"
+        if other is not None:
+            self._remove_created()
+            return (
+                f"run_dir {self.run_dir} is in use by another run ({describe(other)}; {self.path}); wait for "
+                "it to end or stop it, or choose another run_dir"
+            )
+        self._lock = lock
+        return None
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The directories of `path` that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+# --------------------------------------------------------------------------------------- holders
+
+
+def holder_record(env: ClusterEnv) -> Holder:
+    """Who takes the lease: enough for a person to find the run, and for the next run to judge it."""
+    now = time.time()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+        "job_id": env.job_id,
+        "launcher": env.launcher,
+        "started": now,
+        "renewed": now,
+        "token": secrets.token_hex(8),
+    }
+
+
+def describe(holder: Holder) -> str:
+    parts = [f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}"]
+    if holder.get("job_id"):
+        parts.append(f"job {holder['job_id']} ({holder.get('launcher', '?')})")
+    if isinstance(holder.get("started"), (int, float)):
+        started = datetime.datetime.fromtimestamp(holder["started"], datetime.timezone.utc)
+        parts.append(f"since {started:%Y-%m-%d %H:%M:%S} UTC")
+    return ", ".join(parts)
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot, from /proc), so a reused pid is not taken
+    for the holder; None where /proc does not tell."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive_here(holder: Holder) -> bool:
+    """Whether the holder's process still runs (asked only for a holder on this host)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    start = holder.get("pid_start")
+    return start is None or process_start(pid) in (None, start)
+
+
+def ttl_s() -> float:
+    text = os.environ.get(TTL_ENV, "").strip()
+    try:
+        return max(1.0, float(text)) if text else DEFAULT_TTL_S
+    except ValueError:
+        return DEFAULT_TTL_S
+
+
+def is_stale(holder: Holder, env: ClusterEnv, now: float | None = None) -> bool:
+    """An object-store lease no live run holds: not renewed for the TTL, its process on this host gone,
+    or an earlier attempt of this very SLURM job (requeued: its tasks are gone)."""
+    now = time.time() if now is None else now
+    if env.launcher == "slurm" and env.job_id and holder.get("job_id") == env.job_id:
+        return True
+    if holder.get("host") == socket.gethostname() and not alive_here(holder):
+        return True
+    renewed = holder.get("renewed")
+    return not isinstance(renewed, (int, float)) or now - renewed > ttl_s()
+
+
+def _parse(data: bytes) -> Holder | None:
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+# ----------------------------------------------------------------------------------------- locks
+
+
+class _FileLock:
+    """lease.json on a local (or NFS) disk, held with fcntl.lockf while the run lives."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def take(self, me: Holder, env: ClusterEnv) -> Holder | None:
+        import fcntl
+
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EACCES, errno.EAGAIN):
+                    return self._holder() or {"pid": "?", "host": "? (starting right now)"}
+                print(f"disttrain: warning: no run-dir lock on this filesystem ({err}); two runs on "
+                      f"{os.path.dirname(self.path)} would not be stopped", file=sys.stderr)  # fmt: skip
+                return None
+            if _same_file(fd, self.path):  # not removed by a holder releasing it in between
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode() + b"\n", 0)
+                os.fsync(fd)
+                self.fd = fd
+                return None
+            os.close(fd)
+        return None
+
+    def _holder(self) -> Holder | None:
+        try:
+            with open(self.path, "rb") as fh:
+                return _parse(fh.read())
+        except OSError:
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still locked: nobody can lock the file being removed
+            os.close(self.fd)
+            self.fd = None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class _ObjectLock:
+    """lease.json on an object store: created if absent, renewed by a heartbeat thread."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.me: Holder = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def take(self, me: Holder, env: ClusterEnv) -> Holder | None:
+        for _ in range(3):
+            if fs.create_exclusive(self.path, json.dumps(me).encode()):
+                self.me = me
+                self._thread = threading.Thread(target=self._renew, name="disttrain-lease", daemon=True)
+                self._thread.start()
+                return None
+            holder = self._holder()
+            if holder is not None and not is_stale(holder, env):
+                return holder
+            fs.remove(self.path)  # stale (or unreadable): take it over
+        return self._holder()
+
+    def _holder(self) -> Holder | None:
+        try:
+            return _parse(fs.read_bytes(self.path))
+        except FileNotFoundError:
+            return None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(ttl_s() / 4):
+            try:
+                holder = self._holder()
+                if holder is not None and holder.get("token") != self.me["token"]:
+                    print(f"disttrain: error: lost the run-dir lease {self.path} to another run ({describe(holder)})",
+                          file=sys.stderr)  # fmt: skip
+                    return
+                self.me["renewed"] = time.time()
+                fs.write_bytes(self.path, json.dumps(self.me).encode())
+            except OSError as err:  # storage trouble: the deadline bounded it; try again next beat
+                print(f"disttrain: warning: could not renew the run-dir lease {self.path}: {err}", file=sys.stderr)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if fs.storage_degraded():
+            return  # the store just failed: the next run finds this holder's process gone, or its TTL out
+        with contextlib.suppress(OSError):
+            holder = self._holder()
+            if holder is not None and holder.get("token") == self.me.get("token"):
+                fs.remove(self.path)

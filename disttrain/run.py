@@ -24,6 +24,7 @@ from disttrain.preemption import StopSignal
 from disttrain.rundir import RunDir, step_name
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+_UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
 # Writers that need an optional package: config key -> (module, pip extra).
 _WRITER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
 
@@ -69,9 +70,11 @@ def preflight(cfg: Config, world_size: int, *, restart_count: int = 0, test: boo
         continue_after_restart(cfg)
     check_run_dir(cfg, test=test)
     check_writers(cfg)
+    from disttrain.features.extend import check_features
     from disttrain.pipelines import load_pipeline  # imports torch: only once the cheap checks passed
 
-    load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
+    pipeline = load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
+    check_features(cfg, pipeline)  # hooks that do not import, blocks the pipeline does not name
 
 
 def continue_after_restart(cfg: Config) -> None:
@@ -167,6 +170,7 @@ def execute(
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
     from disttrain import dist
+    from disttrain.features.guard import NonFiniteError
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
     apply_threads(cfg, env)
@@ -183,6 +187,11 @@ def execute(
         return result
     except ConfigError as err:
         return _bad_input(env, err)
+    except NonFiniteError as err:  # agreed on every rank at the same step: a failure, never requeued
+        clean = True
+        if env.rank == 0:
+            print(f"disttrain: error: {err}", file=sys.stderr)
+        return RunResult(Outcome.FAILED, err.step, message=str(err))
     except KeyboardInterrupt:
         print(f"disttrain: rank {env.rank}: interrupted", file=sys.stderr)
         return RunResult(Outcome.INTERRUPTED, signal="SIGINT")
@@ -197,7 +206,7 @@ def execute(
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:
     """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
     if fit.stop is None:
-        return RunResult(Outcome(fit.outcome), fit.step)
+        return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
     if env.launcher != "slurm":
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain import preemption
@@ -228,7 +237,9 @@ def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunRe
 
     traceback.print_exc()
     message = f"{type(err).__name__}: {err}"
-    if dist.is_collective_failure(err):
+    if _UNUSED_PARAMETERS in message:  # DDP's own hint names a keyword the user cannot reach here
+        message = f"{message.splitlines()[0]} (some parameters got no gradient): set trainer.find_unused_parameters=true"
+    elif dist.is_collective_failure(err):
         message = (
             f"a collective failed ({message.splitlines()[0]}): another rank died or hangs "
             f"(trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}); see the other ranks' logs"

@@ -12,6 +12,7 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       curves.png                  drawn at the end of a segment
       checkpoints/step_00000120/  one committed checkpoint: manifest.json is written last
       checkpoints/latest          the newest committed step's directory name
+      profile/step_A-B/           torch.profiler traces, one per rank (`profile.steps`)
       wandb/ tb/ slurm/           writer and launcher output
 """
 
@@ -37,6 +38,7 @@ WANDB = "wandb"
 WANDB_ID = "wandb_id.txt"
 TENSORBOARD = "tb"
 SLURM = "slurm"
+PROFILE = "profile"
 
 # A committed step directory's name: `step_` and at least eight digits, nothing after. A save in
 # progress writes to `step_N.tmp-XXXX` (local disks), which this pattern does not match.
@@ -82,6 +84,10 @@ class RunDir:
     @property
     def checkpoints(self) -> str:
         return self.file(CHECKPOINTS)
+
+    @property
+    def profile(self) -> str:
+        return self.file(PROFILE)
 
     def step_dir(self, step: int) -> str:
         return fs.join(self.checkpoints, step_name(step))

@@ -80,7 +80,7 @@ def _verdict(events: EventTail, state: str, out: TextIO) -> int:
 class EventTail:
     """Reads RUN_DIR/events.jsonl incrementally (local paths and fsspec URLs alike)."""
 
-    LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused")
+    LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused", "nonfinite")
 
     def __init__(self, run_dir: str):
         from disttrain.rundir import RunDir

@@ -227,15 +227,16 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only)."""
         if not self._module.training:  # eval restores the mode; walking every module each step costs
             self.model.train()
-        applied, norm = True, None
-        for _ in range(self.cfg.trainer.grad_accum):
+        accum = self.cfg.trainer.grad_accum
+        for _ in range(accum):
             batch = self._to_device(next(batches))
-            with self.accelerator.accumulate(self.model):
+            # accelerate's accumulate() skips DDP's all-reduce on all but the last micro-batch; with one
+            # micro-batch there is nothing to skip (and its bookkeeping is a cost of every step).
+            with self.accelerator.accumulate(self.model) if accum > 1 else contextlib.nullcontext():
                 loss = self.pipeline.loss(self.model, batch)
-                self.accelerator.backward(self.guard.fold(loss))
-                if self.accelerator.sync_gradients:
-                    applied, norm = self._optimizer_step()
+                self._backward(self.guard.fold(loss))
             self.metrics.micro_batch(loss, batch)
+        applied, norm = self._optimizer_step()
         self.metrics.step_done(applied, norm)
         self.scheduler.step()
         self.step += 1
@@ -260,6 +261,14 @@ class Trainer:
         overflow = self.accelerator.scaler is not None and self.accelerator.optimizer_step_was_skipped
         self.update_applied = not (bad or overflow)
         return not bad, norm
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """accelerate's backward divides the loss by grad_accum (and scales it for fp16); a division by
+        one is an autograd node every step for nothing (x / 1 is exact: the gradients are the same)."""
+        if self.cfg.trainer.grad_accum == 1 and self.accelerator.scaler is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
 
     def log_train_window(self) -> None:
         """Reduce the window's metrics over ranks and write them. Must be called on all ranks."""

@@ -46,9 +46,8 @@ class NonFiniteGuard:
     """Per-step verdicts and the skip counters a checkpoint keeps (so a resumed run skips alike)."""
 
     def __init__(self, cfg: TrainerConfig, device: torch.device, scaler: bool, agreement: StopAgreement):
-        mode, self.max_skips, self.agreement = cfg.nonfinite, cfg.max_skips, agreement
-        self.mode = mode
-        self.on = mode != "off"
+        self.mode, self.max_skips, self.agreement = cfg.nonfinite, cfg.max_skips, agreement
+        self.on = cfg.nonfinite != "off"
         self.watch_grad = self.on and not scaler  # fp16: non-finite gradients are the scaler's business
         self.host = device.type == "cpu"  # reading a CPU scalar costs nothing; a GPU one would sync
         self._bad_dev: torch.Tensor | None = None  # GPU: this rank's loss verdict, read once per step
@@ -72,21 +71,21 @@ class NonFiniteGuard:
 
     def bad_step(self, norm: torch.Tensor | None) -> bool:
         """After the gradients are reduced, before the update: whether this step must not be applied.
-        The same on every rank (the global norm is). A good step ends a run of skips."""
-        if not self.on:
+        The same on every rank (the global norm is). A good step ends a run of skips. `norm` is None
+        only when nothing computed it, which the guard being on rules out (metrics.grad_norm)."""
+        if not self.on or norm is None:
             return False
-        bad = self.watch_grad and not math.isfinite(self._read(norm))
+        value = self._read(norm)  # also hands this rank's loss flag to the agreement (fp16 needs it)
+        bad = self.watch_grad and not math.isfinite(value)
         if self.watch_grad and not bad:
             self.consecutive = 0
         return bad
 
-    def _read(self, norm: torch.Tensor | None) -> float:
+    def _read(self, norm: torch.Tensor) -> float:
         """The norm on the host, and (GPU) this rank's loss flag with it: one device read a step."""
-        if self.host or (norm is None and self._bad_dev is None):
-            return 0.0 if norm is None else float(norm)
-        zero = torch.zeros((), device=(norm if norm is not None else self._bad_dev).device)  # type: ignore[union-attr]
-        parts = [zero if norm is None else norm.float(), zero if self._bad_dev is None else self._bad_dev.float()]
-        value, bad = torch.stack(parts).tolist()
+        if self.host or self._bad_dev is None:
+            return float(norm)
+        value, bad = torch.stack([norm.float(), self._bad_dev.float()]).tolist()
         self._bad_dev = None
         self.agreement.nonfinite = self.agreement.nonfinite or bool(bad)
         return value

@@ -73,10 +73,9 @@ def grad_norm(trainer: Any) -> torch.Tensor | None:
         accelerator.unscale_gradients()  # fp16: the norm of the true gradients (the scaler knows, once)
     # torch's clip directly: accelerate's wrapper adds only a torch-version parse and a scan for
     # DTensors per call (~0.1 ms); sharded (FSDP) parameters are the wrapping code's to norm.
-    params = [p for p in trainer._module.parameters() if p.grad is not None]
     if cfg.grad_clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+        return torch.nn.utils.clip_grad_norm_(trainer._module.parameters(), cfg.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in trainer._module.parameters() if p.grad is not None])
 
 
 class StepMetrics:

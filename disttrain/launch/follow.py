@@ -111,7 +111,14 @@ class EventTail:
 
     def last_lifecycle(self) -> dict[str, Any] | None:
         self.read_new()
-        return next((r for r in reversed(self.records) if r.get("event") in self.LIFECYCLE), None)
+        return next((r for r in reversed(self.records) if _ends(r)), None)
+
+
+def _ends(record: dict[str, Any]) -> bool:
+    """A record that ends a segment (a skipped non-finite step does not)."""
+    if record.get("event") == "nonfinite":
+        return record.get("action") == "stop"
+    return record.get("event") in EventTail.LIFECYCLE
 
 
 def describe(record: dict[str, Any]) -> str:

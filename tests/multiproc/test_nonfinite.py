@@ -88,7 +88,8 @@ def test_skips_on_every_rank_at_the_same_step_and_resume_stays_bit_identical(tmp
     traces = sorted(p.name for p in (run_dir / "profile" / "step_2-3").iterdir())
     assert traces == ["rank_0.pt.trace.json", "rank_1.pt.trace.json"]
     assert json.loads((run_dir / "profile" / "step_2-3" / traces[1]).read_text())["traceEvents"]
-    assert collect(str(run_dir))["profiles"][0]["path"].endswith("profile/step_2-3")
+    status = collect(str(run_dir))
+    assert status["profiles"][0]["path"].endswith("profile/step_2-3") and status["skipped_steps"] == len(skips)
 
 
 def _ema(run_dir: Path) -> dict:

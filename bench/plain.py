@@ -60,13 +60,16 @@ class PlainLoop:
         self.opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), **fused)
         steps = cfg.trainer.max_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg.scheduler, steps, s))
-        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        self.net = self._wrap(cfg, world)
         self.net = torch.compile(self.net) if compile_model else self.net
         seed_all(cfg.seed * 1000 + 1 + rank)
         self.batches = iter(self._loader(cfg, train, rank, world))
         self.clip = cfg.trainer.grad_clip
         self.bf16 = cfg.trainer.mixed_precision == "bf16"
         self.net.train()
+
+    def _wrap(self, cfg: Any, world: int) -> Any:
+        return torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
 
     def _loader(self, cfg: Any, train: Any, rank: int, world: int) -> DataLoader:
         workers = cfg.data.num_workers
@@ -93,3 +96,34 @@ class PlainLoop:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
+
+
+class AccelerateLoop(PlainLoop):
+    """The loop a user writes with HuggingFace accelerate, as its documentation shows it: the model and
+    optimizer through `accelerator.prepare`, each step inside `accelerator.accumulate`, then
+    `accelerator.backward`, `accelerator.clip_grad_norm_` and the prepared optimizer's step and
+    zero_grad. The data loader is the plain loop's (not prepared, so the sample order, and with it the
+    math, is the same), and the schedule steps once per optimizer step."""
+
+    def _wrap(self, cfg: Any, world: int) -> Any:
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.trainer.mixed_precision, cpu=self.device.type == "cpu",
+            step_scheduler_with_optimizer=False,
+        )  # fmt: skip
+        net, self.opt = self.accelerator.prepare(self.model, self.opt)
+        return net
+
+    def step(self) -> None:
+        batch = next(self.batches)
+        if self.device.type != "cpu":
+            batch = [t.to(self.device, non_blocking=True) for t in batch]
+        with self.accelerator.accumulate(self.net):
+            loss = self.pipeline.loss(self.net, batch)  # the prepared model autocasts when asked to
+            self.accelerator.backward(loss)
+            if self.clip > 0:
+                self.accelerator.clip_grad_norm_(self.net.parameters(), self.clip)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)

@@ -3,7 +3,7 @@ bench/RESULTS.md and bench/RESULTS.json. How to run it and read it: bench/README
 
   python -m bench                      all CPU sections (a few minutes on 2 cores)
   python -m bench --quick              fewer repetitions and sizes (about two minutes)
-  python -m bench --sections step,ckpt only those (step, ckpt, async, resume, data, stream, gpu)
+  python -m bench --sections step,ckpt only those (step, ckpt, async, resume, data, fsdp, stream, features, gpu)
   python -m bench --gpu                the GPU section alone, into bench/RESULTS_GPU.md (one CUDA device)
   python -m bench --gpu-smoke          the GPU section's code on the CPU with a toy model (a harness check)
 """
@@ -27,7 +27,8 @@ from bench.report import write_report  # noqa: E402
 
 # section -> the function that runs it, as module:function under bench/ (imported when it runs)
 SECTIONS = {"step": "step:run", "ckpt": "ckpt:run_write", "async": "ckpt:run_async", "resume": "resume:run",
-            "data": "datawait:run", "fsdp": "fsdp:run", "stream": "stream:run", "gpu": "gpu:run"}  # fmt: skip
+            "data": "datawait:run", "fsdp": "fsdp:run", "stream": "stream:run",
+            "features": "features:run", "gpu": "gpu:run"}  # fmt: skip
 CPU_SECTIONS = [s for s in SECTIONS if s != "gpu"]
 
 

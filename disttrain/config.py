@@ -62,6 +62,19 @@ class TrainerConfig:
     threads: int = _f(
         0, "intra-op CPU threads per rank (0: $OMP_NUM_THREADS, else SLURM's cpus-per-task, else torch's)", min=0
     )
+    nonfinite: str = _f(
+        "stop", "a NaN/Inf loss or gradient norm: stop (exit 1, no save), skip the update, or off",
+        choices=("stop", "skip", "off"),
+    )
+    max_skips: int = _f(10, "nonfinite=skip: stop after this many consecutive skipped steps", min=1)
+    compile: bool = _f(False, "torch.compile the model (checkpoints keep the uncompiled names)")
+    compile_mode: str = _f(
+        "default", "torch.compile mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    )
+    compile_backend: str = _f("inductor", "torch.compile backend (aot_eager: trace only, for debugging)")
+    activation_checkpointing: bool = _f(False, "recompute the pipeline's blocks() in backward to save memory")
+    find_unused_parameters: bool = _f(False, "DDP: allow parameters that get no gradient in a step (slower)")
 
 
 @dataclass
@@ -133,6 +146,40 @@ class LogConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, kept in checkpoints."""
+
+    decay: float = _f(0.0, "EMA decay per optimizer step, e.g. 0.999 (0: no EMA)", min=0.0, max=0.999999)
+    warmup_steps: int = _f(0, "ramp the decay linearly from 0 over N steps (0: full decay at once)", min=0)
+    eval: bool = _f(False, "evaluate (and --test) with the EMA weights instead of the trained ones")
+
+
+@dataclass
+class EarlyStopConfig:
+    """End the run (as finished) when an eval metric stops improving."""
+
+    metric: str = _f("", "eval metric to watch, e.g. eval/loss ('': no early stopping)")
+    mode: str = _f("min", "whether lower or higher is better", choices=("min", "max"))
+    patience: int = _f(3, "evaluations without improvement before the run ends", min=1)
+    min_delta: float = _f(0.0, "smallest change that counts as an improvement", min=0.0)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps, one file per rank under RUN_DIR/profile/."""
+
+    steps: list[int] = _f([], "[first, last] optimizer steps to trace, e.g. [20, 25] ([]: off)")
+
+
+@dataclass
+class HookSpec:
+    """A hook named by import path, built with keyword arguments."""
+
+    target: str = _f("", "import path `package.module:ClassName` of a Hook subclass")
+    args: dict[str, Any] = _f({}, "keyword arguments passed to the hook's constructor")
+
+
+@dataclass
 class PipelineConfig:
     """The user's model, data and loss: a Pipeline subclass named by import path."""
 
@@ -162,6 +209,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    hooks: list[HookSpec] = _f([], "extra hooks by import path: [{target: pkg.mod:Hook, args: {...}}]")
 
 
 
@@ -293,8 +344,17 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[fld.name] = _build(hint, raw[fld.name], key + ".", source)
         else:
-            kwargs[fld.name] = _coerce(raw[fld.name], hint, key, source)
+            kwargs[fld.name] = _coerce(_yaml_word(raw[fld.name], fld.metadata.get("choices")), hint, key, source)
     return cls(**kwargs)
+
+
+def _yaml_word(value: Any, choices: tuple[Any, ...] | None) -> Any:
+    """YAML 1.1 reads off/no as false and on/yes as true: for a key whose choices are words
+    (trainer.nonfinite=off, trainer.mixed_precision=no), the boolean means the word."""
+    if isinstance(value, bool) and choices:
+        words = ("on", "yes", "true") if value else ("off", "no", "false")
+        return next((w for w in words if w in choices), value)
+    return value
 
 
 def _unknown_key_message(prefix: str, key: str, names: list[str], source: str) -> str:
@@ -315,6 +375,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, value, "a list like [a, b]", source)
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a list of sections (hooks); a string: its target
+        return _build(hint, {"target": value} if isinstance(value, str) else value, key + ".", source)
     if origin is dict:
         if not isinstance(value, dict):
             raise _type_error(key, value, "a mapping like {k: v}", source)
@@ -387,6 +449,39 @@ def validate(cfg: Config, source: str = "config") -> None:
     if ":" not in cfg.pipeline.target or cfg.pipeline.target.endswith(":"):
         raise ConfigError(
             f"pipeline.target: {cfg.pipeline.target!r} must look like package.module:ClassName [{source}]"
+        )
+    _validate_features(cfg, source)
+    _validate_fsdp(cfg, source)
+
+
+def _validate_fsdp(cfg: Config, source: str) -> None:
+    """What sharded training does not combine with yet: each refused up front, with the way out."""
+    if cfg.trainer.strategy != "fsdp":
+        return
+    refused = {
+        "trainer.mixed_precision=fp16": (cfg.trainer.mixed_precision == "fp16", "use trainer.mixed_precision=bf16"),
+        "ema.decay > 0": (cfg.ema.decay > 0, "the EMA of sharded weights is not supported yet; set ema.decay=0"),
+        "trainer.compile=true": (cfg.trainer.compile, "compile with sharding is untested; set trainer.compile=false"),
+    }
+    for what, (bad, fix) in refused.items():
+        if bad:
+            raise ConfigError(f"{what} with trainer.strategy=fsdp: {fix}, or use trainer.strategy=ddp [{source}]")
+
+
+def _validate_features(cfg: Config, source: str) -> None:
+    """Cross-field rules of the training features (hooks, profile window, early stopping)."""
+    for i, hook in enumerate(cfg.hooks):
+        if ":" not in hook.target or hook.target.endswith(":"):
+            raise ConfigError(f"hooks[{i}].target: {hook.target!r} must look like package.module:ClassName [{source}]")
+    steps = cfg.profile.steps
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        raise ConfigError(f"profile.steps: {steps} must be [first, last] with 1 <= first <= last, e.g. [20, 25] [{source}]")
+    metric = cfg.early_stop.metric
+    if metric and not metric.startswith("eval/"):
+        raise ConfigError(f"early_stop.metric: {metric!r} must be an eval metric such as eval/loss [{source}]")
+    if metric and cfg.trainer.eval_every == 0:
+        raise ConfigError(
+            f"early_stop.metric is set but trainer.eval_every=0 evaluates only at the end; set trainer.eval_every=N [{source}]"
         )
 
 

@@ -226,26 +226,27 @@ def destroy(clean: bool = True) -> None:
 
 
 
-class PendingFlags:
-    """Any-rank flags all-reduced in the background: started at one step boundary, read at the next.
+class PendingMax:
+    """An elementwise max over ranks of a few ints, all-reduced in the background: started at one step
+    boundary, read at a later one.
 
     Agreement this way costs the loop no wait for a network round trip; every rank reads the same
-    result at the same boundary, so all ranks still act at the same step (one step later).
+    result at the same boundary, so all ranks still act at the same step.
     """
 
-    def __init__(self, flags: list[bool]):
-        self.tensor = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=_device())
+    def __init__(self, values: list[int]):
+        self.tensor = torch.tensor(values, dtype=torch.int64, device=_device())
         self.work = tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
 
-    def result(self) -> list[bool]:
+    def result(self) -> list[int]:
         if self.work is not None:
             self.work.wait()
-        return [bool(v) for v in self.tensor.tolist()]
+        return [int(v) for v in self.tensor.tolist()]
 
 
-def start_any_flags(flags: list[bool]) -> PendingFlags:
-    """Begin agreeing on `flags`; `.result()[i]` is later True if any rank set flag i. Must be called on all ranks."""
-    return PendingFlags(flags)
+def start_max(values: list[int]) -> PendingMax:
+    """Begin an elementwise max over ranks; `.result()` returns it later. Must be called on all ranks."""
+    return PendingMax(values)
 
 
 def broadcast_tensors_from_main(tensors: list[torch.Tensor]) -> None:

@@ -117,13 +117,7 @@ class ProgressHook(Hook):
         self.bar.update(trainer.step - self.bar.n)
         now = time.monotonic()
         if trainer.last_train_metrics and now - self._last > 0.5:
-            m = trainer.last_train_metrics
-            self.bar.set_postfix(
-                loss=f"{m.get('train/loss', float('nan')):.4f}",
-                lr=f"{m.get('train/lr', 0.0):.2e}",
-                sps=f"{m.get('train/samples_per_sec', 0.0):.0f}",
-                refresh=False,
-            )
+            self.bar.set_postfix(postfix(trainer.last_train_metrics), refresh=False)
             self._last = now
 
     def after_train(self, trainer: Trainer) -> None:
@@ -132,7 +126,21 @@ class ProgressHook(Hook):
             self.bar = None
 
 
-def default_hooks(progress_bar: bool) -> list[Hook]:
-    """Order matters: log and eval see the finished step, the checkpoint captures eval's state, and the
-    stop check comes last so a stop saves everything the step produced."""
-    return [ProgressHook(progress_bar), LogHook(), EvalHook(), CheckpointHook(), StopHook()]
+# What the bar shows of the train metrics, short: (metric, label, format). Absent metrics are left out.
+_BAR = (
+    ("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"), ("train/samples_per_sec", "sps", "{:.0f}"),
+    ("train/tokens_per_sec", "tok/s", "{:.0f}"), ("train/mfu", "mfu", "{:.1%}"), ("train/grad_norm", "gnorm", "{:.3g}"),
+    ("train/max_mem_mb", "mem", "{:.0f}MB"), ("train/skipped", "skipped", "{:.0f}"),
+)  # fmt: skip
+
+
+def postfix(metrics: dict[str, float]) -> dict[str, str]:
+    return {label: fmt.format(metrics[key]) for key, label, fmt in _BAR if key in metrics}
+
+
+def default_hooks(progress_bar: bool, user: list[Hook] | None = None) -> list[Hook]:
+    """Order matters: log and eval see the finished step; the user's hooks come next, so that what they
+    change at a step is in that step's checkpoint (a resumed run then continues them exactly); the
+    checkpoint captures eval's and their state; the stop check comes last so a stop saves everything
+    the step produced."""
+    return [ProgressHook(progress_bar), LogHook(), EvalHook(), *(user or []), CheckpointHook(), StopHook()]

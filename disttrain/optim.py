@@ -12,20 +12,25 @@ from torch.optim.lr_scheduler import LambdaLR
 from disttrain.config import OptimConfig, SchedulerConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, on_cuda: bool) -> torch.optim.Optimizer:
-    """Weight decay applies to matrices and embeddings only: decaying biases and norm gains hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def build_optimizer(cfg: OptimConfig, model: nn.Module, on_cuda: bool, pipeline: Any = None) -> torch.optim.Optimizer:
+    """The pipeline's own optimizer if it builds one; else optim.name over the pipeline's parameter
+    groups, or by default weight decay on matrices and embeddings only (decaying biases and norm gains
+    hurts)."""
+    own = pipeline.build_optimizer(model) if pipeline is not None else None
+    if own is not None:
+        return own
+    groups = pipeline.param_groups(model) if pipeline is not None else None
+    if groups is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     extra = {"fused": True} if cfg.fused and on_cuda else {}
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), **extra)
+    return cls(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay, **extra)
 
 
 def lr_factor(cfg: SchedulerConfig, max_steps: int, step: int) -> float:

@@ -47,9 +47,23 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def optimizer_step(self, max_norm: float) -> None:
-        """Clip to the global norm (when max_norm > 0), step, zero the gradients."""
+    def grad_norm(self, max_norm: float) -> torch.Tensor:
+        """The global norm of the reduced gradients (the same on every rank), clipped to max_norm when
+        max_norm > 0. On the micro-batch that ends an optimizer step, before `step`."""
         raise NotImplementedError
+
+    def step(self) -> None:
+        """Apply the update (`grad_norm` first when clipping) and zero the gradients."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def drop_step(self) -> None:
+        """Skip this update: drop the gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_was_skipped(self) -> bool:
+        """Whether the last `step` left the weights alone (an fp16 overflow)."""
+        return False
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -79,16 +93,21 @@ class DDPStrategy(Strategy):
 
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         self.cfg = cfg
+        handlers: list[Any] = [
+            # A rank that dies or hangs must not leave the others blocked forever in a collective.
+            InitProcessGroupKwargs(timeout=dist.timeout(cfg.trainer.collective_timeout_s))
+        ]
+        if cfg.trainer.find_unused_parameters:  # a model trained on part of its heads: DDP must look for them
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         self.accelerator = Accelerator(
             mixed_precision=cfg.trainer.mixed_precision,
             gradient_accumulation_steps=cfg.trainer.grad_accum,
             # accelerate only sets up CPU DDP (gloo) when told cpu=True; without a GPU, say so.
             cpu=cfg.trainer.cpu or not torch.cuda.is_available(),
-            # A rank that dies or hangs must not leave the others blocked forever in a collective.
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=dist.timeout(cfg.trainer.collective_timeout_s))],
+            kwargs_handlers=handlers,
             step_scheduler_with_optimizer=False,
         )
         self.device = self.accelerator.device
@@ -99,24 +118,44 @@ class DDPStrategy(Strategy):
         self._wrapped = wrapped  # accelerate's optimizer: the fp16 scaler steps through it
         self.optimizer = wrapped.optimizer
         self.scaler = self.accelerator.scaler
-
-    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[None]:
-        # accelerate counts micro-batches itself (gradient_accumulation_steps) and skips DDP's
-        # all-reduce on all but the last; `last` agrees with its count by construction.
-        return self.accelerator.accumulate(self.model)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)  # divides by the accumulation steps
-
-    def optimizer_step(self, max_norm: float) -> None:
-        if max_norm > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         # accelerate's optimizer wrapper asks importlib on every call whether an optional package is
         # installed and inspects a signature (~0.12 ms a step); without a grad scaler (fp16) it only
         # forwards the call, so step the torch optimizer directly.
-        optimizer = self._wrapped if self.scaler is not None else self.optimizer
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self._stepper = wrapped if self.scaler is not None else self.optimizer
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager[None]:
+        # accelerate counts micro-batches itself (gradient_accumulation_steps) and skips DDP's
+        # all-reduce on all but the last; `last` agrees with its count by construction. With one
+        # micro-batch there is nothing to skip (and its bookkeeping is a cost of every step).
+        if self.cfg.trainer.grad_accum == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.accumulate(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # accelerate's backward divides by grad_accum (and scales for fp16); a division by one is an
+        # autograd node every step for nothing (x / 1 is exact: the gradients are the same).
+        if self.cfg.trainer.grad_accum == 1 and self.scaler is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.scaler is not None:
+            self.accelerator.unscale_gradients()  # fp16: the norm of the true gradients
+        # torch's clip directly: accelerate's wrapper adds a torch-version parse and a DTensor scan per call.
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+
+    def step(self) -> None:
+        self._stepper.step()
+        self._stepper.zero_grad(set_to_none=True)
+
+    def drop_step(self) -> None:
+        self._stepper.zero_grad(set_to_none=True)
+
+    def step_was_skipped(self) -> bool:
+        return self.scaler is not None and bool(self.accelerator.optimizer_step_was_skipped)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return self.accelerator.autocast()
@@ -125,7 +164,7 @@ class DDPStrategy(Strategy):
         # DDP's reducer keeps its last gloo work objects, which hold tensors; freed at interpreter
         # shutdown they abort the process ("terminate called without an active exception").
         self.accelerator.free_memory()
-        del self.model, self._wrapped, self.optimizer
+        del self.model, self._wrapped, self.optimizer, self._stepper
 
 
 # ----------------------------------------------------------------------------------------- fsdp
@@ -176,13 +215,16 @@ class FSDPStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.trainer.grad_accum).backward()  # the mean over the step's micro-batches
 
-    def optimizer_step(self, max_norm: float) -> None:
+    def grad_norm(self, max_norm: float) -> torch.Tensor:
+        # The norm of DTensor gradients is the true global norm: each rank's share of the sum of squares
+        # is all-reduced inside; full_tensor() hands every rank the plain value.
+        params = list(self.model.parameters())
         if max_norm > 0:
-            # The norm of DTensor gradients is the true global norm: each rank's share of the sum of
-            # squares is all-reduced inside.
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        full = getattr(norm, "full_tensor", None)
+        return full() if callable(full) else norm
 
     def close(self) -> None:
         del self.model, self.module, self.optimizer

@@ -42,6 +42,8 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 MAX_REQUEUES_ENV = "DISTTRAIN_MAX_REQUEUES"
 DEFAULT_MAX_REQUEUES = 10
 SCONTROL_TIMEOUT_S = 30
+AGREE_EVERY_S = 0.1  # how often ranks exchange their flags when steps are shorter than this
+MAX_SKIP = 256  # boundaries between two exchanges, at most
 
 
 class StopSignal:
@@ -99,24 +101,44 @@ class StopRequest:
 
 
 class StopAgreement:
-    """Turns per-rank signal flags into one decision all ranks share. `poll` must be called on all
-    ranks, the same number of times; the first poll that returns a StopRequest returns it on every rank.
+    """Turns per-rank flags into decisions all ranks share. `poll` must be called on all ranks, at the
+    same boundaries; the first poll that returns a StopRequest returns it on every rank.
 
-    The flags of every stop signal travel in one all-reduce (MAX per signal, so every rank learns the
-    union, whichever rank was signalled), started at one step boundary and read at the next: the loop
-    never waits for a network round trip, and all ranks still stop after the same step.
+    Every exchange is one all-reduce (MAX) of a few ints: one flag per stop signal (so every rank learns
+    the union, whichever rank was signalled), the non-finite-loss flag of the guard
+    (`features.guard`), and rank 0's proposal of how many boundaries to pass before the next exchange.
+    It is started at one boundary and read at a later one: the loop never waits for a network round
+    trip, and all ranks still act after the same step.
+
+    Exchanges come about every `interval_s` of training rather than at every boundary: on short steps
+    even an overlapped all-reduce per step is a measurable share (bench/RESULTS.md, section 1). Rank 0
+    proposes the number of boundaries that fit in `interval_s` at the rate it measured, and the proposal
+    travels in the exchange itself, so every rank passes the same boundaries. Steps longer than
+    `interval_s` exchange at every boundary; a stop is acted on at most about two intervals plus one
+    step after the signal (MAX_SKIP bounds it if steps suddenly slow down). `interval_s=0`: every boundary.
 
     With `hang_after` (multi-rank runs), a HangWatch notices a rank that reaches no boundary for that
     long once `arm`ed; `drain` and `close` disarm it.
     """
 
     def __init__(
-        self, local: StopSignal, hang_after: float | None = None, on_hang: Callable[[str], None] | None = None
+        self,
+        local: StopSignal,
+        interval_s: float = AGREE_EVERY_S,
+        hang_after: float | None = None,
+        on_hang: Callable[[str], None] | None = None,
     ):
-        self.local = local
-        self._pending: dist.PendingFlags | None = None
-        self.agreed: StopRequest | None = None
+        self.local, self.interval_s = local, interval_s
         self.watch = HangWatch(hang_after, on_hang) if hang_after else None
+        self.nonfinite = False  # set by the guard: this rank saw a non-finite loss since its last exchange
+        self.nonfinite_agreed = False  # the latest exchange said some rank did; whoever acts on it clears it
+        self.exchanges = 0  # exchanges read so far: the same count on every rank
+        self.agreed: StopRequest | None = None
+        self._pending: dist.PendingMax | None = None
+        self._skip = 0  # boundaries to pass before reading the exchange in flight: the same on every rank
+        self._kind = "step"
+        self._since: float | None = None  # rank 0's clock when the exchange in flight started
+        self._boundaries = 0  # boundaries polled since then
 
     def arm(self) -> None:
         """Start watching for a hang (the training loop begins)."""
@@ -127,15 +149,34 @@ class StopAgreement:
         if self.watch is not None:
             self.watch.stop()
 
-    def poll(self) -> StopRequest | None:
-        from disttrain import dist
-
+    def poll(self, kind: str = "step") -> StopRequest | None:
+        """A boundary of `kind` ("step", "eval"). Boundaries of another kind come at another rate, so a
+        change of kind starts the count over (every rank polls the same kinds in the same order)."""
         if self.watch is not None:
             self.watch.beat()
-        if self.agreed is None and self._pending is not None:
-            self._take(self._pending.result())
+        switched = kind != self._kind
+        if switched:
+            self._kind, self._skip, self._since = kind, 0, None
+        self._boundaries += 1
+        if self.agreed is not None:
+            return self.agreed
+        if self._skip > 0:
+            self._skip -= 1
+            return None
+        if self._pending is not None:
+            proposal = self._take(self._pending.result())
+            self._skip = 0 if switched else proposal  # a rate measured on the other kind does not apply
         if self.agreed is None:
-            self._pending = dist.start_any_flags([name in self.local.received for name in STOP_SIGNALS])
+            self._start(self._proposal())
+        return self.agreed
+
+    def settle(self) -> StopRequest | None:
+        """Exchange now and wait: the one in flight, then one with this rank's current flags. For rare
+        moments every rank reaches at the same step (a non-finite step). Must be called on all ranks."""
+        self.drain()
+        self._start(0)
+        self.drain()
+        self._skip, self._since = 0, None
         return self.agreed
 
     def drain(self) -> None:
@@ -144,11 +185,34 @@ class StopAgreement:
         if self._pending is not None:
             self._take(self._pending.result())
 
-    def _take(self, flags: list[bool]) -> None:
+    def _start(self, proposal: int) -> None:
+        from disttrain import dist
+
+        flags = [int(name in self.local.received) for name in STOP_SIGNALS] + [int(self.nonfinite)]
+        self.nonfinite = False  # sent: a later non-finite loss is a new one
+        self._pending = dist.start_max([*flags, proposal])
+
+    def _take(self, values: list[int]) -> int:
+        """Record an exchange's result; returns the agreed proposal."""
         self._pending = None
+        *flags, nonfinite, proposal = values
         signals = tuple(name for name, on in zip(STOP_SIGNALS, flags) if on)
         if signals and self.agreed is None:
             self.agreed = StopRequest(signals)
+        self.nonfinite_agreed = bool(nonfinite)
+        self.exchanges += 1
+        return proposal
+
+    def _proposal(self) -> int:
+        """Rank 0: how many boundaries fit in interval_s at the rate since the last exchange started."""
+        from disttrain import dist
+
+        now, since, boundaries = time.monotonic(), self._since, self._boundaries
+        self._since, self._boundaries = now, 0
+        if since is None or self.interval_s <= 0 or not dist.is_main():  # no rate yet, or not rank 0's call
+            return 0
+        per_boundary = (now - since) / max(1, boundaries)
+        return min(MAX_SKIP, int(self.interval_s / max(per_boundary, 1e-6)))
 
 
 class HangWatch:

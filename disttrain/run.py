@@ -28,6 +28,7 @@ from disttrain.preemption import StopSignal, tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+_UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
 # Writers that need an optional package: config key -> (module, pip extra).
 _WRITER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
 
@@ -73,9 +74,11 @@ def preflight(cfg: Config, world_size: int, *, restart_count: int = 0, test: boo
         continue_after_restart(cfg)
     check_run_dir(cfg, test=test)
     check_writers(cfg)
+    from disttrain.features.extend import check_features
     from disttrain.pipelines import load_pipeline  # imports torch: only once the cheap checks passed
 
-    load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
+    pipeline = load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
+    check_features(cfg, pipeline)  # hooks that do not import, blocks the pipeline does not name
 
 
 def continue_after_restart(cfg: Config) -> None:
@@ -228,6 +231,7 @@ def execute(
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
     from disttrain import dist
+    from disttrain.features.guard import NonFiniteError
     from disttrain.lease import RunLease
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
@@ -245,6 +249,11 @@ def execute(
         return result
     except ConfigError as err:
         return _bad_input(env, err)
+    except NonFiniteError as err:  # agreed on every rank at the same step: a failure, never requeued
+        clean = True
+        if env.rank == 0:
+            print(f"disttrain: error: {err}", file=sys.stderr)
+        return RunResult(Outcome.FAILED, err.step, message=str(err))
     except KeyboardInterrupt:
         return _interrupted(trainer, env)
     except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
@@ -259,7 +268,7 @@ def execute(
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:
     """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
     if fit.stop is None:
-        return RunResult(Outcome(fit.outcome), fit.step)
+        return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
     if env.launcher != "slurm":
         trainer.files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
@@ -317,7 +326,10 @@ def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunRe
     from disttrain.checkpoint import CheckpointError
 
     message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-    if dist.is_collective_failure(err):
+    if _UNUSED_PARAMETERS in str(err):  # DDP's own hint names a keyword the user cannot reach here
+        traceback.print_exc()
+        message = f"{message} (some parameters got no gradient): set trainer.find_unused_parameters=true"
+    elif dist.is_collective_failure(err):
         message = (
             f"a collective failed ({message}): another rank died or hangs "
             f"(trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}); see the other ranks' logs"

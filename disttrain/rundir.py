@@ -13,6 +13,7 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       checkpoints/step_00000120/  one committed checkpoint: manifest.json is written last
       checkpoints/latest          the newest committed step's directory name
       lease.json                  the run now holding the run dir (host, pid, job id); gone when it ends
+      profile/step_A-B/           torch.profiler traces, one per rank (`profile.steps`)
       wandb/ tb/ slurm/           writer and launcher output
 
 A sweep dir (`disttrain submit --sweep`) holds `sweep.json` (its tasks, their overrides and job ids),
@@ -43,6 +44,7 @@ WANDB_ID = "wandb_id.txt"
 TENSORBOARD = "tb"
 SLURM = "slurm"
 SWEEP = "sweep.json"  # in a sweep dir, never in a run dir
+PROFILE = "profile"
 
 # A committed step directory's name: `step_` and at least eight digits, nothing after. A save in
 # progress writes to `step_N.tmp-XXXX` (local disks), which this pattern does not match.
@@ -88,6 +90,10 @@ class RunDir:
     @property
     def checkpoints(self) -> str:
         return self.file(CHECKPOINTS)
+
+    @property
+    def profile(self) -> str:
+        return self.file(PROFILE)
 
     def step_dir(self, step: int) -> str:
         return fs.join(self.checkpoints, step_name(step))

@@ -8,10 +8,10 @@ run files, event log, checkpoint manager), never here.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,11 @@ from disttrain.data import (
     dataset_size,
     make_loader,
 )
+from disttrain.features.ema import EMAHook
+from disttrain.features.extend import config_hooks, feature_hooks
+from disttrain.features.guard import NonFiniteGuard, check_state, report
+from disttrain.features.metrics import StepMetrics, grad_norm
+from disttrain.features.model import after_wrap, before_wrap, strip_compiled_names, uncompiled
 from disttrain.hooks import Hook, default_hooks
 from disttrain.lease import RunLease
 from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
@@ -66,6 +71,7 @@ class FitResult:
     outcome: str  # finished | stopped | already_done
     step: int
     stop: StopRequest | None = None  # the agreed stop (its signals), when stopped
+    reason: str = ""  # why a run finished before max_steps (early stopping)
 
 
 class Trainer:
@@ -95,25 +101,33 @@ class Trainer:
         if self.stream is None:  # a map-style train split
             self.train_size = dataset_size(self.datasets["train"], "train")
             check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
+        if cfg.early_stop.metric and "eval" not in self.datasets:
+            raise ConfigError(f"early_stop.metric is set but {cfg.pipeline.target} has no 'eval' split to watch")
         _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
-        model = self.pipeline.build_model()
+        model = before_wrap(self.pipeline.build_model(), cfg.trainer, self.pipeline)
         on_cuda = self.device.type == "cuda"
         units = self.pipeline.shard_units(model) if cfg.trainer.strategy == "fsdp" else []
-        self.strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, on_cuda=on_cuda), units)
-        self.model, self.module = self.strategy.model, self.strategy.module  # forward on one, names of the other
+        self.strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, on_cuda, self.pipeline), units)
+        # Forward on the wrapped model (and any compile wrapper around it); state dicts, EMA and eval use
+        # the pipeline's own module, under its own names.
+        self.model = after_wrap(self.strategy.model, cfg.trainer)
+        self.module = uncompiled(self.strategy.module)
         self.optimizer = self.strategy.optimizer
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.trainer.max_steps)
         _seed_all(cfg.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout & co
         self.step, self.cursor = 0, DataCursor()
         self._bar = _use_bar(cfg) and dist.is_main()
-        self.hooks = default_hooks(progress_bar=self._bar) + list(hooks or [])
+        self.hooks = feature_hooks(cfg) + default_hooks(self._bar, config_hooks(cfg) + list(hooks or []))
+        self.ema = EMAHook.find(self.hooks, self.module)
         self.signal = stop or StopSignal()
         hang_after = cfg.trainer.collective_timeout_s if self.world > 1 else None
-        self.agreement = StopAgreement(self.signal, hang_after, on_hang=self._record_hang)
+        self.agreement = StopAgreement(self.signal, hang_after=hang_after, on_hang=self._record_hang)
+        self.guard = NonFiniteGuard(cfg.trainer, self.device, self.strategy.scaler is not None, self.agreement)
         self.stop_request: StopRequest | None = None
+        self.ended = ""  # why the run ended before max_steps (a hook's end_early); kept in checkpoints
+        self.update_applied = True  # whether the last step's update reached the weights
         self.last_train_metrics: dict[str, float] = {}
-        self._window_loss = torch.zeros((), device=self.device)
-        self._window_steps, self._window_start = 0, time.perf_counter()
+        self.metrics = StepMetrics(cfg, self.device, self.pipeline)
         self.files = build_run_files(self.run_dir)
         self.events = EventLog(self.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
         self.writer: Writer = NullWriter()
@@ -178,6 +192,9 @@ class Trainer:
         state = app["trainer"]
         self.step = int(state["step"])
         self.cursor = DataCursor.from_state(state["cursor"])
+        self.ended = str(state.get("ended", ""))
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         for hook in self.hooks:
             if type(hook).__name__ in app.get("hooks", {}):
                 hook.load_state_dict(app["hooks"][type(hook).__name__])
@@ -185,8 +202,8 @@ class Trainer:
             self.stream.restore(loaded.rank_state, int(loaded.manifest["world_size"]))
         if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
             restore_rank_state(loaded.rank_state["rng"])
-            self._window_loss = torch.tensor(loaded.rank_state["window_loss"], device=self.device)
-            self._window_steps = int(state["window_steps"])
+            if "metrics" in loaded.rank_state:  # the log window in progress (a new one on older checkpoints)
+                self.metrics.load_state_dict(loaded.rank_state["metrics"])
         else:  # new world size: no per-rank stream to continue; derive a fresh one from the step
             _seed_all(self.cfg.seed * 1000 + 1 + self.rank + 7919 * self.step)
 
@@ -205,8 +222,9 @@ class Trainer:
             "trainer": {
                 "step": self.step,
                 "cursor": self.cursor.state_dict(),
-                "window_steps": self._window_steps,
                 "samples_seen": self.step * self.cfg.data.batch_size,
+                "guard": self.guard.state_dict(),
+                "ended": self.ended,
             },
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
         }
@@ -219,18 +237,23 @@ class Trainer:
         return rows, layout
 
     def rank_state(self) -> dict[str, Any]:
-        state = {"rng": capture_rank_state(), "window_loss": float(self._window_loss.item())}
+        state = {"rng": capture_rank_state(), "metrics": self.metrics.state_dict()}
         return state if self.stream is None else {**state, "stream": self.stream.position}
+
+    def checked_state(self) -> dict[str, Any]:
+        """`app_state()` of weights that are all finite; raises NonFiniteError (on every rank) instead of
+        letting a save publish them. Must be called on all ranks."""
+        check_state(self, self.module)
+        return self.app_state()
 
     # ------------------------------------------------------------------------------------- train
 
     def fit(self) -> FitResult:
         """Train to max_steps or until a stop is agreed. Must be called on all ranks."""
-        if self.step >= self.cfg.trainer.max_steps:
-            self.files.say(
-                f"run in {self.run_dir} already reached step {self.step} >= trainer.max_steps; nothing to do"
-            )
-            return FitResult("already_done", self.step)
+        if self.step >= self.cfg.trainer.max_steps or self.ended:
+            why = self.ended or f"already reached step {self.step} >= trainer.max_steps"
+            self.files.say(f"run in {self.run_dir} {why}; nothing to do")
+            return FitResult("already_done", self.step, reason=self.ended)
         if self.stream is not None:
             self.stream.check()  # positions restored for this world size, before anything is written
         own_handlers = not self.signal.installed
@@ -241,7 +264,7 @@ class Trainer:
         train_iter = iter(self._train_loader())
         try:
             self._call("before_train")
-            while self.step < self.cfg.trainer.max_steps and not self.stopping:
+            while self.step < self.cfg.trainer.max_steps and not (self.stopping or self.ended):
                 self._call("before_step")
                 self.train_step(train_iter)
                 self._call("after_step")
@@ -253,8 +276,10 @@ class Trainer:
                 self.signal.uninstall()
             self.writer.close()
         if self.stop_request is None:
-            self.events.emit("finish", step=self.step)
-            return FitResult("finished", self.step)
+            self.events.emit("finish", step=self.step, **({"reason": self.ended} if self.ended else {}))
+            if self.ended:
+                self.files.say(f"finished at step {self.step}: {self.ended}")
+            return FitResult("finished", self.step, reason=self.ended)
         self.events.emit("stopped", step=self.step, signal=self.stop_request.signal)
         return FitResult("stopped", self.step, self.stop_request)
 
@@ -267,46 +292,67 @@ class Trainer:
             batch = self._to_device(next(batches))
             with self.strategy.accumulate(last=micro == accum - 1):
                 loss = self.pipeline.loss(self.model, batch)
-                self.strategy.backward(loss)
-            self._window_loss += loss.detach()
-        self.strategy.optimizer_step(self.cfg.trainer.grad_clip)
+                self.strategy.backward(self.guard.fold(loss))
+            self.metrics.micro_batch(loss, batch)
+        applied, norm = self._optimizer_step()
+        self.metrics.step_done(applied, norm)
         self.scheduler.step()
         self.step += 1
-        self._window_steps += 1
         if self.stream is None:  # a stream's position moves as its batches are taken
             self.cursor = advance(self.cursor, self.cfg.data.batch_size, self.train_size)
         self.ckpt.check()
 
+    def _optimizer_step(self) -> tuple[bool, torch.Tensor | None]:
+        """Clip (or only measure), check, step and zero, on the micro-batch that ends an optimizer step.
+        Returns whether the update was applied, and the global gradient norm before clipping."""
+        norm = grad_norm(self)
+        bad = self.guard.bad_step(norm)  # the same verdict on every rank: the norm is of reduced gradients
+        if bad:
+            report(self, self.step + 1, *self.guard.judge())  # raises on "stop", before any update
+            self.strategy.drop_step()
+        else:
+            self.strategy.step()
+        self.update_applied = not (bad or self.strategy.step_was_skipped())
+        return not bad, norm
+
     def log_train_window(self) -> None:
-        """Reduce the window's mean loss over ranks and write it. Must be called on all ranks."""
-        steps = max(1, self._window_steps)
-        loss_sum = self._window_loss.item() / (steps * self.cfg.trainer.grad_accum)
-        (loss_total,) = dist.all_reduce_sum([loss_sum])
-        elapsed = max(1e-9, time.perf_counter() - self._window_start)
+        """Reduce the window's metrics over ranks and write them. Must be called on all ranks."""
+        window = self.metrics.reduce(self.world)
+        lr = float(self.scheduler.get_last_lr()[0]) if self.step else self.cfg.optim.lr
+        head = {k: window.pop(k) for k in ("train/loss",) if k in window}
         self.last_train_metrics = {
-            "train/loss": loss_total / self.world,
-            "train/lr": float(self.scheduler.get_last_lr()[0]) if self.step else self.cfg.optim.lr,
-            "train/samples_per_sec": steps * self.cfg.data.batch_size / elapsed,
-            "train/epoch": self._epoch(),
-        }
+            **head, "train/lr": lr, "train/samples_per_sec": window.pop("train/samples_per_sec"),
+            "train/epoch": self._epoch(), **window,
+        }  # fmt: skip
+        if self.guard.mode == "skip":
+            self.last_train_metrics["train/skipped"] = float(self.guard.skipped)
         self.writer.log(self.step, self.last_train_metrics)
-        self._window_loss.zero_()
-        self._window_steps, self._window_start = 0, time.perf_counter()
 
     def poll_stop(self) -> bool:
         """Step boundary: read the agreement; once a stop is agreed, save synchronously and leave the
         loop after this step. Must be called on all ranks, at every step boundary."""
+        request = None
         if self.stop_request is None and (request := self.agreement.poll()) is not None:
             self.stop_request = request
             self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals))
+        if (late := self.guard.late_verdict()) is not None:  # fp16: a loss some rank saw, agreed now
+            report(self, self.step, *late)  # before the save: a run stopped for it saves nothing
+        if request is not None:
             self.save_checkpoint(reason="stop")
         return self.stopping
+
+    def end_early(self, reason: str) -> None:
+        """End the run as finished after this step (early stopping); the reason goes into its `finish`
+        event and its checkpoints, so a restarted job does nothing. Must be called on all ranks alike."""
+        self.ended = reason
 
     # -------------------------------------------------------------------------------- checkpoints
 
     def maybe_checkpoint(self, final: bool = False) -> None:
         """Let the manager decide whether this step saves. Must be called on all ranks."""
-        saved = self.ckpt.maybe_save(self.step, self.app_state, self.rank_state, final=final, shards=self.shard_state)
+        saved = self.ckpt.maybe_save(
+            self.step, self.checked_state, self.rank_state, final=final, shards=self.shard_state
+        )
         self._saved(saved)
 
     def save_checkpoint(self, reason: str = "manual") -> None:
@@ -316,7 +362,7 @@ class Trainer:
             self.ckpt.wait()
             return
         result = self.ckpt.save(
-            self.step, self.app_state(), self.rank_state(), sync=True, reason=reason, shards=self.shard_state()
+            self.step, self.checked_state(), self.rank_state(), sync=True, reason=reason, shards=self.shard_state()
         )
         self._saved(result)
 
@@ -351,9 +397,9 @@ class Trainer:
         size = dataset_size(dataset, split)
         batches = ShardedEvalBatches(size, self.cfg.data.eval_batch_size, self.rank, self.world)
         try:
-            with torch.no_grad(), self.strategy.autocast():
+            with torch.no_grad(), self.strategy.autocast(), self._eval_weights():
                 for batch in make_loader(dataset, batches, self.cfg.data.num_workers, self._pin()):
-                    if stoppable and self.agreement.poll() is not None:
+                    if stoppable and self.agreement.poll("eval") is not None:
                         return None
                     self._eval_batch(model, batch, dataset, sums)
         finally:
@@ -454,6 +500,11 @@ class Trainer:
         )
         return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin(), seed)
 
+    def _eval_weights(self) -> Any:
+        """The EMA weights swapped in for eval when `ema.eval` asks for them."""
+        use_ema = self.ema is not None and self.cfg.ema.eval
+        return self.ema.swapped_in() if use_ema else contextlib.nullcontext()  # type: ignore[union-attr]
+
     def _pin(self) -> bool:
         return self.device.type == "cuda"
 
@@ -487,6 +538,7 @@ def _check_compatible(cfg: Config, loaded: Loaded) -> None:
 
 def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
     """Load weights, refusing (as bad input, one line) a checkpoint whose tensors do not fit the model."""
+    saved = strip_compiled_names(saved)
     _check_shapes(module.state_dict(), {k: tuple(v.shape) for k, v in saved.items()}, source)
     module.load_state_dict(saved)
 

@@ -57,6 +57,14 @@ def read_jsonl(path: Path | str) -> list[dict]:
 
 
 FAST = ("trainer.progress=plain", "log.plot=false")
+# Logged numbers that measure the machine (time, memory), not the computation: everything else a resumed
+# run logs must equal what an uninterrupted run logs (DESIGN §6).
+MEASURED = ("train/samples_per_sec", "train/tokens_per_sec", "train/mfu", "train/max_mem_mb")
+
+
+def computed(records: list[dict]) -> list[dict]:
+    """metrics.jsonl records without the MEASURED numbers."""
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
 @pytest.fixture

@@ -158,3 +158,34 @@ class PlainIterable(DigitsPipeline):
 
         splits = super().datasets()
         return {**splits, "train": Samples(splits["train"])}
+
+
+class PoisonDigits(ProbeDigits):
+    """Digits whose loss turns NaN on the micro-batch holding any of the `poison` samples: whichever rank
+    trains on them, at the step the global sample order puts them in (the same in every run). `how`:
+    "add" makes the loss NaN while its gradient stays finite (the case only the guard's fold catches),
+    "mul" makes both NaN. Also logs a training metric of its own (train/correct), and has an `aux` head
+    that, with `unused_head`, no loss ever reaches (DDP must be told: trainer.find_unused_parameters)."""
+
+    train_metrics = ("correct",)
+
+    def __init__(self, poison: list[int] | None = None, how: str = "add", unused_head: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.poison, self.how, self.unused_head = set(poison or []), how, unused_head
+
+    def build_model(self):
+        from torch import nn
+
+        model = super().build_model()
+        if self.unused_head:
+            model.aux = nn.Linear(10, 10)  # trained by nobody
+        return model
+
+    def loss(self, model, batch):
+        x, y, idx = batch
+        logits = model(x)
+        self.log_metric("correct", (logits.argmax(1) == y).float().mean())
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        if self.poison & set(idx.tolist()):
+            loss = loss + float("nan") if self.how == "add" else loss * float("nan")
+        return loss

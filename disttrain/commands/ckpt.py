@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--hf", action="store_true", help="write a folder transformers' from_pretrained loads (HF pipelines)"
     )
+    export.add_argument("--ema", action="store_true", help="the EMA of the weights (a run with ema.decay > 0)")
     return parser
 
 
@@ -110,10 +111,15 @@ def _verify(manager: CheckpointManager, args: argparse.Namespace) -> int:
 def _export(manager: CheckpointManager, args: argparse.Namespace) -> int:
     if args.step is not None:
         _infos(manager, args.step)  # a step that does not exist is bad input, not a failed check
+    if args.hf and args.ema:
+        raise BadInput("--hf and --ema: choose one (export the EMA weights as safetensors with --ema)")
     if args.hf:
         return _export_hf(manager, args)
-    step = manager.export(args.out, args.step)
-    print(f"exported the model weights of step {step} to {args.out}")
+    if args.ema:
+        step = _export_ema(manager, args.out, args.step)
+    else:
+        step = manager.export(args.out, args.step)
+    print(f"exported the {'EMA ' if args.ema else ''}model weights of step {step} to {args.out}")
     return 0
 
 
@@ -144,6 +150,20 @@ def _run_pipeline(run_dir: str) -> tuple[str, dict[str, Any]]:
         return str(pipeline["target"]), dict(pipeline.get("args") or {})
     except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
         raise BadInput(f"{run_dir}: no readable config.yaml with a pipeline section ({err})") from None
+
+
+def _export_ema(manager: CheckpointManager, out: str, step: int | None) -> int:
+    """The EMA weights (with the model's buffers) of a verified checkpoint as one safetensors file."""
+    import safetensors.torch
+
+    from disttrain.features.ema import ema_weights
+
+    loaded = manager.read(step)  # every file verified against the manifest before it is unpickled
+    weights = ema_weights(loaded.app)
+    if weights is None:
+        raise BadInput(f"{loaded.path} holds no EMA (the run had ema.decay=0); export without --ema")
+    fs.atomic_write(out, safetensors.torch.save({k: v.contiguous() for k, v in weights.items()}))
+    return loaded.step
 
 
 def _human(n: float) -> str:

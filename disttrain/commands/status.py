@@ -73,6 +73,8 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
         "interruptions": interruptions,
         "steps_lost": sum(i["steps_lost"] for i in interruptions),
         "steps_per_s": round(rate, 4) if rate else None,
+        "skipped_steps": sum(1 for e in events if e.get("event") == "nonfinite" and e.get("action") == "skip"),
+        "profiles": [_pick(e, "first", "last", "path") for e in events if e.get("event") == "profile"],
         "eta_s": _eta(state, step, max_steps, rate),
     }
 
@@ -131,8 +133,9 @@ def _state(
     last = segment[-1]
     kind = last.get("event")
     if kind == "finish":
-        return "finished", f"finished at step {last.get('step')}"
-    if kind == "error":
+        why = f": {last['reason']}" if last.get("reason") else ""
+        return "finished", f"finished at step {last.get('step')}{why}"
+    if kind == "error" or (kind == "nonfinite" and last.get("action") == "stop"):
         return "failed", str(last.get("error", "an error was recorded"))
     if any(e.get("event") == "requeue" for e in segment):
         return "requeued", "stopped, saved and requeued; waiting for the scheduler to start it again"
@@ -274,6 +277,9 @@ def render(report: dict[str, Any]) -> str:
             f"  {_when(i['time'])}  {i['by']} at step {i['interrupted_at']}, resumed from {i['resumed_from']} "
             f"({i['steps_lost']} lost; {i['cause']})"
         )
+    if r["skipped_steps"]:
+        lines.append(f"skipped      {r['skipped_steps']} step(s) with a non-finite loss or gradient (events.jsonl)")
+    lines += [f"profile      steps {p['first']}-{p['last']}: {p['path']}" for p in r["profiles"]]
     return "\n".join(lines) + "\n"
 
 

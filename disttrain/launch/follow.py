@@ -80,7 +80,7 @@ def _verdict(events: EventTail, state: str, out: TextIO) -> int:
 class EventTail:
     """Reads RUN_DIR/events.jsonl incrementally (local paths and fsspec URLs alike)."""
 
-    LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused")
+    LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused", "nonfinite")
 
     def __init__(self, run_dir: str):
         from disttrain.rundir import RunDir
@@ -111,7 +111,14 @@ class EventTail:
 
     def last_lifecycle(self) -> dict[str, Any] | None:
         self.read_new()
-        return next((r for r in reversed(self.records) if r.get("event") in self.LIFECYCLE), None)
+        return next((r for r in reversed(self.records) if _ends(r)), None)
+
+
+def _ends(record: dict[str, Any]) -> bool:
+    """A record that ends a segment (a skipped non-finite step does not)."""
+    if record.get("event") == "nonfinite":
+        return record.get("action") == "stop"
+    return record.get("event") in EventTail.LIFECYCLE
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -63,6 +63,55 @@ class Pipeline:
         loss and accuracy. Sums make distributed metrics exact: no sample is counted twice."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------ optional: override what you need
+
+    train_metrics: tuple[str, ...] = ()
+    """Names the pipeline logs with `log_metric` (declared, so every rank reduces the same list)."""
+
+    def log_metric(self, name: str, value: torch.Tensor | float) -> None:
+        """Call from `loss()`: a training metric logged as train/NAME on the log cadence, averaged over
+        micro-batches, steps and ranks like train/loss (no collective here; the value stays on its
+        device until the log step). NAME must be listed in `train_metrics`."""
+        if name not in self.train_metrics:
+            raise ConfigError(
+                f"{type(self).__name__}.log_metric({name!r}): declare it first, e.g. "
+                f"train_metrics = {(*self.train_metrics, name)!r} in the class"
+            )
+        logged = self.__dict__.setdefault("_logged", {})  # subclasses need not call __init__
+        value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+        total, count = logged.get(name, (0.0, 0))
+        logged[name] = (total + value, count + 1)
+
+    def take_logged(self) -> dict[str, tuple[Any, int]]:
+        """What `log_metric` collected since the last call: {name: (sum, count)}. Used by the trainer."""
+        return self.__dict__.pop("_logged", None) or {}
+
+    def num_tokens(self, batch: Batch) -> int | torch.Tensor:
+        """Tokens in a micro-batch (an int, or a tensor such as a mask's sum): gives train/tokens_per_sec.
+        Not overridden: the pipeline's data is not counted in tokens."""
+        raise NotImplementedError
+
+    def flops_per_sample(self) -> float | None:
+        """Training FLOPs (forward + backward) per sample, e.g. 6 x parameters x tokens for a
+        transformer: gives train/mfu on GPUs whose peak disttrain knows. None: not reported."""
+        return None
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's repeated blocks (transformer layers): what trainer.activation_checkpointing
+        recomputes in backward instead of keeping their activations."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Parameter groups for the optimizer optim.name builds: a list of {"params": [...], ...} with
+        per-group options (lr, weight_decay, ...); options left out take optim.*. None: weight decay
+        on matrices and embeddings only, one learning rate."""
+        return None
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer | None:
+        """Your own optimizer over the model's parameters (the LR schedule then scales each group's
+        lr). None: disttrain builds optim.name over param_groups()."""
+        return None
+
 
 def load_pipeline(cfg: PipelineConfig) -> Pipeline:
     """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError, also for

@@ -151,5 +151,17 @@ class TinyGPTPipeline(Pipeline):
             "count": torch.tensor(y.numel()),
         }
 
-    def num_samples(self, batch: Batch) -> int:
-        return int(batch[1].numel())  # throughput in tokens
+    def num_tokens(self, batch: Batch) -> int:
+        return int(batch[1].numel())  # every position of every window is a predicted token
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per window: 6 per weight per token (forward 2, backward 4) for the matmul
+        weights, plus attention's scores and weighted sum, 6 * 2 * n_layer * T * d_model per token
+        (the PaLM paper's accounting, appendix B); embeddings' lookups are not FLOPs."""
+        d, n, t = self.dims["d_model"], self.dims["n_layer"], self.dims["block_size"]
+        _, vocab = self._tokens()
+        weights = n * 12 * d * d + d * vocab  # qkv 3d², proj d², mlp 8d² per block; the output head
+        return t * (6 * weights + 12 * n * t * d)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.blocks)  # type: ignore[arg-type]

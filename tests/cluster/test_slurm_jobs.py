@@ -185,6 +185,27 @@ def test_a_pipeline_that_raises_is_not_requeued_and_reports_the_error(slurm, tmp
     assert "requeue" not in kinds(run_dir) and "requeue_refused" not in kinds(run_dir)
 
 
+def test_a_nan_loss_on_one_rank_fails_the_job_and_is_not_requeued(slurm, tmp_path):
+    """trainer.nonfinite=stop: both ranks stop at the step, nothing is saved, exit 1, and the job is a
+    failure SLURM shows as FAILED, with no requeue (a preemption would be requeued)."""
+    from disttrain.data import epoch_order
+
+    poisoned = int(epoch_order(1259, 0, 0, True)[3 * 64 + 32])  # rank 1's first sample at step 4
+    run_dir = tmp_path / "run"
+    proc = run_submit(
+        slurm, "--wait", *TWO_NODES, "--time", "5", f"run_dir={run_dir}", *FAST, "trainer.max_steps=20",
+        "pipeline.target=tests.pipelines:PoisonDigits", f"pipeline.args.poison=[{poisoned}]", "checkpoint.every_steps=2",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "did not finish (FAILED)" in proc.stdout, proc.stdout
+    job = int(proc.stdout.split("submitted job ")[1].split()[0])
+    assert show(slurm, job)["Restarts"] == "0"
+    found = [(e["step"], e["quantity"], e["action"]) for e in events(run_dir) if e["event"] == "nonfinite"]
+    assert found == [(4, "loss", "stop")]
+    assert "requeue" not in kinds(run_dir) and "requeue_refused" not in kinds(run_dir)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
 def test_local_cluster_runs_the_same_job_on_this_machine(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_submit(

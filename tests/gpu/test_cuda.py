@@ -57,3 +57,22 @@ def test_tiny_gpt_fsdp_bf16_on_one_gpu_trains_saves_and_resumes(tmp_path):
     assert "cuda" in torch.load(step_dir / "ranks.pt", weights_only=True)[0]["rng"]
     second = run_main(*args, "trainer.max_steps=30")
     assert second.returncode == 0 and "resumed from step 20" in second.stdout, second.stderr[-3000:]
+
+
+def test_tiny_gpt_compiled_bf16_reports_mfu_and_saves_plain_names(tmp_path):
+    """The compile + bf16 + MFU path (issue 14): train/mfu when the device is in the peak table, the
+    guard reading one device value a step, and checkpoints under the module's own names."""
+    from safetensors.torch import load_file
+
+    from disttrain.features.metrics import peak_for
+
+    proc = run_main("--config", "configs/tiny_gpt.yaml", f"run_dir={tmp_path}", "trainer.mixed_precision=bf16",
+                    "trainer.compile=true", "trainer.max_steps=20", "trainer.log_every=5", "checkpoint.every_steps=20",
+                    "ema.decay=0.99", *FAST)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r][-1]
+    assert last["train/tokens_per_sec"] > 0 and last["train/grad_norm"] > 0 and last["train/max_mem_mb"] > 0
+    known = peak_for(torch.cuda.get_device_name(0), "bf16") is not None
+    assert ("train/mfu" in last) == known and (not known or 0 < last["train/mfu"] < 1)
+    names = load_file(tmp_path / "checkpoints" / "step_00000020" / "model.safetensors")
+    assert not any("_orig_mod" in k for k in names)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
+from tests.conftest import FAST, child_env, computed, main_cmd, read_jsonl, run_main
 
 pytestmark = pytest.mark.multiproc
 
@@ -28,9 +28,7 @@ BASE = [
 
 def outcome(run_dir: Path) -> dict:
     """What a user compares: every logged number except wall-clock throughput, and the final weights."""
-    records = [
-        {k: v for k, v in r.items() if k not in ("train/samples_per_sec",)} for r in read_jsonl(run_dir / "metrics.jsonl")
-    ]
+    records = computed(read_jsonl(run_dir / "metrics.jsonl"))
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
     # The weights' files: model.safetensors, or (sharded) every rank's shard file.
     weights = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}

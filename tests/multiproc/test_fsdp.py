@@ -18,7 +18,7 @@ import torch
 
 from disttrain.checkpoint import CheckpointManager
 from disttrain.config import CheckpointConfig
-from tests.conftest import FAST, REPO, child_env, free_port, main_cmd, read_jsonl, run_main
+from tests.conftest import FAST, MEASURED, REPO, child_env, free_port, main_cmd, read_jsonl, run_main
 from tests.multiproc.test_exact_resume import (
     BASE,
     after_checkpoint,
@@ -74,7 +74,7 @@ def test_fsdp_trains_exactly_like_ddp_and_exports_the_same_weights(tmp_path):
     assert len(runs["fsdp"]) == len(runs["ddp"]) > 12
     for a, b in zip(runs["ddp"], runs["fsdp"]):
         assert a.keys() == b.keys() and a["step"] == b["step"]
-        for key in a.keys() - {"step", "train/samples_per_sec"}:
+        for key in a.keys() - {"step", *MEASURED}:
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
     from safetensors.torch import load_file
 
@@ -166,7 +166,11 @@ def test_ddp_checkpoint_continues_under_fsdp_and_back(tmp_path, tmp_path_factory
         run_dir = tmp_path / f"{first}_{then}"
         interrupt(run_dir, [f"trainer.strategy={first}"], after_checkpoint(8))
         resume(run_dir, [f"trainer.strategy={then}"])
-        assert outcome(run_dir)["records"] == expected["records"], (first, then)
+        got, want = outcome(run_dir)["records"], expected["records"]
+        # The gradient norm is summed shard by shard under fsdp: equal to a float rounding, not bit for bit.
+        assert [r.pop("train/grad_norm", None) == pytest.approx(w.pop("train/grad_norm", None), rel=1e-6)
+                for r, w in zip(got, want)] == [True] * len(want), (first, then)  # fmt: skip
+        assert got == want, (first, then)
 
 
 def _flip_a_byte_in_a_shard(step_dir: Path, _marker: Path) -> str:

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 
 from disttrain.pipelines.hf import CORPUS
-from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
+from tests.conftest import FAST, child_env, computed, main_cmd, read_jsonl, run_main
 from tests.multiproc.test_exact_resume import logged_step
 
 pytestmark = pytest.mark.multiproc
@@ -53,10 +53,7 @@ def args(data: dict[str, Path], run_dir: Path) -> list[str]:
 
 
 def outcome(run_dir: Path) -> dict:
-    metrics = [
-        {k: v for k, v in r.items() if k != "train/samples_per_sec"}
-        for r in read_jsonl(run_dir / "metrics.jsonl")
-    ]
+    metrics = computed(read_jsonl(run_dir / "metrics.jsonl"))
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
     return {"metrics": metrics, "weights": manifest["files"]["model.safetensors"]["sha256"]}
 

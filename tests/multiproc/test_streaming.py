@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
+from tests.conftest import FAST, child_env, computed, main_cmd, read_jsonl, run_main
 from tests.multiproc.test_exact_resume import logged_step
 from tests.pipelines import stream_record
 from tests.unit.test_main import assert_refused
@@ -59,10 +59,7 @@ def run(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.Co
 
 
 def outcome(run_dir: Path, records: Path) -> dict:
-    metrics = [
-        {k: v for k, v in r.items() if k != "train/samples_per_sec"}
-        for r in read_jsonl(run_dir / "metrics.jsonl")
-    ]
+    metrics = computed(read_jsonl(run_dir / "metrics.jsonl"))
     manifest = json.loads((run_dir / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").read_text())
     ids = Counter(int(i) for f in records.iterdir() for i in f.read_text().split())
     return {"metrics": metrics, "weights": manifest["files"]["model.safetensors"]["sha256"], "ids": ids}

@@ -22,11 +22,12 @@ def test_ratio_row_pairs_interleaved_repetitions():
     assert spread([3.0, 1.0]) == (1.0, 3.0)
 
 
-def test_step_runs_alternate_and_pair_up():
-    assert step._sequence("A", 3) == ["A", "B", "B", "A", "A", "B"]
-    assert step._sequence("B", 2) == ["B", "A", "A", "B"]
-    runs = [{"variant": v, "i": i} for i, v in enumerate(step._sequence("B", 2))]
-    assert [(a["i"], b["i"]) for a, b in step._couples(runs)] == [(1, 0), (2, 3)]
+def test_step_runs_rotate_and_group():
+    assert step._sequence("ABC", 3) == list("ABCBCACAB")
+    runs = [{"variant": v, "i": i} for i, v in enumerate(step._sequence("ABC", 2))]
+    assert [{v: r["i"] for v, r in g.items()} for g in step._groups(runs, 3)] == [
+        {"A": 0, "B": 1, "C": 2}, {"B": 3, "C": 4, "A": 5}]  # fmt: skip
+    assert all(order[0] in "AB" and sorted(order) == sorted(step.VARIANTS) for order in step.ORDERS)
     assert step.p10([5.0, 1.0, 3.0, 2.0, 4.0]) == 1.0
 
 
@@ -47,7 +48,7 @@ def test_report_has_machine_command_and_tables_only(tmp_path):
 
 
 def test_cli_selects_sections():
-    assert parse([]).section_list == ["step", "ckpt", "async", "resume", "data", "fsdp", "stream"]
+    assert parse([]).section_list == ["step", "ckpt", "async", "resume", "data", "fsdp", "stream", "features"]
     assert parse(["--gpu"]).section_list == ["gpu"]
     assert parse(["--gpu"]).out.endswith("RESULTS_GPU.md")
     assert parse(["--sections", "ckpt,gpu", "--gpu"]).section_list == ["ckpt", "gpu"]

@@ -92,7 +92,7 @@ def test_agreement_is_read_one_boundary_after_the_signal():
     """Each poll starts the next all-reduce and reads the previous one: a signal seen at boundary k is
     agreed at boundary k + 1 on every rank (here one process: the same code without a process group)."""
     stop = StopSignal(())  # no handlers: the test sets what a handler would
-    agreement = StopAgreement(stop)
+    agreement = StopAgreement(stop, interval_s=0)  # an exchange at every boundary
     assert agreement.poll() is None
     stop.received.append("SIGUSR2")
     assert agreement.poll() is None  # the flags in flight were started before the signal
@@ -100,3 +100,37 @@ def test_agreement_is_read_one_boundary_after_the_signal():
     assert request == StopRequest(("SIGUSR2",)) and request.signal == "SIGUSR2"
     stop.received.append("SIGTERM")
     assert agreement.poll() is request  # agreed once; later signals do not change the decision
+
+
+def test_exchanges_come_about_every_interval_and_a_signal_is_still_agreed_at_one_boundary():
+    """Steps of ~5 ms, interval 50 ms: rank 0 proposes passing ~9 boundaries between exchanges, the
+    proposal travels with the flags, and a signal is agreed within two intervals plus a step."""
+    import time
+
+    stop = StopSignal(())
+    agreement = StopAgreement(stop, interval_s=0.05)
+    started = []
+    for boundary in range(60):
+        before = agreement._pending
+        agreement.poll()
+        if agreement._pending is not before:
+            started.append(boundary)
+        time.sleep(0.005)
+    gaps = [b - a for a, b in zip(started[2:], started[3:])]  # once rank 0 has measured a rate
+    assert len(started) < 15 and min(gaps) >= 5, started  # not every boundary
+    stop.received.append("SIGTERM")
+    boundaries = 1
+    while agreement.poll() is None and boundaries < 60:
+        boundaries += 1
+        time.sleep(0.005)
+    assert agreement.agreed == StopRequest(("SIGTERM",)) and boundaries * 0.005 < 3 * 0.05 + 0.05, boundaries
+
+
+def test_settle_exchanges_at_once_with_the_non_finite_flag():
+    agreement = StopAgreement(StopSignal(()), interval_s=0.05)
+    agreement.poll()
+    agreement.nonfinite = True  # what the guard sets when this rank's loss is not finite
+    assert agreement.settle() is None and agreement.nonfinite_agreed and not agreement.nonfinite
+    agreement.nonfinite_agreed = False
+    agreement.settle()
+    assert not agreement.nonfinite_agreed, "a flag is sent once"

@@ -166,9 +166,10 @@ def execute(
 ) -> RunResult:
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
-    from disttrain import dist
+    from disttrain import dist, phases
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
+    phases.CLOCK.mark(phases.IMPORTS)
     apply_threads(cfg, env)
     trainer, clean = None, False
     try:
@@ -192,6 +193,8 @@ def execute(
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
         dist.destroy(clean=clean)
+        if trainer is not None and not test:
+            trainer.events.emit("exit", step=trainer.step)  # the segment's end, for goodput
 
 
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, send_to_device
 
-from disttrain import __version__, dist
+from disttrain import __version__, dist, phases
 from disttrain.checkpoint import CheckpointManager, Loaded, SaveResult, capture_rank_state, restore_rank_state
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, ConfigError, config_hash, resume_fingerprint
@@ -60,7 +60,9 @@ class Trainer:
         self, cfg: Config, cluster: ClusterEnv, hooks: list[Hook] | None = None, stop: StopSignal | None = None
     ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
+        phases.CLOCK.begin_segment()
         self.accelerator = _make_accelerator(cfg)
+        phases.CLOCK.mark(phases.PROCESS_GROUP)
         self.device = self.accelerator.device
         self.rank, self.world = dist.rank(), dist.world_size()
         self.pipeline = load_pipeline(cfg.pipeline)
@@ -95,7 +97,9 @@ class Trainer:
             fingerprint=resume_fingerprint(cfg),
             versions={"disttrain": __version__, "torch": torch.__version__},
         )
+        phases.CLOCK.mark(phases.BUILD)
         self.resumed: Loaded | None = self._restore()
+        phases.CLOCK.mark(phases.CHECKPOINT)
 
     @property
     def stopping(self) -> bool:
@@ -180,6 +184,7 @@ class Trainer:
             self.signal.install()
         self._start_segment()
         train_iter = iter(self._train_loader())
+        self.events.emit("ready", step=self.step, **phases.CLOCK.ready_fields())  # start-up ends here
         try:
             self._call("before_train")
             while self.step < self.cfg.trainer.max_steps and not self.stopping:
@@ -250,7 +255,8 @@ class Trainer:
         loop after this step. Must be called on all ranks, at every step boundary."""
         if self.stop_request is None and (request := self.agreement.poll()) is not None:
             self.stop_request = request
-            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals))
+            received = {} if self.signal.first_at is None else {"received": round(self.signal.first_at, 3)}
+            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals), **received)
             self.save_checkpoint(reason="stop")
         return self.stopping
 
@@ -277,7 +283,10 @@ class Trainer:
     def run_eval(self, split: str) -> dict[str, float] | None:
         """Evaluate a split, log `{split}/...` and call after_eval. None if a stop was agreed mid-way
         (every rank sees the same). Must be called on all ranks."""
+        t0 = time.perf_counter()
         metrics = self.evaluate(split, stoppable=True)
+        cut = {} if metrics is not None else {"cut": True}  # a stop was agreed mid-way
+        self.events.emit("eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut)
         if metrics is None:
             return None
         self.writer.log(self.step, metrics)

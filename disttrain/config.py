@@ -111,7 +111,9 @@ class LogConfig:
     wandb_entity: str | None = _f(None, "wandb entity (team or user)")
     wandb_tags: list[str] = _f([], "wandb run tags")
     tensorboard: bool = _f(False, "write TensorBoard events under RUN_DIR/tb/")
-    plot: bool = _f(True, "draw RUN_DIR/curves.png at the end of a run (needs matplotlib)")
+    plot: bool = _f(
+        False, "redraw RUN_DIR/curves.png at every segment's end (needs matplotlib; `disttrain plot` draws on demand)"
+    )
 
 
 @dataclass

@@ -13,6 +13,7 @@ lifecycle and the trainer; stdlib only, so the entry point can hold it before an
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Mapping
@@ -91,3 +92,29 @@ class StartupClock:
 
 
 CLOCK = StartupClock()  # the one clock of this process (the trainer and the entry points mark it)
+_gc_paused = False
+
+
+def pause_gc() -> None:
+    """At an entry point, before the heavy imports: no cyclic garbage collection until the first step.
+
+    Importing torch, accelerate and a pipeline creates some 700k objects, and the collector, triggered
+    by allocation counts, walks them again and again: with it paused, imports and build take 30-45 %
+    less time here (measured on 2 cores). resume_gc() turns it back on."""
+    global _gc_paused
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def resume_gc() -> None:
+    """At the first step (and on any way out): freeze what start-up built, then collect as usual.
+
+    Frozen objects (modules, the model, the data) are never walked again, so later collections, the
+    one in Trainer.close() included, take milliseconds instead of a second. The price: the cyclic
+    garbage start-up left (about 10k objects, a few MB, once) is never freed. Only undoes pause_gc()."""
+    global _gc_paused
+    if _gc_paused:
+        gc.freeze()
+        gc.enable()
+        _gc_paused = False

@@ -190,6 +190,7 @@ def execute(
     except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
         return _failed(trainer, cfg, env, err)
     finally:
+        phases.resume_gc()  # a run that never reached its first step (test, failure) collects again
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
         dist.destroy(clean=clean)

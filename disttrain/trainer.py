@@ -185,6 +185,7 @@ class Trainer:
         self._start_segment()
         train_iter = iter(self._train_loader())
         self.events.emit("ready", step=self.step, **phases.CLOCK.ready_fields())  # start-up ends here
+        phases.resume_gc()
         try:
             self._call("before_train")
             while self.step < self.cfg.trainer.max_steps and not self.stopping:
@@ -337,6 +338,8 @@ class Trainer:
         DDP's reducer keeps its last gloo work objects, which hold tensors. Left to interpreter
         shutdown, freeing them needs the GIL while it is being torn down, and the process aborts
         ("terminate called without an active exception") after a run that otherwise succeeded.
+        Both collections (accelerate's, then ours once the last references are gone) take milliseconds:
+        the start-up's objects are frozen by then (phases.resume_gc), so no collection walks them again.
         """
         self.accelerator.free_memory()
         del self.model, self.optimizer, self.scheduler

@@ -9,12 +9,12 @@ the manifest, and only with `torch.load(weights_only=True)`: a replaced file is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
 import random
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +27,9 @@ from disttrain import __version__, dist, fs
 from disttrain import ckpt_format as fmt
 from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
 from disttrain.config import CheckpointConfig
+from disttrain.interval import for_run
 from disttrain.rundir import LATEST, MANIFEST, RunDir, step_of
+from disttrain.save_deadline import MARGIN_S, SaveDeadline
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
@@ -50,10 +52,12 @@ class SaveResult:
     seconds: float  # how long the caller was blocked
     bytes: int | None  # None while an async write is still in flight
     reason: str  # periodic | final | stop | manual
+    interval: dict[str, Any] | None = None  # checkpoint.interval=auto: the interval in force and why
 
     def fields(self) -> dict[str, Any]:
         out = {"step": self.step, "seconds": round(self.seconds, 4), "reason": self.reason}
-        return out if self.bytes is None else {**out, "bytes": self.bytes}
+        out = out if self.bytes is None else {**out, "bytes": self.bytes}
+        return out if self.interval is None else {**out, "interval": self.interval}
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,13 @@ class CheckpointManager:
         self._meta: State = {"config_hash": config_hash, "fingerprint": fingerprint or {}}
         self._meta["versions"] = {**own, **(versions or {})}
         self._meta["num_threads"] = torch.get_num_threads()
-        self._thread: threading.Thread | None = None
+        self._pending: SaveDeadline | None = None  # rank 0's async write in flight
+        self._group: Any = None  # the group save waits run on (save_timeout_s, not collective_timeout_s)
         self._error: Exception | None = None
         self._last_time = time.monotonic()
         self.last_step: int | None = None  # the step this process last saved (or loaded)
         self._bytes: int | None = None  # bytes of the last save this process committed
+        self.auto = for_run(self.layout, cfg)  # None unless checkpoint.interval=auto
 
     def maybe_save(self, step: int, app_state: Make, rank_state: Make, *, final: bool = False) -> SaveResult | None:
         """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
@@ -150,6 +156,8 @@ class CheckpointManager:
         return self.save(step, app_state(), rank_state(), sync=final, reason=reason)
 
     def _due(self, step: int) -> bool:
+        if self.auto is not None:
+            return self.auto.due(step)
         by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
         if by_steps or self.cfg.every_minutes <= 0:
             return by_steps  # every rank sees the same step: deciding needs no collective
@@ -163,26 +171,39 @@ class CheckpointManager:
         """Must be called on all ranks. Blocks for the host copy; writes in the background when
         `checkpoint.async_save` is on and not `sync`. `app_state` matters on rank 0 only."""
         t0 = time.perf_counter()
-        self._join()  # one save in flight: a new one waits for the previous
         background = self.cfg.async_save and not sync
+        if self._group is None:  # the waits below may outlast collective_timeout_s (save_deadline)
+            self._group = dist.side_group(self.cfg.save_timeout_s + MARGIN_S)
         # A synchronous save writes before training moves on, so CPU tensors need no snapshot; an async
         # one must copy, since the next step changes them while the write is in progress.
 
         def prepare() -> tuple[Any, Any]:
+            self._join()  # one save in flight: a new one waits for the previous (at most save_timeout_s)
             self.check()  # a failed background save fails this save on every rank, not only on rank 0
             mine = _host_copy(rank_state, "rank_state", background)
             return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine
 
-        host, mine = _agreed(prepare)
+        host, mine = _agreed(prepare, self._group)
         ranks = dist.gather_to_main(mine)
         self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
+        deadline = SaveDeadline(self.cfg.save_timeout_s, f"saving checkpoint step {step}")
         if not background:
-            _agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
+
+            def write() -> None:  # rank 0 writes within the deadline; the others wait for its verdict
+                if dist.is_main():
+                    deadline.run(lambda: self._write(step, host, ranks or [], deadline), self._intact)
+
+            _agreed(write, self._group)
             self._last_time = time.monotonic()  # every_minutes counts training time, not time saving
         elif dist.is_main():
-            self._thread = threading.Thread(target=self._background, args=(step, host, ranks))
-            self._thread.start()
-        return SaveResult(step, time.perf_counter() - t0, self._bytes, reason)
+            self._pending = deadline
+            deadline.watch(lambda: self._background(step, host, ranks or [], deadline))
+        seconds = time.perf_counter() - t0
+        if self.auto is None:
+            return SaveResult(step, seconds, self._bytes, reason)
+        self.auto.saved(seconds)
+        current = self.auto.current.fields() if self.auto.current else None
+        return SaveResult(step, seconds, self._bytes, reason, current)
 
     def check(self) -> None:
         """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
@@ -196,18 +217,20 @@ class CheckpointManager:
         self.check()
 
     def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait(self._intact)
 
-    def _background(self, step: int, host: State, ranks: list[Any]) -> None:
+    def _background(self, step: int, host: State, ranks: list[Any], deadline: SaveDeadline) -> None:
         try:
-            self._write(step, host, ranks)
+            self._write(step, host, ranks, deadline)
         except Exception as err:  # kept and raised at the next step: a background failure is never lost
             self._error = err if isinstance(err, CheckpointError) else CheckpointError(f"step {step}: {err}")
 
-    def _write(self, step: int, host: State, ranks: list[Any]) -> None:
-        """Rank 0: write the files, the manifest last, then `latest`, then apply retention."""
+    def _write(self, step: int, host: State, ranks: list[Any], deadline: SaveDeadline | None = None) -> None:
+        """Rank 0: write the files, the manifest last, then `latest`, then apply retention. The commit
+        (manifest, `latest`, retention) happens only if the save's deadline has not given up on it."""
+        commit = deadline.commit if deadline is not None else contextlib.nullcontext
         final = self._path(step)
         # Local disks: a temporary directory renamed into place. Object stores: in place, manifest last.
         work = f"{final}.tmp-{secrets.token_hex(4)}" if fs.is_local(final) else final
@@ -216,15 +239,17 @@ class CheckpointManager:
             if work == final:
                 fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
             files = fmt.write_files(work, host, ranks)
-            fmt.publish(work, final, fmt.manifest(step, len(ranks), files, self._meta))
+            with commit():
+                fmt.publish(work, final, fmt.manifest(step, len(ranks), files, self._meta))
             self._bytes = sum(f["bytes"] for f in files.values())
         except Exception as err:
             fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
             raise CheckpointError(msg) from err
         try:
-            fs.atomic_write(fs.join(self.dir, LATEST), fs.basename(final))
-            self._retain(step)
+            with commit():
+                fs.atomic_write(fs.join(self.dir, LATEST), fs.basename(final))
+                self._retain(step)
         except Exception as err:
             raise CheckpointError(f"checkpoint step {step} is committed, but then failed: {err}") from err
 
@@ -355,14 +380,15 @@ class CheckpointManager:
         return self.layout.step_dir(step)
 
 
-def _agreed(fn: Callable[[], Any]) -> Any:
-    """Run fn on every rank; if it raised CheckpointError on any rank, raise on all. All ranks."""
+def _agreed(fn: Callable[[], Any], group: Any = None) -> Any:
+    """Run fn on every rank; if it raised CheckpointError on any rank, raise on all. All ranks (of
+    `group`, default the process group; a save's waits run on its own, bounded by save_timeout_s)."""
     out, err = None, None
     try:
         out = fn()
     except CheckpointError as caught:
         err = caught
-    if dist.any_flag(err is not None):
+    if dist.any_flag(err is not None, group):
         raise err or CheckpointError("checkpoint operation failed on another rank; see rank 0's log")
     return out
 

@@ -43,16 +43,26 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def any_flag(flag: bool) -> bool:
-    """True on every rank if it is True on any rank. Must be called on all ranks.
+def any_flag(flag: bool, group: Any = None) -> bool:
+    """True on every rank if it is True on any rank. Must be called on all ranks (of `group`).
 
     One tiny all-reduce: how ranks agree to stop at the same step after a signal reached only some.
     """
     if not initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    device = _device() if group is None else torch.device("cpu")  # side groups are gloo
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def side_group(timeout_s: float) -> Any:
+    """A gloo group of every rank whose collectives time out after `timeout_s`, not after the process
+    group's timeout: for waits known to be long (a save on slow storage). None without a process
+    group. Must be called on all ranks, in the same order."""
+    if not initialized():
+        return None
+    return tdist.new_group(backend="gloo", timeout=timeout(timeout_s))
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

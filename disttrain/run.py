@@ -194,7 +194,7 @@ def execute(
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
         dist.destroy(clean=clean)
-        if trainer is not None and not test:
+        if trainer is not None and trainer.began:
             trainer.events.emit("exit", step=trainer.step)  # the segment's end, for goodput
 
 

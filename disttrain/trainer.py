@@ -84,6 +84,7 @@ class Trainer:
         self.signal = stop or StopSignal()
         self.agreement = StopAgreement(self.signal)
         self.stop_request: StopRequest | None = None
+        self.began = False  # whether this segment began training (recorded its start), for its end event
         self.last_train_metrics: dict[str, float] = {}
         self._window_loss = torch.zeros((), device=self.device)
         self._window_steps, self._window_start = 0, time.perf_counter()
@@ -356,6 +357,7 @@ class Trainer:
         dist.barrier()  # nobody writes into run_dir before it exists
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
+        self.began = True
         if changed:
             self.files.say(f"note: config changed since the checkpoint (allowed on resume): {'; '.join(changed)}")
             self.events.emit("config_changed", step=self.step, changes=changed)

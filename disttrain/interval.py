@@ -8,7 +8,9 @@ on average every M seconds, the expected loss per unit time, C / T + T / (2 M), 
     T = sqrt(2 x M x C)
 
 - C: the median of this run's last few measured saves (its checkpoint events, then this segment's own
-  saves); before the first one, DEFAULT_SAVE_S.
+  saves). A run that has never measured one saves at its second step: to measure (C spans orders of
+  magnitude, a guess could put the first save beyond the first interruption, and then a run that is
+  interrupted often never saves at all), and because nothing else protects its start yet.
 - M: (prior + running time) / (1 + unclean interruptions), over every segment of the run so far and the
   current one. The prior (checkpoint.mtbi_prior_minutes) counts as one interruption's worth of
   evidence: a new run assumes it, and its own history takes over as interruptions and hours add up.
@@ -32,7 +34,7 @@ from disttrain.config import CheckpointConfig
 from disttrain.goodput import History
 from disttrain.rundir import RunDir, read_jsonl
 
-DEFAULT_SAVE_S = 1.0  # a new run's save time until it has measured one
+DEFAULT_SAVE_S = 1.0  # what the rule assumes before a save was measured (it saves at once to measure)
 RECENT_SAVES = 5  # the save time is the median of this many latest saves
 
 
@@ -97,7 +99,8 @@ class AutoInterval:
         since = now - self.last_save
         if pace is None:  # no pace yet (the first step carries warm-up): decide again at the next step
             return False, step + 1
-        save = since >= self.current.seconds - pace / 2  # the nearest step to the interval is this one
+        unmeasured = not (self.past.save_s or self.saves)  # measure first: see the module's doc
+        save = unmeasured or since >= self.current.seconds - pace / 2  # the nearest step to the interval
         left = self.current.seconds - (0.0 if save else since)
         return save, step + max(1, round(left / pace)) if pace > 0 else step + 1
 

@@ -17,7 +17,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", help="run directory: a path or a URL such as s3://bucket/prefix")
     parser.add_argument("--out", help="where to write the PNG, path or URL (default: RUN_DIR/curves.png)")
     parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
+    parser.add_argument(
+        "--timeline", action="store_true", help="draw where the time went instead: segments, lost time by "
+        "cause, queue (default out: RUN_DIR/timeline.png)",
+    )  # fmt: skip
     args = parser.parse_args(list(argv))
+    if args.timeline:
+        return _timeline(args.run_dir, args.out)
     if not fs.exists(RunDir(args.run_dir).metrics):
         print(
             f"disttrain plot: error: {args.run_dir} has no metrics.jsonl; give the run_dir of a run",
@@ -38,4 +44,20 @@ def main(argv: Sequence[str]) -> int:
         print(f"disttrain plot: error: {err}", file=sys.stderr)
         return 2
     print(out)
+    return 0
+
+
+def _timeline(run_dir: str, out: str | None) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("disttrain plot: error: matplotlib is not installed: pip install 'disttrain[plot]'", file=sys.stderr)
+        return 2
+    from disttrain.commands import timeline
+
+    try:
+        print(timeline.write(run_dir, out))
+    except ValueError as err:
+        print(f"disttrain plot: error: {err}; give the run_dir of a run that has started", file=sys.stderr)
+        return 2
     return 0

@@ -147,3 +147,21 @@ def test_goodput_of_the_real_interrupted_run(run, capsys):
     assert cli.main(["status", str(run.run_dir)]) == 0
     out = capsys.readouterr().out
     assert f"goodput      {report['goodput']:.1%}" in out and "  start-up   4 segment(s): imports" in out
+
+
+def test_timeline_of_the_real_run_shows_every_piece(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from disttrain.commands import timeline
+
+    events = [json.loads(line) for line in (run.run_dir / "events.jsonl").read_text().splitlines()]
+    g = goodput.compute(events)
+    drawn = timeline.spans(events, g)
+    kinds = {what for _, _, what in drawn}
+    assert {"startup", "training", "checkpoint", "eval", "redone", "stop", "teardown", "queued"} <= kinds
+    assert all(end >= start for start, end, _ in drawn)
+    assert max(end for _, end, _ in drawn) == pytest.approx(g.segments[-1].end - g.segments[0].begin)
+    out = tmp_path / "timeline.png"
+    assert cli.main(["plot", str(run.run_dir), "--timeline", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["plot", str(tmp_path), "--timeline"]) == 2  # no events: one line, exit 2
+    assert "holds no segment yet" in capsys.readouterr().err

@@ -82,8 +82,9 @@ def test_decisions_land_on_the_step_nearest_the_interval_and_are_few():
             saves.append((step, clock.now - last, auto.current.seconds))
             auto.saved(DEFAULT_SAVE_S)
             last = clock.now
+    assert saves[0][0] == 2  # nothing measured: it saves at once, to measure
     assert len(saves) >= 4
-    for _, gap, interval in saves:  # on the step nearest the interval in force
+    for _, gap, interval in saves[1:]:  # then on the step nearest the interval in force
         assert abs(gap - interval) <= 0.05 + 1e-9
     intervals = [interval for _, _, interval in saves]
     assert intervals == sorted(intervals) and intervals[-1] > intervals[0]  # no interruption: MTBI grows
@@ -97,8 +98,8 @@ ARGS = ("pipeline.target=tests.pipelines:ProbeDigits", "pipeline.args.step_delay
 
 
 def test_a_run_with_auto_interval_records_it_and_learns_from_a_kill(tmp_path, capsys):
-    """prior 1.2 s: the first interval is a few seconds (the save time is not known yet), then, with
-    saves of ~0.05 s measured, about a second; after a kill the history counts one interruption."""
+    """prior 1.2 s: a save at step 2 to measure, then, with saves of ~0.05 s, one about every second;
+    after a kill the history counts one interruption."""
     run_dir, path = tmp_path / "run", tmp_path / "run" / "events.jsonl"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(main_cmd(f"run_dir={run_dir}", "trainer.max_steps=100000", *ARGS),
@@ -117,9 +118,8 @@ def test_a_run_with_auto_interval_records_it_and_learns_from_a_kill(tmp_path, ca
     first, second = events[: starts[1]], events[starts[1] :]
     periodic = [e for e in first if e["event"] == "checkpoint"]
     assert len(periodic) >= 3 and all(e["interval"]["unclean"] == 0 for e in periodic)
-    assert periodic[0]["interval"]["save_s"] == 1.0  # nothing measured yet: the documented default
+    assert periodic[0]["step"] == 2  # nothing measured yet: it saves at once, to measure
     assert all(e["interval"]["save_s"] < 1.0 for e in periodic[1:])  # its own measured saves from then on
-    assert periodic[1]["interval"]["seconds"] < periodic[0]["interval"]["seconds"]
     later = [e["interval"] for e in second if e["event"] == "checkpoint"]
     assert later and later[-1]["unclean"] == 1  # the kill is in the history now
     assert later[-1]["mtbi_s"] == pytest.approx((1.2 + later[-1]["running_s"]) / 2, rel=0.01)

@@ -119,11 +119,17 @@ def wait(predicate: Any, timeout: float, what: str, poll: float = 0.25) -> None:
 
 def kill_ranks(job: int) -> int:
     """kill -9 every rank process of the job (the python processes srun started); returns how many."""
-    pids = [p for p in _pids_with_env({f"SLURM_JOB_ID={job}".encode()}) if b"submitit" in _cmdline(p)]
+    pids = [p for p in _pids_with_env({f"SLURM_JOB_ID={job}".encode()}) if _is_rank(_cmdline(p))]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # already gone
             os.kill(pid, signal.SIGKILL)
     return len(pids)
+
+
+def _is_rank(cmdline: bytes) -> bool:
+    """A rank: python running submitit's job entry point (srun's own command line names it too)."""
+    argv = cmdline.split(b"\0")
+    return os.path.basename(argv[0]).startswith(b"python") and b"submitit.core._submit" in argv
 
 
 def _cmdline(pid: int) -> bytes:

@@ -87,7 +87,7 @@ class AutoInterval:
             return False
         from disttrain import dist
 
-        save, self.next_check = dist.broadcast_from_main(self.decide(step) if dist.is_main() else None)
+        save, self.next_check = dist.from_main(lambda: self.decide(step))
         return bool(save)
 
     def decide(self, step: int) -> tuple[bool, int]:
@@ -105,9 +105,13 @@ class AutoInterval:
         return save, step + max(1, round(left / pace)) if pace > 0 else step + 1
 
     def saved(self, seconds: float) -> None:
-        """A save just finished (any reason): it costs `seconds`, and the interval starts again."""
+        """A save just finished (any reason): it costs `seconds`, and the interval starts again. The next
+        step decides anew, with this save's time in the estimate (the same on every rank: all save)."""
         self.saves.append(seconds)
         self.last_save = self.clock()
+        self.next_check = None
+        if self.checked is not None:  # the save's time is not step time: keep it out of the pace
+            self.checked = (self.checked[0], self.checked[1] + seconds)
 
 
 def for_run(layout: RunDir, cfg: CheckpointConfig) -> AutoInterval | None:
@@ -117,5 +121,5 @@ def for_run(layout: RunDir, cfg: CheckpointConfig) -> AutoInterval | None:
         return None
     from disttrain import dist
 
-    past = goodput.history(read_jsonl(layout.events)) if dist.is_main() else None
+    past = dist.on_main(lambda: goodput.history(read_jsonl(layout.events)))
     return AutoInterval(past, cfg.mtbi_prior_minutes * 60)

@@ -327,6 +327,7 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Evaluate the loaded weights on the test split (or eval, if there is none) and write
         RUN_DIR/test_metrics.json. Must be called on all ranks."""
+        phases.resume_gc()  # start-up is over
         split = "test" if "test" in self.datasets else "eval"
         metrics = self.evaluate(split) or {}
         metrics = {k.replace(f"{split}/", "test/", 1): v for k, v in metrics.items()}

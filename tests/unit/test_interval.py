@@ -70,9 +70,9 @@ class FakeClock:
 def test_decisions_land_on_the_step_nearest_the_interval_and_are_few():
     clock = FakeClock()
     auto = AutoInterval(History(0.0, 0, []), prior_s=50.0, clock=clock)  # sqrt(2 x 50 x 1) = 10 s at first
-    saves, decisions, last = [], 0, 0.0
-    for step in range(1, 601):  # 0.1 s a step
-        clock.now = step * 0.1
+    saves, decisions, last, saving = [], 0, 0.0, 0.0
+    for step in range(1, 601):  # 0.1 s a step, plus the time spent saving
+        clock.now = step * 0.1 + saving
         if auto.next_check is not None and step < auto.next_check:
             continue
         decisions += 1
@@ -80,13 +80,16 @@ def test_decisions_land_on_the_step_nearest_the_interval_and_are_few():
         if save:
             assert auto.current is not None
             saves.append((step, clock.now - last, auto.current.seconds))
-            auto.saved(DEFAULT_SAVE_S)
+            saving += 0.5  # what each save takes (the rule assumed 1 s before it measured one)
+            clock.now += 0.5
+            auto.saved(0.5)
             last = clock.now
     assert saves[0][0] == 2  # nothing measured: it saves at once, to measure
-    assert len(saves) >= 4
+    assert saves[1][2] == pytest.approx(math.sqrt(2 * (50 + saves[1][0] * 0.1 + 0.5) * 0.5), rel=0.01)
+    assert len(saves) >= 6
     for _, gap, interval in saves[1:]:  # then on the step nearest the interval in force
         assert abs(gap - interval) <= 0.05 + 1e-9
-    intervals = [interval for _, _, interval in saves]
+    intervals = [interval for _, _, interval in saves[1:]]
     assert intervals == sorted(intervals) and intervals[-1] > intervals[0]  # no interruption: MTBI grows
     assert decisions <= 3 * len(saves) + 2  # a few per save; no collective on the other ~590 steps
 

@@ -28,10 +28,5 @@ def owned_sections(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         return ""
-    blocks = re.findall(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", path.read_text(encoding="utf-8"), re.S)
-    text = path.read_text(encoding="utf-8")
-    out = []
-    for key in blocks:
-        start, end = _markers(key)
-        out.append(text[text.index(start) : text.index(end) + len(end)])
-    return "\n\n".join(out)
+    found = re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", path.read_text(encoding="utf-8"), re.S)
+    return "\n\n".join(match.group(0) for match in found)

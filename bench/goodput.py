@@ -107,6 +107,7 @@ class Variant:
     interval: tuple[str, ...]
     cycles: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)  # command, date, load, commit of the run that made it
 
 
 def wait(predicate: Any, timeout: float, what: str, poll: float = 0.25) -> None:
@@ -237,16 +238,16 @@ def _s(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def report(variants: list[Variant], info: dict[str, Any], command: str, cycles: int) -> str:
-    load = "/".join(f"{x:.2f}" for x in info["load_avg_at_start"])
-    end = "/".join(f"{x:.2f}" for x in info["load_avg_at_end"])
+def report(variants: list[Variant]) -> str:
+    info = variants[0].run
     lines = [
         "## Goodput on the loopback SLURM cluster (issue 13)", "",
-        f"`{command}` (from the repository root, as root), {info['date']}: {info['nproc']} CPUs "
-        f"({info['cpu_model']}, shared with other jobs: load average {load} at start, {end} at end), commit "
-        f"{info['git_commit']}. Two SLURM nodes on this one machine, one CPU rank each over gloo, submitted with "
-        "`launch/submit.py --nodes 2`; digits with a 0.1 s sleep per step; interrupted every P seconds of "
-        "allocation; requeued with StartTime=now (queue time excluded). How it works: `bench/goodput.py`.", "",
+        f"{info['nproc']} CPUs ({info['cpu_model']}), shared with other jobs. Two SLURM nodes on this one machine, "
+        "one CPU rank each over gloo, submitted with `launch/submit.py --nodes 2`; digits with a 0.1 s sleep "
+        "per step; interrupted every P seconds of allocation; requeued with StartTime=now (queue time "
+        "excluded). How it works: `bench/goodput.py`. Each variant's run (from the repository root, as root):", "",
+        "| variant | command | date | load average at start / end | commit |", "| --- | --- | --- | --- | --- |",
+        *[_run_row(v) for v in variants], "",
         "Goodput = time in steps kept in the final result / running time. *events*: running time as "
         "events.jsonl shows it (process start to exit, what `disttrain status` reports); *SLURM*: the time SLURM "
         "held the nodes (polled), which also counts srun's launch and the clean-up around the processes.", "",
@@ -282,6 +283,12 @@ def report(variants: list[Variant], info: dict[str, Any], command: str, cycles: 
         if v.summary["last_interval"]:
             lines.append(f"Checkpoint interval at the end: {goodput.describe_interval(v.summary['last_interval'])}.")
     return "\n".join(lines)
+
+
+def _run_row(v: Variant) -> str:
+    r = v.run
+    load = " / ".join("/".join(f"{x:.2f}" for x in r[k]) for k in ("load_avg_at_start", "load_avg_at_end"))
+    return f"| {v.name} | `{r['command']}` | {r['date']} | {load} | {r['git_commit']} |"
 
 
 def _same(s: dict[str, Any]) -> str:
@@ -334,17 +341,30 @@ def main(argv: list[str] | None = None) -> int:
         with cluster.activate():
             for v in plan:
                 print(f"[goodput] {v.name} ...", flush=True)
+                info["load_avg_at_start"], info["date"] = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
                 done.append(run_variant(cluster, v, args.cycles, root / "runs"))
+                v.run = {**info, "command": command, "load_avg_at_end": os.getloadavg()}
                 print(f"[goodput] {v.name}: {json.dumps(v.summary, default=str)}", flush=True)
                 cluster.cancel_all()
     finally:
         cluster.stop()
         info["load_avg_at_end"] = os.getloadavg()
         if done:
-            replace_section(args.out, "goodput", report(done, info, command, args.cycles))
-            raw = {"command": command, "machine": info, "variants": [v.__dict__ for v in done]}
-            Path(args.out).with_name("RESULTS_goodput.json").write_text(json.dumps(raw, indent=1, default=str))
+            raw_path = Path(args.out).with_name("RESULTS_goodput.json")
+            variants = _merged(raw_path, done)  # a rerun of some variants keeps the others' results
+            replace_section(args.out, "goodput", report(variants))
+            raw = {"variants": [v.__dict__ for v in variants]}
+            raw_path.write_text(json.dumps(raw, indent=1, default=str))
     return 0
+
+
+def _merged(raw_path: Path, done: list[Variant]) -> list[Variant]:
+    """The variants recorded before, with those just run put in their place (or added)."""
+    fresh = {v.name: v for v in done}
+    saved = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    whole = {**saved.get("machine", {}), "command": saved.get("command", "")}  # a file one run wrote
+    kept = [Variant(**{**d, "run": d.get("run") or whole}) for d in saved.get("variants", []) if d["name"] not in fresh]
+    return sorted([*kept, *done], key=lambda v: (v.unclean, -v.period, v.name))
 
 
 def _exit_cleanly(signum: int, _frame: Any) -> None:

@@ -148,6 +148,9 @@ def interrupt(cluster: SlurmCluster, job: int, tracker: Tracker, v: Variant) -> 
         wait(lambda: tracker.state in ENDED or tracker.state == "PENDING", 120, "the killed job to end")
         if tracker.state != "PENDING":
             cluster.requeue(job)
+        # slurmd revokes an ended job's credential with a 1 s timestamp: an attempt of the same job
+        # launched within that second is refused ("Job credential revoked") and the job ends FAILED.
+        time.sleep(2)
         seen: dict[str, Any] = {"killed_processes": killed}
     else:
         high = cluster.sbatch("--partition=high", *WHOLE_CLUSTER, wrap="sleep 1")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import Row, Section
+from bench.sections import owned_sections
 
 TABLE_HEAD = ["| figure | value | baseline | ratio | goal | goal met? | spread | note |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -70,5 +71,6 @@ def write_report(path: str, sections: list[Section], info: dict[str, Any], comma
         lines += [_row_line(r) for r in sec.rows] + [""] + [f"- {n}" for n in sec.notes] + [""]
     if not any(s.key == "gpu" for s in sections):
         lines += ["## 6. GPU", "", "Not in this run: `python -m bench --gpu` needs a CUDA device.", ""]
+    kept = owned_sections(path)  # sections other commands write (bench/sections.py) stay as they were
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines).rstrip() + "\n")
+        fh.write("\n".join(lines).rstrip() + "\n" + (f"\n{kept}\n" if kept else ""))

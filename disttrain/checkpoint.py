@@ -28,6 +28,7 @@ from disttrain import __version__, ckpt_sharded, dist, fs
 from disttrain import ckpt_format as fmt
 from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
 from disttrain.config import CheckpointConfig
+from disttrain.interval import for_run
 from disttrain.rundir import LATEST, MANIFEST, RunDir, step_of
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,12 @@ class SaveResult:
     seconds: float  # how long the caller was blocked
     bytes: int | None  # None while an async write is still in flight
     reason: str  # periodic | final | stop | manual
+    interval: dict[str, Any] | None = None  # checkpoint.interval=auto: the interval in force and why
 
     def fields(self) -> dict[str, Any]:
         out = {"step": self.step, "seconds": round(self.seconds, 4), "reason": self.reason}
-        return out if self.bytes is None else {**out, "bytes": self.bytes}
+        out = out if self.bytes is None else {**out, "bytes": self.bytes}
+        return out if self.interval is None else {**out, "interval": self.interval}
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class CheckpointManager:
         self.last_step: int | None = None  # the step this process last saved (or loaded)
         self._bytes: int | None = None  # bytes of the last save this process committed
         self._group: Any = None  # a gloo group for async sharded saves, made at the first one
+        self.auto = for_run(self.layout, cfg)  # None unless checkpoint.interval=auto
 
     def maybe_save(
         self,
@@ -171,6 +175,8 @@ class CheckpointManager:
         return self.save(step, app_state(), rank_state(), sync=final, reason=reason, shards=rows)
 
     def _due(self, step: int) -> bool:
+        if self.auto is not None:
+            return self.auto.due(step)
         by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
         if by_steps or self.cfg.every_minutes <= 0:
             return by_steps  # every rank sees the same step: deciding needs no collective
@@ -217,7 +223,12 @@ class CheckpointManager:
                 self._start_background(self._write, step, host, ranks)
         if not background:
             self._last_time = time.monotonic()  # every_minutes counts training time, not time saving
-        return SaveResult(step, time.perf_counter() - t0, self._bytes, reason)
+        seconds = time.perf_counter() - t0
+        if self.auto is None:
+            return SaveResult(step, seconds, self._bytes, reason)
+        self.auto.saved(seconds)
+        current = self.auto.current.fields() if self.auto.current else None
+        return SaveResult(step, seconds, self._bytes, reason, current)
 
     def _start_background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
         self._thread = threading.Thread(target=self._background, args=(fn, step, *args))

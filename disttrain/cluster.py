@@ -75,6 +75,7 @@ def _from_torchrun(env: Mapping[str, str]) -> ClusterEnv:
 
 
 def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
+    restarts = int(env.get("SLURM_RESTART_COUNT", 0))
     nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
     world = int(env["SLURM_NTASKS"])
     num_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", len(nodes) or 1)))
@@ -87,10 +88,11 @@ def _from_slurm(env: Mapping[str, str]) -> ClusterEnv:
         node_rank=int(env.get("SLURM_NODEID", 0)),
         num_nodes=num_nodes,
         master_addr=env.get("MASTER_ADDR") or (nodes[0] if nodes else "127.0.0.1"),
-        # SLURM_JOB_ID is unique per array task, so tasks sharing a node get distinct ports.
-        master_port=int(env.get("MASTER_PORT") or port_for_job(env["SLURM_JOB_ID"])),
+        # SLURM_JOB_ID is unique per array task, so tasks sharing a node get distinct ports; each attempt
+        # of a requeued job gets another (port_for_job).
+        master_port=int(env.get("MASTER_PORT") or port_for_job(env["SLURM_JOB_ID"], restarts)),
         job_id=slurm_job_id(env),
-        restart_count=int(env.get("SLURM_RESTART_COUNT", 0)),
+        restart_count=restarts,
     )
 
 
@@ -127,11 +129,13 @@ def _tasks_on_this_node(env: Mapping[str, str], world: int, num_nodes: int) -> i
     return int(match.group(1)) if match else max(1, world // max(1, num_nodes))
 
 
-def port_for_job(job_id: str) -> int:
-    """A rendezvous port every task of a job derives alike, spread so that two jobs sharing a node
-    rarely collide; kept clear of the ephemeral range Linux hands out (32768+)."""
+def port_for_job(job_id: str, attempt: int = 0) -> int:
+    """A rendezvous port every task of a job's attempt derives alike, spread so that two jobs sharing a
+    node rarely collide; kept clear of the ephemeral range Linux hands out (32768+). Each attempt of a
+    requeued job (SLURM_RESTART_COUNT) gets another: it may start on the same node while the previous
+    attempt's rank 0 is still exiting and holding its store's port (EADDRINUSE, seen after a requeue)."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return 15000 + int(digits) % 15000
+    return 15000 + (int(digits) + 7919 * attempt) % 15000
 
 
 def expand_hostlist(text: str) -> list[str]:

@@ -124,6 +124,14 @@ class CheckpointConfig:
 
     every_steps: int = _f(100, "save every N optimizer steps (0: never by step count)", min=0)
     every_minutes: float = _f(0.0, "also save every N minutes of wall clock (0: off)", min=0.0)
+    interval: str = _f(
+        "fixed",
+        "fixed: every_steps / every_minutes; auto: sqrt(2 x MTBI x save time) from this run's own history",
+        choices=("fixed", "auto"),
+    )
+    mtbi_prior_minutes: float = _f(
+        60.0, "auto: mean time between unclean interruptions assumed until the run's history says", min=0.01
+    )
     keep_last: int = _f(3, "number of newest checkpoints to keep", min=1)
     keep_every: int = _f(0, "also keep every checkpoint whose step is a multiple of N (0: off)", min=0)
     async_save: bool = _f(False, "write in a background thread; the step blocks only for the host copy")
@@ -142,7 +150,9 @@ class LogConfig:
     wandb_entity: str | None = _f(None, "wandb entity (team or user)")
     wandb_tags: list[str] = _f([], "wandb run tags")
     tensorboard: bool = _f(False, "write TensorBoard events under RUN_DIR/tb/")
-    plot: bool = _f(True, "draw RUN_DIR/curves.png at the end of a run (needs matplotlib)")
+    plot: bool = _f(
+        False, "redraw RUN_DIR/curves.png at every segment's end (needs matplotlib; `disttrain plot` draws on demand)"
+    )
 
 
 @dataclass

@@ -8,6 +8,7 @@ them under a rank check, or the other ranks wait forever.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,6 +81,17 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     gathered: list[Any] | None = [None] * world_size() if is_main() else None
     tdist.gather_object(obj, gathered, dst=0)
     return gathered
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """fn() run on rank 0 alone (a decision from its clock, say), its result on every rank. Must be
+    called on all ranks."""
+    return broadcast_from_main(fn() if is_main() else None)
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, None on every other rank; no collective."""
+    return fn() if is_main() else None
 
 
 def broadcast_from_main(obj: Any) -> Any:

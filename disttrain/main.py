@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from disttrain import cluster, run
+from disttrain import cluster, phases, run
 from disttrain.config import ConfigError, load_config
 from disttrain.preemption import StopSignal, max_requeues_from_env
 from disttrain.redact import mask_output, secret_values
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First, before any heavy import: a stop signal must only set a flag, from the first moment (SLURM's
     # USR2 would otherwise kill the task while torch is still importing). The one handler of the run.
     stop = StopSignal().install()
+    phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     env = cluster.detect()
     mask_output(secret_values())  # credentials from the environment, in anything printed from now on
     try:

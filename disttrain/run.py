@@ -230,11 +230,12 @@ def execute(
 ) -> RunResult:
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
-    from disttrain import dist
+    from disttrain import dist, phases
     from disttrain.features.guard import NonFiniteError
     from disttrain.lease import RunLease
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
 
+    phases.CLOCK.mark(phases.IMPORTS)
     apply_threads(cfg, env)
     trainer, clean, lease = None, False, RunLease(cfg.run_dir, env)
     try:
@@ -259,10 +260,13 @@ def execute(
     except Exception as err:  # a real failure: report it and keep every committed checkpoint as it is
         return _failed(trainer, cfg, env, err)
     finally:
+        phases.resume_gc()  # a run that never reached its first step (test, failure) collects again
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
         lease.release()  # also when the trainer was never built (bad input found after the lease)
         dist.destroy(clean=clean)
+        if trainer is not None and trainer.began:
+            trainer.events.emit("exit", step=trainer.step)  # the segment's end, for goodput
 
 
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:

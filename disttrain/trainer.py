@@ -12,6 +12,7 @@ import contextlib
 import gc
 import random
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
-from disttrain import __version__, dist
+from disttrain import __version__, dist, phases
 from disttrain.checkpoint import (
     CheckpointManager,
     Loaded,
@@ -90,7 +91,9 @@ class Trainer:
         lease: RunLease | None = None,
     ):
         self.cfg, self.cluster, self.run_dir = cfg, cluster, cfg.run_dir
+        phases.CLOCK.begin_segment()
         self.strategy = build_strategy(cfg)  # initialises the process group
+        phases.CLOCK.mark(phases.PROCESS_GROUP)
         self.device = self.strategy.device
         self.rank, self.world = dist.rank(), dist.world_size()
         self.pipeline = load_pipeline(cfg.pipeline)
@@ -126,6 +129,7 @@ class Trainer:
         self.stop_request: StopRequest | None = None
         self.ended = ""  # why the run ended before max_steps (a hook's end_early); kept in checkpoints
         self.update_applied = True  # whether the last step's update reached the weights
+        self.began = False  # whether this segment began training (recorded its start), for its end event
         self.last_train_metrics: dict[str, float] = {}
         self.metrics = StepMetrics(cfg, self.device, self.pipeline)
         self.files = build_run_files(self.run_dir)
@@ -140,7 +144,9 @@ class Trainer:
         )
         self.lease = lease or RunLease(self.run_dir, cluster)
         self.lease.acquire()  # one run per run dir, before anything there is read (a second run exits 2)
+        phases.CLOCK.mark(phases.BUILD)
         self.resumed: Loaded | None = self._restore()
+        phases.CLOCK.mark(phases.CHECKPOINT)
 
     @property
     def stopping(self) -> bool:
@@ -262,6 +268,8 @@ class Trainer:
         self._start_segment()
         self.agreement.arm()  # from here a rank that reaches no step boundary in time ends itself
         train_iter = iter(self._train_loader())
+        self.events.emit("ready", step=self.step, **phases.CLOCK.ready_fields())  # start-up ends here
+        phases.resume_gc()
         try:
             self._call("before_train")
             while self.step < self.cfg.trainer.max_steps and not (self.stopping or self.ended):
@@ -334,7 +342,8 @@ class Trainer:
         request = None
         if self.stop_request is None and (request := self.agreement.poll()) is not None:
             self.stop_request = request
-            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals))
+            received = {} if self.signal.first_at is None else {"received": round(self.signal.first_at, 3)}
+            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals), **received)
         if (late := self.guard.late_verdict()) is not None:  # fp16: a loss some rank saw, agreed now
             report(self, self.step, *late)  # before the save: a run stopped for it saves nothing
         if request is not None:
@@ -375,7 +384,10 @@ class Trainer:
     def run_eval(self, split: str) -> dict[str, float] | None:
         """Evaluate a split, log `{split}/...` and call after_eval. None if a stop was agreed mid-way
         (every rank sees the same). Must be called on all ranks."""
+        t0 = time.perf_counter()
         metrics = self.evaluate(split, stoppable=True)
+        cut = {} if metrics is not None else {"cut": True}  # a stop was agreed mid-way
+        self.events.emit("eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut)
         if metrics is None:
             return None
         self.writer.log(self.step, metrics)
@@ -422,6 +434,7 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Evaluate the loaded weights on the test split (or eval, if there is none) and write
         RUN_DIR/test_metrics.json. Must be called on all ranks."""
+        phases.resume_gc()  # start-up is over
         split = "test" if "test" in self.datasets else "eval"
         metrics = self.evaluate(split) or {}
         metrics = {k.replace(f"{split}/", "test/", 1): v for k, v in metrics.items()}
@@ -434,6 +447,8 @@ class Trainer:
         DDP's reducer keeps its last gloo work objects, which hold tensors. Left to interpreter
         shutdown, freeing them needs the GIL while it is being torn down, and the process aborts
         ("terminate called without an active exception") after a run that otherwise succeeded.
+        Both collections (accelerate's, then ours once the last references are gone) take milliseconds:
+        the start-up's objects are frozen by then (phases.resume_gc), so no collection walks them again.
         """
         self.agreement.close()
         self.strategy.close()
@@ -452,6 +467,7 @@ class Trainer:
         dist.barrier()  # nobody writes into run_dir before it exists
         self.writer = build_writer(self.cfg, self.run_dir, resumed_step=self.step, use_tqdm=self._bar)
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
+        self.began = True
         if changed:
             self.files.say(f"note: config changed since the checkpoint, applied from step {self.step}: {'; '.join(changed)}")
             self.events.emit("config_changed", step=self.step, changes=changed)

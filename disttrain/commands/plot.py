@@ -18,7 +18,16 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", nargs="+", help="run dirs or sweep dirs: paths or URLs such as s3://bucket/prefix")
     parser.add_argument("--out", help="where to write the PNG, path or URL (default: RUN_DIR/curves.png)")
     parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
+    parser.add_argument(
+        "--timeline", action="store_true", help="draw where the time went instead: segments, lost time by "
+        "cause, queue (one run; default out: RUN_DIR/timeline.png)",
+    )  # fmt: skip
     args = parser.parse_args(list(argv))
+    if args.timeline:
+        if len(args.run_dir) > 1:
+            print("disttrain plot: error: --timeline draws one run; give one run_dir", file=sys.stderr)
+            return 2
+        return _timeline(args.run_dir[0], args.out)
     if len(args.run_dir) > 1 or _is_sweep(args.run_dir[0]):
         return _overlay(args)
     args.run_dir = args.run_dir[0]
@@ -49,6 +58,19 @@ def _have_matplotlib() -> bool:
         print("disttrain plot: error: matplotlib is not installed: pip install 'disttrain[plot]'", file=sys.stderr)
         return False
     return True
+
+
+def _timeline(run_dir: str, out: str | None) -> int:
+    if not _have_matplotlib():
+        return 2
+    from disttrain.commands import timeline
+
+    try:
+        print(timeline.write(run_dir, out))
+    except ValueError as err:
+        print(f"disttrain plot: error: {err}; give the run_dir of a run that has started", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _is_sweep(path: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from disttrain import fs
+from disttrain import fs, goodput
 from disttrain.rundir import MANIFEST, RunDir, read_jsonl, step_name
 
 STALE_AFTER_S = 900.0  # no event or metric for this long: a "running" run may have died (kill -9, node loss)
@@ -50,6 +50,7 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
     interruptions = [
         _interruption(seg, prev) for prev, seg in zip(segments, segments[1:]) if _interrupted(prev, seg)
     ]
+    alive = activity if state in ("running", "running-or-died") else None
     return {
         "run_dir": run_dir,
         "name": config.get("name") or fs.basename(run_dir),
@@ -76,13 +77,14 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
         "skipped_steps": sum(1 for e in events if e.get("event") == "nonfinite" and e.get("action") == "skip"),
         "profiles": [_pick(e, "first", "last", "path") for e in events if e.get("event") == "profile"],
         "eta_s": _eta(state, step, max_steps, rate),
+        "goodput": goodput.compute(events, open_until=alive, open_step=step).as_dict(),
     }
 
 
 def _segments(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Events split into segments (one process lifetime each), each opening with its `start`."""
     out: list[list[dict[str, Any]]] = [[]]
-    for event in events:
+    for event in (e for e in events if e.get("event") != "exit"):  # exit: the segment's end, for goodput
         if event.get("event") == "start" and out[-1]:
             out.append([])
         out[-1].append(event)
@@ -280,6 +282,7 @@ def render(report: dict[str, Any]) -> str:
     if r["skipped_steps"]:
         lines.append(f"skipped      {r['skipped_steps']} step(s) with a non-finite loss or gradient (events.jsonl)")
     lines += [f"profile      steps {p['first']}-{p['last']}: {p['path']}" for p in r["profiles"]]
+    lines += goodput.render(r["goodput"])
     return "\n".join(lines) + "\n"
 
 

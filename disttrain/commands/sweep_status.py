@@ -1,4 +1,5 @@
-"""`disttrain status SWEEP_DIR`: one row per task of a sweep (state, step, best eval metric, requeues).
+"""`disttrain status SWEEP_DIR`: one row per task of a sweep (state, step, best eval metric, requeues,
+goodput).
 
 A sweep dir is recognised by its sweep.json (launch/sweep.py). Each task's row comes from the same
 reading of its run dir as `disttrain status RUN_DIR` (commands/status.py), so a task reads the same in
@@ -43,7 +44,7 @@ def _task_row(run_dir: str, metric: str | None, now: float, stale_after: float) 
         report = status.collect(run_dir, now=now, stale_after=stale_after)
     except status.StatusError:
         return {"run_dir": run_dir, "state": "not started", "step": 0, "max_steps": None, "best": None,
-                "requeues": 0, "steps_lost": 0}  # fmt: skip
+                "requeues": 0, "steps_lost": 0, "goodput": None}  # fmt: skip
     return {
         "run_dir": run_dir,
         "state": report["state"],
@@ -52,6 +53,7 @@ def _task_row(run_dir: str, metric: str | None, now: float, stale_after: float) 
         "best": best_metric(read_jsonl(RunDir(run_dir).metrics), metric),
         "requeues": len(report["requeues"]),
         "steps_lost": report["steps_lost"],
+        "goodput": (report.get("goodput") or {}).get("goodput"),  # running time into kept steps (goodput.py)
     }
 
 
@@ -72,15 +74,19 @@ def render(report: dict[str, Any]) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(report["counts"].items()))
     lines = [
         f"sweep     {report['sweep_dir']} (job array {report['job_id']}; {len(report['tasks'])} task(s): {counts})",
-        f"{'task':>4}  {'job':<10} {'state':<24} {'step':>11}  {'best eval':<28} {'requeues':>8}  run",
+        f"{'task':>4}  {'job':<10} {'state':<24} {'step':>11}  {'best eval':<28} {'requeues':>8} {'goodput':>8}  run",
     ]
     for row in report["tasks"]:
         steps = f"{row['step']}/{row['max_steps']}" if row["max_steps"] else str(row["step"])
         lines.append(
             f"{row['task']:>4}  {row['job_id']:<10} {row['state']:<24} {steps:>11}  {_best(row['best']):<28} "
-            f"{row['requeues']:>8}  {row['name']}"
+            f"{row['requeues']:>8} {_percent(row.get('goodput')):>8}  {row['name']}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{100 * ratio:.1f}%"
 
 
 def _best(best: dict[str, Any] | None) -> str:

@@ -108,7 +108,9 @@ class TrainJob:
         # First thing: SLURM's USR2 must reach neither its default action (death) nor submitit's
         # handler (it counts a warning with timeout_min <= 10 as a timeout and gives up; NOTES §3).
         stop = StopSignal().install()
-        from disttrain import run
+        from disttrain import phases, run
+
+        phases.pause_gc()  # until the first step (disttrain.phases)
 
         env = cluster_mod.detect()
         try:

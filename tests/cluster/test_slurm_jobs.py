@@ -89,7 +89,7 @@ def test_two_node_job_runs_to_completion_and_writes_everything_once(slurm, tmp_p
     train = [r["step"] for r in records if "train/loss" in r]
     evals = [r["step"] for r in records if "eval/accuracy" in r]
     assert (train, evals) == ([2, 4, 6, 8, 10, 12], [6, 12]), "each step logged once, by rank 0 only"
-    assert kinds(run_dir).count("start") == 1 and kinds(run_dir)[-1] == "finish"
+    assert kinds(run_dir).count("start") == 1 and kinds(run_dir)[-2:] == ["finish", "exit"]
     start = next(e for e in events(run_dir) if e["event"] == "start")
     assert (start["world_size"], start["job_id"], start["restart_count"]) == (2, str(job), 0)
     saved = [e["step"] for e in events(run_dir) if e["event"] == "checkpoint"]
@@ -215,14 +215,14 @@ def test_local_cluster_runs_the_same_job_on_this_machine(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr + job_logs(run_dir)
     assert "finished at step 8" in proc.stdout
     start = next(e for e in events(run_dir) if e["event"] == "start")
-    assert start["world_size"] == 2 and kinds(run_dir)[-1] == "finish"
+    assert start["world_size"] == 2 and kinds(run_dir)[-2:] == ["finish", "exit"]
 
 
 def _check_requeued_run(run_dir: Path, job: int, requeue: dict) -> dict:
     """Two segments of one job: stopped + requeued at step N, resumed from step N, finished."""
     evs = events(run_dir)
     names = [e["event"] for e in evs]
-    assert names.count("start") == 2 and names[-1] == "finish" and names.count("requeue") == 1, names
+    assert names.count("start") == 2 and names[-2:] == ["finish", "exit"] and names.count("requeue") == 1, names
     stop_save = [e for e in evs if e["event"] == "checkpoint" and e.get("reason") == "stop"]
     assert [e["step"] for e in stop_save] == [requeue["step"]]
     resume = next(e for e in evs if e["event"] == "resume")

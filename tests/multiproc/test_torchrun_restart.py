@@ -56,7 +56,7 @@ def test_sigterm_to_one_worker_restarts_resumes_and_matches_an_uninterrupted_run
     assert 6 <= stopped["step"] < STEPS
     resume = next(e for e in events if e["event"] == "resume")
     assert (resume["step"], resume["restart_count"]) == (stopped["step"], 1), resume
-    assert names.count("start") == 2 and names[-1] == "finish"
+    assert names.count("start") == 2 and names[-2:] == ["finish", "exit"]
     assert "resumed from step" in out
     assert first_pids.isdisjoint(p.pid for p in psutil.process_iter()), "first-attempt workers are gone"
     assert outcome(run_dir) == outcome(reference)

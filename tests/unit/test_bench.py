@@ -67,3 +67,22 @@ def test_checkpoint_measurements_on_a_tiny_state(tmp_path):
     assert list(tmp_path.iterdir()) == []  # every repetition cleans up after itself
     figures = [r.figure for r in ckpt.io_rows("x", 3e6, m)]
     assert figures == ["x: save (sync) vs raw write", "x: load vs raw read"]
+
+
+def test_sections_other_commands_own_survive_a_rewrite_and_are_replaced_in_place(tmp_path):
+    from bench.sections import replace_section
+
+    out = tmp_path / "RESULTS.md"
+    replace_section(out, "goodput", "## Goodput\nfirst")
+    replace_section(out, "startup", "## Start-up\nonly")
+    replace_section(out, "goodput", "## Goodput\nsecond")
+    text = out.read_text()
+    assert text.count("<!-- goodput:start -->") == 1 and "second" in text and "first" not in text
+    assert text.index("## Goodput") < text.index("## Start-up")  # replaced where it was
+    info = {"date": "today", "nproc": 2, "host_cpus": 2, "cpu_model": "CPU", "ram_gib": 24, "python": "3",
+            "torch": "t", "accelerate": "a", "safetensors": "s", "s3fs": "f", "moto": "m", "numpy": "n",
+            "platform": "p", "git_commit": "c", "total_seconds": 1, "load_avg_at_start": (1.0, 1.0, 1.0),
+            "load_avg_at_end": (1.0, 1.0, 1.0)}  # fmt: skip
+    write_report(str(out), [Section("ckpt", "2. Checkpoint write")], info, "python -m bench", quick=False)
+    text = out.read_text()
+    assert text.startswith("# disttrain benchmarks") and "## Goodput\nsecond" in text and "## Start-up\nonly" in text

@@ -23,7 +23,7 @@ def test_slurm_env_derives_master_from_nodelist_and_port_from_job():
            "SLURM_NTASKS_PER_NODE": "2", "SLURM_RESTART_COUNT": "1"}  # fmt: skip
     env = detect(raw)
     assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("slurm", 5, 1, 8)
-    assert (env.master_addr, env.master_port, env.job_id, env.restart_count) == ("gpu07", port_for_job("4242"), "4242", 1)
+    assert (env.master_addr, env.master_port, env.job_id, env.restart_count) == ("gpu07", port_for_job("4242", 1), "4242", 1)
     assert env.torch_env()["MASTER_ADDR"] == "gpu07" and env.torch_env()["WORLD_SIZE"] == "8"
 
 
@@ -67,3 +67,12 @@ def test_an_array_task_is_named_by_array_and_task_id_and_gets_a_port_of_its_own(
     assert (detect(task).job_id, detect(sibling).job_id) == ("41_3", "41_2")
     assert detect(task).master_port == port_for_job("41") != detect(sibling).master_port
     assert detect({**task, "RANK": "0", "WORLD_SIZE": "1"}).job_id == "41_3"  # torchrun inside an array task
+
+
+def test_each_attempt_of_a_requeued_job_rendezvous_on_a_port_of_its_own():
+    # A requeued job can start again on the same node while the previous attempt's rank 0 is still
+    # exiting and holds its store's port: bench/goodput.py saw EADDRINUSE on the 14th attempt of a job.
+    raw = {"SLURM_JOB_ID": "15", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "node[1-2]"}
+    ports = [detect({**raw, "SLURM_RESTART_COUNT": str(n)}).master_port for n in range(20)]
+    assert len(set(ports)) == 20 and all(1024 < p < 32768 for p in ports)
+    assert ports[3] == port_for_job("15", attempt=3)  # every task of an attempt derives the same

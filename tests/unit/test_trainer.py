@@ -23,7 +23,7 @@ def test_default_example_reaches_095_and_fills_the_run_dir(tmp_path):
     assert train[-1]["train/loss"] < train[0]["train/loss"] / 5
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run_dir"] == str(run_dir)
     events = [e["event"] for e in read_jsonl(run_dir / "events.jsonl")]
-    assert events[0] == "start" and events[-1] == "finish"
+    assert events[0] == "start" and events[-2:] == ["finish", "exit"]  # exit: the segment's end
     assert "step 300/300 | train/loss" in proc.stdout, "plain log lines when stdout is not a terminal"
 
     again = run_main(f"run_dir={run_dir}", *FAST)

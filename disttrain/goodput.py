@@ -1,0 +1,353 @@
+"""Goodput: the share of a run's running time that went into steps that survive in its result, and
+where the rest went, from events.jsonl alone (DESIGN §3). Torch-free: `disttrain status` answers on a
+login node, for a local or an s3:// run dir, and a sweep's status calls it once per task.
+
+A run is a list of segments (one process lifetime each, opening with `start`):
+
+    begin -- start-up -- ready -- steps, evals, saves -- [signal -- stop save, requeue] -- end -- queued --
+
+- begin: the job's start (SLURM_JOB_START_TIME) or the process's start, both in the `ready` event;
+  the `start` event for run dirs written before `ready` existed (their start-up is then unknown).
+- end: the `exit` event; else the last lifecycle event (finish, stopped, requeue, error); else, after a
+  kill -9 or a lost node, the last event extended by the steps the next segment says were reached.
+- pace: the median, over the intervals between a segment's markers (ready, saves, evals, the end of
+  its loop), of (time - saves - evals) / steps. Steps at that pace are training; what the loop spent
+  beyond it is `unexplained` (a slow batch, a slow rank, a busy machine).
+- kept: steps up to where the next segment resumed (all of them for a last segment that finished, was
+  stopped with a save, or is running); the others were redone.
+
+Lost time by cause: start-up (launch, imports, process group, build, checkpoint load, other), checkpoint
+(blocking saves in the loop), eval, stop (the agreed stop to the end: stop save, requeue, exit), teardown
+(the end of a segment that finished or failed), redone, unexplained. Queue time between segments is
+shown apart and is not running time.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Event = dict[str, Any]
+LIFECYCLE_ENDS = ("finish", "stopped", "requeue", "requeue_refused", "error")
+PHASES = ("launch", "imports", "process_group", "build", "checkpoint", "other")  # start-up, in order
+CAUSES = ("startup", "checkpoint", "eval", "stop", "teardown", "redone", "unexplained")
+CAUSE_WORDS = {"startup": "start-up", "stop": "signal-to-exit", "checkpoint": "checkpoint saves"}
+PHASE_WORDS = {"process_group": "process group", "checkpoint": "checkpoint load"}
+_KEEPS_ALL = ("finish", "running", "stopped", "requeue", "requeue_refused")
+
+
+@dataclass
+class SegmentTime:
+    """One segment's time, in seconds, and its steps."""
+
+    index: int
+    job_id: str
+    begin: float
+    ready: float
+    end: float
+    ended: str  # finish | stopped | requeue | requeue_refused | error | killed | running
+    start_step: int
+    reached: int
+    kept: int
+    pace_s: float | None  # seconds per step
+    training_s: float
+    startup: dict[str, float]  # by phase; empty when the run dir predates `ready`
+    lost: dict[str, float]
+    queued_before_s: float = 0.0
+    signal_to_exit_s: float | None = None  # from the first signal received to the end
+
+    @property
+    def running_s(self) -> float:
+        return self.end - self.begin
+
+
+@dataclass
+class Goodput:
+    """A run's goodput: training time over running time, and the rest by cause."""
+
+    running_s: float
+    queued_s: float
+    training_s: float
+    lost: dict[str, float]
+    startup: dict[str, float]
+    segments: list[SegmentTime] = field(default_factory=list)
+    interval: dict[str, Any] | None = None  # the checkpoint interval in force (auto), from the last save
+
+    @property
+    def ratio(self) -> float | None:
+        return self.training_s / self.running_s if self.running_s > 0 else None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "segments"}
+        out = {**out, "goodput": None if self.ratio is None else round(self.ratio, 4)}
+        out["segments"] = [{**asdict(s), "running_s": round(s.running_s, 3)} for s in self.segments]
+        return _rounded(out)
+
+
+# ---------------------------------------------------------------------------------------- compute
+
+
+def split_segments(events: list[Event]) -> list[list[Event]]:
+    """Events split into segments, each opening with its `start` (status splits the same way)."""
+    out: list[list[Event]] = [[]]
+    for event in events:
+        if event.get("event") == "start" and out[-1]:
+            out.append([])
+        out[-1].append(event)
+    return [seg for seg in out if seg]
+
+
+def compute(events: list[Event], open_until: float | None = None, open_step: int | None = None) -> Goodput:
+    """Goodput over every segment of `events` (those with a numeric `time`). A last segment with no
+    recorded end is still running up to `open_until` at step `open_step` when the caller knows it is
+    alive (status does); without `open_until` it counts as killed at its last event."""
+    events = [e for e in events if isinstance(e.get("time"), (int, float))]
+    segments = split_segments(events)
+    timed: list[SegmentTime] = []
+    for i, seg in enumerate(segments):
+        after = segments[i + 1] if i + 1 < len(segments) else None
+        alive = open_until if after is None else None
+        timed.append(_segment(i, seg, after, alive, open_step))
+    for before, later in zip(timed, timed[1:]):
+        later.queued_before_s = max(0.0, later.begin - before.end)
+    return _total(timed, _interval(events))
+
+
+def _total(segments: list[SegmentTime], interval: dict[str, Any] | None) -> Goodput:
+    lost = {cause: sum(s.lost.get(cause, 0.0) for s in segments) for cause in CAUSES}
+    startup: dict[str, float] = {}
+    for seg in segments:
+        for phase, seconds in seg.startup.items():
+            startup[phase] = startup.get(phase, 0.0) + seconds
+    order = {phase: i for i, phase in enumerate(PHASES)}  # in the order they happen; unknown ones last
+    startup = dict(sorted(startup.items(), key=lambda item: order.get(item[0], len(order))))
+    return Goodput(
+        running_s=sum(s.running_s for s in segments),
+        queued_s=sum(s.queued_before_s for s in segments),
+        training_s=sum(s.training_s for s in segments),
+        lost=lost,
+        startup=startup,
+        segments=segments,
+        interval=interval,
+    )
+
+
+@dataclass
+class _Parsed:
+    """What one segment's events say, before any arithmetic."""
+
+    start: Event
+    ready: Event | None
+    exit: Event | None
+    end_event: Event | None
+    signal: Event | None
+    busy: list[Event]  # checkpoints (not the stop save) and evals: blocking time inside the loop
+    last: Event
+
+    @classmethod
+    def of(cls, seg: list[Event]) -> _Parsed:
+        def first(kind: str) -> Event | None:
+            return next((e for e in seg if e.get("event") == kind), None)
+
+        ends = [e for e in seg if e.get("event") in LIFECYCLE_ENDS]
+        busy = [e for e in seg if _is_busy(e)]
+        return cls(seg[0], first("ready"), first("exit"), ends[-1] if ends else None, first("signal"), busy, seg[-1])
+
+
+def _is_busy(event: Event) -> bool:
+    kind = event.get("event")
+    return (kind == "eval" or (kind == "checkpoint" and event.get("reason") != "stop")) and _num(
+        event.get("seconds")
+    ) > 0
+
+
+def _segment(
+    index: int, seg: list[Event], after: list[Event] | None, alive: float | None, open_step: int | None
+) -> SegmentTime:
+    p = _Parsed.of(seg)
+    begin, ready, startup = _startup(p)
+    end, ended = _end(p, alive)
+    loop_end = p.signal["time"] if p.signal else (p.end_event["time"] if p.end_event else end)
+    start_step = _int(p.start.get("step"))
+    seen = max(_int(e.get("step")) for e in seg)
+    reached = _reached(seen, after, open_step if ended == "running" else None)
+    busy = [e for e in p.busy if ready < e["time"] <= loop_end]
+    loop_s = max(0.0, loop_end - ready - sum(_num(e["seconds"]) for e in busy))
+    pace = _pace(ready, start_step, busy, loop_end, reached if ended == "running" else seen)
+    if pace is not None and ended == "killed" and reached > seen:
+        end += (reached - seen) * pace  # the steps logged after the last event, before the kill
+        loop_s += (reached - seen) * pace
+    kept = _kept(p, ended, start_step, reached, after)
+    steps = max(0, reached - start_step)
+    pace = min(pace, loop_s / steps) if pace is not None and steps else None
+    training = (kept - start_step) * pace if pace else 0.0
+    redone = (reached - kept) * pace if pace else 0.0
+    lost = {
+        "startup": ready - begin,
+        "checkpoint": sum(_num(e["seconds"]) for e in busy if e.get("event") == "checkpoint"),
+        "eval": sum(_num(e["seconds"]) for e in busy if e.get("event") == "eval"),
+        "stop": end - p.signal["time"] if p.signal else 0.0,
+        "teardown": end - p.end_event["time"] if (p.exit and p.end_event and not p.signal) else 0.0,
+        "redone": redone,
+        "unexplained": max(0.0, loop_s - training - redone),
+    }
+    received = p.signal.get("received") if p.signal else None
+    return SegmentTime(
+        index=index, job_id=str(p.start.get("job_id", "")), begin=begin, ready=ready, end=end, ended=ended,
+        start_step=start_step, reached=reached, kept=kept, pace_s=pace, training_s=training, startup=startup,
+        lost=lost, signal_to_exit_s=end - received if isinstance(received, (int, float)) else None,
+    )
+
+
+def _startup(p: _Parsed) -> tuple[float, float, dict[str, float]]:
+    """(begin, ready time, seconds per start-up phase) of a segment."""
+    if p.ready is None:  # a run dir written before `ready` existed: start-up unknown, counted as none
+        return p.start["time"], p.start["time"], {}
+    ready = p.ready["time"]
+    process = _opt(p.ready.get("process_start"), ready)
+    job = _opt(p.ready.get("job_start"), process)
+    phases = {k: _num(v) for k, v in (p.ready.get("startup") or {}).items()}
+    if job < process:
+        phases = {"launch": process - job, **phases}
+    return min(job, process), ready, phases
+
+
+def _end(p: _Parsed, alive: float | None) -> tuple[float, str]:
+    if p.exit is not None or p.end_event is not None:
+        ended = p.end_event.get("event", "exit") if p.end_event else "exit"
+        return (p.exit or p.end_event or {})["time"], str(ended)
+    if alive is not None:
+        return max(alive, p.last["time"]), "running"
+    return p.last["time"], "killed"
+
+
+def _reached(seen: int, after: list[Event] | None, open_step: int | None) -> int:
+    """The last step the segment trained: what its events say, or what the next segment's resume says
+    it logged (interrupted_at), or, while it runs, the step the metrics show."""
+    if open_step is not None:
+        return max(seen, open_step)
+    resume = next((e for e in after or [] if e.get("event") == "resume"), None)
+    at = resume.get("interrupted_at") if resume else None
+    return max(seen, _int(at)) if at is not None else seen
+
+
+def _kept(p: _Parsed, ended: str, start: int, reached: int, after: list[Event] | None) -> int:
+    """The last step of this segment that survives: where the next one started, else all (finished,
+    stopped with a save, running), else its newest save (failed or killed: the rest is redone later)."""
+    if after is not None:
+        return min(max(_int(after[0].get("step")), start), reached)
+    if ended in _KEEPS_ALL:
+        return reached
+    saved = [_int(e.get("step")) for e in p.busy if e.get("event") == "checkpoint"]
+    return min(max([start, *saved]), reached)
+
+
+def _pace(ready: float, start: int, busy: list[Event], loop_end: float, last_step: int) -> float | None:
+    """Median seconds per step over the intervals between markers (saves, evals, the loop's end)."""
+    marks: dict[int, float] = {start: ready}
+    for e in busy:
+        marks[_int(e.get("step"))] = max(marks.get(_int(e.get("step")), 0.0), e["time"])
+    marks[last_step] = max(marks.get(last_step, 0.0), loop_end)
+    points = sorted((s, t) for s, t in marks.items() if s >= start)
+    paces = []
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        inside = sum(_num(e["seconds"]) for e in busy if t0 < e["time"] <= t1)
+        if s1 > s0:
+            paces.append(max(0.0, t1 - t0 - inside) / (s1 - s0))
+    return statistics.median(paces) if paces else None
+
+
+def _interval(events: list[Event]) -> dict[str, Any] | None:
+    """The checkpoint interval the newest save recorded (checkpoint.interval=auto), if any."""
+    for event in reversed(events):
+        if event.get("event") == "checkpoint" and isinstance(event.get("interval"), dict):
+            return dict(event["interval"])
+    return None
+
+
+# ---------------------------------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class History:
+    """What the checkpoint interval rule needs from a run's past segments."""
+
+    running_s: float
+    unclean: int  # segments that ended without a recorded stop or finish: killed, lost, failed
+    save_s: list[float]  # blocking seconds of past saves, oldest first
+
+
+def history(events: list[Event]) -> History:
+    """A run's interruption and save history (every segment here has ended: call it before `start`)."""
+    g = compute(events)
+    unclean = sum(1 for s in g.segments if s.ended in ("killed", "error"))
+    saves = [_num(e.get("seconds")) for e in events if e.get("event") == "checkpoint" and e.get("seconds")]
+    return History(g.running_s, unclean, saves)
+
+
+# ---------------------------------------------------------------------------------------- render
+
+
+def render(report: dict[str, Any]) -> list[str]:
+    """Status lines from `Goodput.as_dict()`: goodput, lost time by cause, start-up by phase, and the
+    checkpoint interval in force."""
+    if report.get("goodput") is None:
+        return ["goodput      - (no running time recorded yet)"]
+    lost = report["lost"]
+    lines = [
+        f"goodput      {report['goodput']:.1%}: {duration(report['training_s'])} of {duration(report['running_s'])} "
+        f"running went into kept steps (queued {duration(report['queued_s'])} between segments, not counted)",
+        "  lost       " + ", ".join(f"{CAUSE_WORDS.get(c, c)} {duration(lost[c])}" for c in CAUSES),
+    ]
+    if report.get("startup"):
+        phases = ", ".join(f"{PHASE_WORDS.get(k, k)} {duration(v)}" for k, v in report["startup"].items())
+        lines.append(f"  start-up   {len(report['segments'])} segment(s): {phases}")
+    if report.get("interval"):
+        lines.append(f"  interval   {describe_interval(report['interval'])}")
+    return lines
+
+
+def describe_interval(info: dict[str, Any]) -> str:
+    """One line: the checkpoint interval in force and why (the auto rule's inputs)."""
+    return (
+        f"auto, {duration(_num(info.get('seconds')))} = sqrt(2 x MTBI {duration(_num(info.get('mtbi_s')))} x save "
+        f"{duration(_num(info.get('save_s')))}); MTBI from {_int(info.get('unclean'))} unclean interruption(s) in "
+        f"{duration(_num(info.get('running_s')))} running plus the prior {duration(_num(info.get('prior_s')))}"
+    )
+
+
+def duration(seconds: float) -> str:
+    """0.43s, 12.0s, 4m05s, 2h03m."""
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 60:
+        return f"{s:.1f}s"
+    whole = int(round(s))
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m" if whole >= 3600 else f"{whole // 60}m{whole % 60:02d}s"
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _opt(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _rounded(node: Any) -> Any:
+    if isinstance(node, float):
+        return round(node, 3)
+    if isinstance(node, dict):
+        return {k: _rounded(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rounded(v) for v in node]
+    return node

@@ -1,5 +1,6 @@
-"""The training loop over HuggingFace accelerate: DDP when launched distributed, mixed precision,
-gradient accumulation, clipping, eval with exact distributed metrics, test, hooks, exact resume.
+"""The training loop: the model distributed by a Strategy (`parallel`: DDP through accelerate, or FSDP2),
+mixed precision, gradient accumulation, clipping, the non-finite guard, hooks, stops agreed across ranks.
+What a checkpoint holds and how it loads back is `trainer_state`; eval and test are `evaluation`.
 
 Steps are global optimizer steps. Every public method that runs a collective says so: call it on all
 ranks, never behind a rank check. Rank roles are decided by the objects the trainer holds (writers,
@@ -8,15 +9,11 @@ run files, event log, checkpoint manager), never here.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import random
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import send_to_device
 
@@ -25,43 +22,37 @@ from disttrain.checkpoint import (
     CheckpointManager,
     Loaded,
     SaveResult,
-    Shards,
-    capture_rank_state,
-    restore_rank_state,
 )
-from disttrain.ckpt_sharded import load_model, load_optimizer, parameter_names, split_state
 from disttrain.cluster import ClusterEnv
 from disttrain.config import (
     Config,
     ConfigError,
     config_hash,
-    resume_conflicts,
     resume_fingerprint,
-    resume_refusal,
 )
 from disttrain.data import (
     DataCursor,
     ResumableBatchSampler,
-    ShardedEvalBatches,
     StreamBatches,
     advance,
     check_train_split,
-    collate_or_empty,
     dataset_size,
     make_loader,
 )
+from disttrain.evaluation import Evaluation
 from disttrain.features.ema import EMAHook
 from disttrain.features.extend import config_hooks, feature_hooks
-from disttrain.features.guard import NonFiniteGuard, check_state, report
+from disttrain.features.guard import NonFiniteGuard, report
 from disttrain.features.metrics import StepMetrics, grad_norm
-from disttrain.features.model import after_wrap, before_wrap, strip_compiled_names, uncompiled
+from disttrain.features.model import after_wrap, before_wrap, uncompiled
 from disttrain.hooks import Hook, default_hooks
 from disttrain.lease import RunLease
-from disttrain.optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
+from disttrain.optim import build_optimizer, build_scheduler
 from disttrain.parallel import build_strategy
 from disttrain.pipelines import load_pipeline
 from disttrain.preemption import StopAgreement, StopRequest, StopSignal
 from disttrain.stream import as_stream
+from disttrain.trainer_state import TrainerState, seed_all
 from disttrain.writers import EventLog, NullWriter, Writer, build_run_files, build_writer
 
 
@@ -75,7 +66,7 @@ class FitResult:
     reason: str = ""  # why a run finished before max_steps (early stopping)
 
 
-class Trainer:
+class Trainer(TrainerState, Evaluation):
     """Builds everything a run needs from a validated Config; `fit()` trains, `test()` evaluates.
 
     Construction must happen on all ranks (it initialises the process group and may load a checkpoint).
@@ -106,7 +97,7 @@ class Trainer:
             check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         if cfg.early_stop.metric and "eval" not in self.datasets:
             raise ConfigError(f"early_stop.metric is set but {cfg.pipeline.target} has no 'eval' split to watch")
-        _seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
+        seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = before_wrap(self.pipeline.build_model(), cfg.trainer, self.pipeline)
         on_cuda = self.device.type == "cuda"
         units = self.pipeline.shard_units(model) if cfg.trainer.strategy == "fsdp" else []
@@ -117,7 +108,7 @@ class Trainer:
         self.module = uncompiled(self.strategy.module)
         self.optimizer = self.strategy.optimizer
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, cfg.trainer.max_steps)
-        _seed_all(cfg.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout & co
+        seed_all(cfg.seed * 1000 + 1 + self.rank)  # per-rank stream for dropout & co
         self.step, self.cursor = 0, DataCursor()
         self._bar = _use_bar(cfg) and dist.is_main()
         self.hooks = feature_hooks(cfg) + default_hooks(self._bar, config_hooks(cfg) + list(hooks or []))
@@ -151,106 +142,6 @@ class Trainer:
     @property
     def stopping(self) -> bool:
         return self.stop_request is not None
-
-    # ------------------------------------------------------------------------------------ resume
-
-    def _restore(self) -> Loaded | None:
-        """Load what `resume` (or, on a fresh run, `init_from`) names. Must be called on all ranks."""
-        mode = self.cfg.resume
-        if mode == "never":
-            loaded = None
-        elif mode == "auto":
-            loaded = self.ckpt.load_newest(self._load_state)
-        else:
-            loaded = self.ckpt.read(mode)
-            self._load_state(loaded)
-        if loaded is None and self.cfg.init_from:
-            self._init_weights(self.cfg.init_from)
-        return loaded
-
-    def _init_weights(self, source: str) -> None:
-        """Start from a checkpoint's weights only: fresh optimizer, schedule and step 0 (fine-tuning)."""
-        loaded = CheckpointManager(self.run_dir, self.cfg.checkpoint).read(source)
-        self._load_weights(loaded)
-        self.files.say(f"initialised the weights from {source} (optimizer, schedule and step start fresh)")
-
-    def _load_weights(self, loaded: Loaded) -> None:
-        if loaded.sharded or self.strategy.sharded:  # into another layout: rows by name
-            _check_shapes(self.module.state_dict(), loaded.saved(None).shapes("model/"), loaded.path)
-            load_model(self.module, loaded.saved(None), loaded.path)
-        else:
-            _load_model(self.module, loaded.app["model"], loaded.path)
-
-    def _load_state(self, loaded: Loaded) -> None:
-        """Everything a checkpoint holds into this trainer (its model, optimizer, cursor, RNG)."""
-        _check_compatible(self.cfg, loaded)
-        app = loaded.app
-        self._load_weights(loaded)
-        configured = hyperparameters(self.optimizer)  # what the config asks for now
-        if loaded.sharded or self.strategy.sharded:
-            load_optimizer(self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer)))
-        else:
-            self.optimizer.load_state_dict(app["optimizer"])
-        self.scheduler.load_state_dict(app["scheduler"])
-        reapply_hyperparameters(self.optimizer, self.scheduler, configured)
-        if app.get("scaler") is not None and self.strategy.scaler is not None:
-            self.strategy.scaler.load_state_dict(app["scaler"])
-        state = app["trainer"]
-        self.step = int(state["step"])
-        self.cursor = DataCursor.from_state(state["cursor"])
-        self.ended = str(state.get("ended", ""))
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
-        for hook in self.hooks:
-            if type(hook).__name__ in app.get("hooks", {}):
-                hook.load_state_dict(app["hooks"][type(hook).__name__])
-        if self.stream is not None:  # a stream's position is per rank: only the same world size resumes it
-            self.stream.restore(loaded.rank_state, int(loaded.manifest["world_size"]))
-        if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
-            restore_rank_state(loaded.rank_state["rng"])
-            if "metrics" in loaded.rank_state:  # the log window in progress (a new one on older checkpoints)
-                self.metrics.load_state_dict(loaded.rank_state["metrics"])
-        else:  # new world size: no per-rank stream to continue; derive a fresh one from the step
-            _seed_all(self.cfg.seed * 1000 + 1 + self.rank + 7919 * self.step)
-
-    def app_state(self) -> dict[str, Any]:
-        """Everything shared by all ranks that a checkpoint holds (sharded: the part that is not sharded;
-        `shard_state` has the rest)."""
-        scaler = self.strategy.scaler
-        if self.strategy.sharded:
-            model_optim = split_state(self.module, self.optimizer)[2]
-        else:
-            model_optim = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-        return {
-            **model_optim,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "trainer": {
-                "step": self.step,
-                "cursor": self.cursor.state_dict(),
-                "samples_seen": self.step * self.cfg.data.batch_size,
-                "guard": self.guard.state_dict(),
-                "ended": self.ended,
-            },
-            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks if h.state_dict()},
-        }
-
-    def shard_state(self) -> Shards | None:
-        """This rank's rows of the sharded tensors and their layout (None when nothing is sharded)."""
-        if not self.strategy.sharded:
-            return None
-        rows, layout, _ = split_state(self.module, self.optimizer)
-        return rows, layout
-
-    def rank_state(self) -> dict[str, Any]:
-        state = {"rng": capture_rank_state(), "metrics": self.metrics.state_dict()}
-        return state if self.stream is None else {**state, "stream": self.stream.position}
-
-    def checked_state(self) -> dict[str, Any]:
-        """`app_state()` of weights that are all finite; raises NonFiniteError (on every rank) instead of
-        letting a save publish them. Must be called on all ranks."""
-        check_state(self, self.module)
-        return self.app_state()
 
     # ------------------------------------------------------------------------------------- train
 
@@ -379,68 +270,6 @@ class Trainer:
         if result is not None:
             self.events.emit("checkpoint", **result.fields())
 
-    # ------------------------------------------------------------------------------------ eval
-
-    def run_eval(self, split: str) -> dict[str, float] | None:
-        """Evaluate a split, log `{split}/...` and call after_eval. None if a stop was agreed mid-way
-        (every rank sees the same). Must be called on all ranks."""
-        t0 = time.perf_counter()
-        metrics = self.evaluate(split, stoppable=True)
-        cut = {} if metrics is not None else {"cut": True}  # a stop was agreed mid-way
-        self.events.emit("eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut)
-        if metrics is None:
-            return None
-        self.writer.log(self.step, metrics)
-        self._call("after_eval", metrics)
-        return metrics
-
-    def evaluate(self, split: str, stoppable: bool = False) -> dict[str, float] | None:
-        """Exact metrics over the whole split: per-batch sums, added over ranks once. Must be called on all ranks."""
-        dataset = self.datasets.get(split)
-        if dataset is None:
-            return None
-        model = self.module
-        # Buffers (BatchNorm statistics) drift apart between ranks in training: DDP hands rank 0's to
-        # the others only at the next forward. Evaluate what a checkpoint holds (rank 0's) everywhere.
-        dist.broadcast_tensors_from_main(list(model.buffers()))
-        was_training = model.training
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        size = dataset_size(dataset, split)
-        batches = ShardedEvalBatches(size, self.cfg.data.eval_batch_size, self.rank, self.world)
-        try:
-            with torch.no_grad(), self.strategy.autocast(), self._eval_weights():
-                for batch in make_loader(dataset, batches, self.cfg.data.num_workers, self._pin()):
-                    if stoppable and self.agreement.poll("eval") is not None:
-                        return None
-                    self._eval_batch(model, batch, dataset, sums)
-        finally:
-            model.train(was_training)
-        keys = dist.broadcast_from_main(sorted(sums))
-        totals = dict(zip(keys, dist.all_reduce_sum([float(sums[k]) if k in sums else 0.0 for k in keys])))
-        count = totals.pop("count", None) or 1.0
-        return {f"{split}/{k}": v / count for k, v in totals.items()}
-
-    def _eval_batch(self, model: torch.nn.Module, batch: Any, dataset: Any, sums: dict[str, Any]) -> None:
-        if batch is None and self.strategy.eval_needs_every_rank():
-            # A sharded forward is a collective: a rank whose slice is empty still runs one, on a
-            # sample it then ignores, or the others would wait for it in the all-gather.
-            self.pipeline.eval_step(model, self._to_device(collate_or_empty([dataset[0]])))
-            return
-        if batch is not None:
-            for key, value in self.pipeline.eval_step(model, self._to_device(batch)).items():
-                sums[key] = sums.get(key, 0) + value.detach().double()
-
-    def test(self) -> dict[str, float]:
-        """Evaluate the loaded weights on the test split (or eval, if there is none) and write
-        RUN_DIR/test_metrics.json. Must be called on all ranks."""
-        phases.resume_gc()  # start-up is over
-        split = "test" if "test" in self.datasets else "eval"
-        metrics = self.evaluate(split) or {}
-        metrics = {k.replace(f"{split}/", "test/", 1): v for k, v in metrics.items()}
-        self.files.write_test_metrics({"step": self.step, "split": split, **metrics})
-        return metrics
-
     def close(self) -> None:
         """Release the model, optimizer and DDP reducer. Call before the process group is destroyed.
 
@@ -516,11 +345,6 @@ class Trainer:
         )
         return make_loader(self.datasets["train"], sampler, self.cfg.data.num_workers, self._pin(), seed)
 
-    def _eval_weights(self) -> Any:
-        """The EMA weights swapped in for eval when `ema.eval` asks for them."""
-        use_ema = self.ema is not None and self.cfg.ema.eval
-        return self.ema.swapped_in() if use_ema else contextlib.nullcontext()  # type: ignore[union-attr]
-
     def _pin(self) -> bool:
         return self.device.type == "cuda"
 
@@ -543,41 +367,6 @@ def _train_stream(cfg: Config, splits: dict[str, Any], rank: int, world: int) ->
         return None
     micro = cfg.data.batch_size // (world * cfg.trainer.grad_accum)
     return StreamBatches(stream, rank=rank, world_size=world, micro=micro, num_workers=cfg.data.num_workers)
-
-
-def _check_compatible(cfg: Config, loaded: Loaded) -> None:
-    """Refuse a checkpoint whose run differs in a key that makes its state meaningless here."""
-    changed = resume_conflicts(dict(loaded.manifest.get("fingerprint") or {}), cfg)
-    if changed:
-        raise ConfigError(resume_refusal(loaded.path, changed))
-
-
-def _load_model(module: torch.nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, refusing (as bad input, one line) a checkpoint whose tensors do not fit the model."""
-    saved = strip_compiled_names(saved)
-    _check_shapes(module.state_dict(), {k: tuple(v.shape) for k, v in saved.items()}, source)
-    module.load_state_dict(saved)
-
-
-def _check_shapes(current: dict[str, torch.Tensor], saved: dict[str, tuple[int, ...]], source: str) -> None:
-    hint = "restore the config or code the checkpoint was made with, or start a new run_dir"
-    for name, tensor in current.items():
-        if name not in saved:
-            raise ConfigError(f"the checkpoint {source} has no tensor {name!r} that the model has; {hint}")
-        if tuple(saved[name]) != tuple(tensor.shape):
-            raise ConfigError(
-                f"the checkpoint {source} does not fit the model: {name} is {tuple(saved[name])} there "
-                f"but {tuple(tensor.shape)} now; {hint}"
-            )
-    extra = sorted(set(saved) - set(current))
-    if extra:
-        raise ConfigError(f"the checkpoint {source} has a tensor {extra[0]!r} the model lacks; {hint}")
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _use_bar(cfg: Config) -> bool:

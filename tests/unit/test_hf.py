@@ -13,7 +13,7 @@ from disttrain.ckpt_format import manifest, publish, read_checkpoint, write_file
 from disttrain.config import ConfigError, PipelineConfig
 from disttrain.pipelines import load_pipeline
 from disttrain.pipelines.hf import CausalLM
-from disttrain.trainer import _load_model
+from disttrain.trainer_state import _load_model
 from tests.conftest import FAST, run_main
 from tests.unit.test_main import assert_refused
 

@@ -1,4 +1,5 @@
-"""Checkpoints (DESIGN.md section 4): what is saved, the publish protocol, retention, verify, discovery.
+"""Checkpoints (DESIGN.md section 4): what is saved, the publish protocol and retention; reading them
+(discovery, verification, load with fallback, export) is ckpt_read.CheckpointReader, which this extends.
 
 `RUN_DIR/checkpoints/step_%08d/` holds model.safetensors (rank 0's weights), state.pt (optimizer,
 scheduler, scaler, trainer, hooks), ranks.pt (each rank's RNG states and data cursor) and, written last,
@@ -9,7 +10,6 @@ the manifest, and only with `torch.load(weights_only=True)`: a replaced file is 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import random
@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from disttrain import __version__, ckpt_sharded, dist, fs
 from disttrain import ckpt_format as fmt
 from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
+from disttrain.ckpt_read import CheckpointInfo, CheckpointReader, Loaded, agreed, from_main
 from disttrain.config import CheckpointConfig
 from disttrain.interval import for_run
-from disttrain.rundir import LATEST, MANIFEST, RunDir, step_of
+from disttrain.rundir import LATEST, MANIFEST, step_of
 
 log = logging.getLogger(__name__)
 State = dict[str, Any]
@@ -61,42 +61,6 @@ class SaveResult:
         return out if self.interval is None else {**out, "interval": self.interval}
 
 
-@dataclass(frozen=True)
-class Loaded:
-    """A checkpoint read and verified: where, its manifest, the shared state and this rank's."""
-
-    path: str
-    manifest: State
-    app: State
-    rank_state: State | None
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
-    @property
-    def sharded(self) -> bool:
-        return int(self.manifest.get("format", 1)) >= ckpt_sharded.FORMAT
-
-    def saved(self, names: list[str] | None) -> ckpt_sharded.SavedState:
-        """Rows of any saved tensor by name (for loading into another layout or strategy)."""
-        return ckpt_sharded.SavedState(self.path, self.manifest, self.app, names)
-
-
-@dataclass
-class CheckpointInfo:
-    """One committed checkpoint, as `list()` sees it."""
-
-    step: int
-    path: str
-    time: float
-    bytes: int
-    verified: bool
-    problem: str | None
-    world_size: int
-    strategy: str = "ddp"  # "fsdp": one shard file per rank of world_size
-
-
 def capture_rank_state() -> State:
     """This rank's RNG states (torch, CUDA, numpy, python) as data weights_only loading accepts."""
     name, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
@@ -124,8 +88,8 @@ def restore_rank_state(state: State) -> None:
         log.warning("checkpoint holds CUDA RNG states of %d device(s); not restored here", len(cuda))
 
 
-class CheckpointManager:
-    """Saves, lists, verifies and loads the checkpoints under RUN_DIR/checkpoints."""
+class CheckpointManager(CheckpointReader):
+    """Saves (the publish protocol), and retention; listing, verifying and loading are CheckpointReader's."""
 
     def __init__(
         self,
@@ -136,10 +100,7 @@ class CheckpointManager:
         fingerprint: State | None = None,
         versions: dict[str, str] | None = None,
     ) -> None:
-        self.run_dir = run_dir[len("file://") :] if run_dir.startswith("file://") else run_dir
-        self.layout = RunDir(self.run_dir)
-        self.dir = self.layout.checkpoints
-        self.cfg = cfg
+        super().__init__(run_dir, cfg)
         own = {"torch": torch.__version__, "disttrain": __version__, "python": platform.python_version()}
         # num_threads: CPU float results depend on the intra-op thread count, so a resume can tell
         # whether it is still bit-exact (run.apply_threads sets it before anything runs).
@@ -149,7 +110,6 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._last_time = time.monotonic()
-        self.last_step: int | None = None  # the step this process last saved (or loaded)
         self._bytes: int | None = None  # bytes of the last save this process committed
         self._group: Any = None  # a gloo group for async sharded saves, made at the first one
         self.auto = for_run(self.layout, cfg)  # None unless checkpoint.interval=auto
@@ -210,13 +170,13 @@ class CheckpointManager:
             rows = _host_copy(shards[0], "shards", background) if shards is not None else None
             return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine, rows
 
-        host, mine, rows = _agreed(prepare)
+        host, mine, rows = agreed(prepare)
         self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
         if shards is not None:
             self._save_sharded(step, host, mine, (rows, shards[1]), background)
         elif not background:
             ranks = dist.gather_to_main(mine)
-            _agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
+            agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
         else:
             ranks = dist.gather_to_main(mine)
             if dist.is_main():
@@ -236,9 +196,9 @@ class CheckpointManager:
 
     def _save_sharded(self, step: int, host: Any, mine: State, shards: Shards, background: bool) -> None:
         """Every rank writes its shard into one work dir that rank 0 named; rank 0 commits."""
-        work = _from_main(lambda: self._work_dir(step))
+        work = from_main(lambda: self._work_dir(step))
         if not background:
-            _agreed(lambda: self._write_sharded(step, work, host, mine, shards, None))
+            agreed(lambda: self._write_sharded(step, work, host, mine, shards, None))
             return
         if self._group is None:  # collectives from the save thread must not share the loop's group
             self._group = dist.new_gloo_group()
@@ -368,154 +328,6 @@ class CheckpointManager:
             if fmt.problem(info.path, full=True) is None:
                 return info.step
         return saved
-
-    def list(self, full: bool = False) -> list[CheckpointInfo]:
-        """Committed checkpoints, newest first, checked by file size (or by sha256 with `full`)."""
-        infos = [self._info(step, full) for step in self.layout.committed_steps()]
-        return [i for i in infos if i is not None]
-
-    def _info(self, step: int, full: bool) -> CheckpointInfo | None:
-        path = self._path(step)
-        try:
-            m = fmt.read_manifest(path)
-        except CheckpointError as err:
-            if not fs.exists(fs.join(path, MANIFEST)):
-                return None  # deleted since it was listed: does not exist for readers
-            return CheckpointInfo(step, path, 0.0, 0, False, str(err), 0)
-        problem = fmt.files_problem(path, m, full)
-        size = sum(f["bytes"] for f in m["files"].values())
-        strategy = str(m.get("strategy", "ddp"))
-        return CheckpointInfo(step, path, m["time"], size, problem is None, problem, m["world_size"], strategy)
-
-    def verify(self, step: int | str) -> str | None:
-        """None if every file matches the manifest (size and sha256), else what is wrong and where."""
-        return fmt.problem(self._path(step) if isinstance(step, int) else step, full=True)
-
-    def latest_verified(self) -> CheckpointInfo | None:
-        """The newest checkpoint that fully verifies; each newer one skipped is logged as a warning."""
-        for info in self.list():
-            problem = info.problem or fmt.problem(info.path, full=True)
-            if problem is None:
-                return dataclasses.replace(info, verified=True)
-            log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, problem)
-        return None
-
-    def load_newest(self, apply: Callable[[Loaded], None] | None = None) -> Loaded | None:
-        """Load the newest checkpoint whose files verify, falling back to older ones with a warning; None
-        if there is none. `apply(loaded)` (on every rank) puts it into the live model: a shard file that
-        fails verification there falls back too. Must be called on all ranks.
-
-        Each file is hashed once, as it is read for loading; latest_verified() followed by load() reads
-        and hashes the whole checkpoint twice (a third of a resume's time, bench/RESULTS.md section 4)."""
-        infos = _from_main(self.list)  # newest first; sizes checked, contents not yet
-        for info in infos:
-            try:
-                if info.problem is not None:
-                    raise CheckpointError(info.problem)
-                loaded = self.read(info.path)
-                if apply is not None:
-                    _agreed(lambda: apply(loaded))  # noqa: B023 - called at once
-            except CheckpointError as err:  # raised on every rank alike (read agrees), so all fall back
-                log.warning("skipping checkpoint step %d: %s; falling back to an older one", info.step, err)
-                continue
-            self.last_step = info.step  # saving this step again would write what is already there
-            return loaded
-        return None
-
-    def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
-        """The resume fingerprint recorded in a checkpoint's manifest."""
-        path = info.path if isinstance(info, CheckpointInfo) else info
-        return dict(fmt.read_manifest(path).get("fingerprint") or {})
-
-    def read(self, path_or_step: str | int | None = None) -> Loaded:
-        """Read and verify a checkpoint. Must be called on all ranks.
-
-        None: the newest verified checkpoint; an int: that step; a str: a checkpoint directory (or a run
-        dir, meaning its newest verified checkpoint). Tensors load to CPU. `rank_state` is None when the
-        world size changed (no per-rank stream to continue)."""
-        path = _from_main(lambda: self._resolve(path_or_step))
-        if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
-            m, app, ranks = _from_main(lambda: _read(path))
-        else:
-            m, app, ranks = _agreed(lambda: _read(path))
-        mine = ranks[dist.rank()] if len(ranks) == dist.world_size() else None
-        return Loaded(path, m, app, mine)
-
-    def load(self, path_or_step: str | int | None = None) -> tuple[State, State | None]:
-        """(app_state, this rank's rank_state or None) of `read(path_or_step)`. Must be called on all ranks."""
-        loaded = self.read(path_or_step)
-        return loaded.app, loaded.rank_state
-
-    def export(self, out: str, step: int | None = None) -> int:
-        """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
-        path = self._resolve(step)
-        m = fmt.read_manifest(path)
-        if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
-            tensors = ckpt_sharded.consolidate(path, m)
-            fs.atomic_write(out, bytes(safetensors.torch.save(fmt.own_storage(tensors))))
-        else:
-            fs.atomic_write(out, fmt.read_verified(path, "model.safetensors", m))
-        return int(m["step"])
-
-    def read_weights(self, step: int | None = None) -> tuple[int, State]:
-        """(step, the model's tensors) of a checkpoint (the newest verified by default), verified first."""
-        path = self._resolve(step)
-        m = fmt.read_manifest(path)
-        if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
-            return int(m["step"]), ckpt_sharded.consolidate(path, m)
-        return int(m["step"]), fmt.parse_weights(path, fmt.read_verified(path, "model.safetensors", m))
-
-    def _resolve(self, path_or_step: str | int | None) -> str:
-        if isinstance(path_or_step, int):
-            return self._path(path_or_step)
-        if path_or_step is not None:
-            path = path_or_step.rstrip("/")
-            if fs.exists(fs.join(path, MANIFEST)) or not fs.exists(RunDir(path).checkpoints):
-                return path
-            return CheckpointManager(path, self.cfg)._resolve(None)  # a run dir: its newest checkpoint
-        info = self.latest_verified()
-        if info is None:
-            raise CheckpointError(f"no verified checkpoint under {self.dir}")
-        return info.path
-
-    def _path(self, step: int) -> str:
-        return self.layout.step_dir(step)
-
-
-def _read(path: str) -> tuple[State, State, list[Any]]:
-    """(manifest, shared state, per-rank states) of either format, every file verified before use.
-    Shard files of a sharded checkpoint are read later, by the rank that needs their rows."""
-    m = fmt.read_manifest(path)
-    if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:
-        return m, fmt.read_state(path, m), fmt.read_ranks(path, m)
-    return (m, *fmt.read_checkpoint(path))
-
-
-def _agreed(fn: Callable[[], Any]) -> Any:
-    """Run fn on every rank; if it raised CheckpointError on any rank, raise on all. All ranks."""
-    out, err = None, None
-    try:
-        out = fn()
-    except CheckpointError as caught:
-        err = caught
-    if dist.any_flag(err is not None):
-        raise err or CheckpointError("checkpoint operation failed on another rank; see rank 0's log")
-    return out
-
-
-def _from_main(fn: Callable[[], Any]) -> Any:
-    """Rank 0 runs fn; every rank gets its result or raises its CheckpointError. All ranks."""
-    out, err = None, None
-    if dist.is_main():
-        try:
-            out = fn()
-        except CheckpointError as caught:
-            err = str(caught)
-    out, err = dist.broadcast_from_main((out, err))
-    if err is not None:
-        raise CheckpointError(err)
-    return out
-
 
 def _host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
     """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);

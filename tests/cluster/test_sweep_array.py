@@ -181,11 +181,13 @@ def _check_status_and_plot(sweep_dir: Path, array: str) -> None:
     assert [r["name"] for r in rows] == NAMES and report["counts"] == {"finished": 4}
     assert [r["job_id"] for r in rows] == [f"{array}_{t}" for t in range(4)]
     assert [r["requeues"] for r in rows] == [0, 0, 0, 1] and {r["step"] for r in rows} == {STEPS}
+    assert all(0 < r["goodput"] <= 1 for r in rows), rows  # each task's share of its running time that trained
     for row, name in zip(rows, NAMES):
         accuracy = [m["eval/accuracy"] for m in read_jsonl(sweep_dir / name / "metrics.jsonl") if "eval/accuracy" in m]
         assert row["best"] == {"metric": "eval/accuracy", "value": max(accuracy), "step": row["best"]["step"], "mode": "max"}
     text = subprocess.run([*cli, "status", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=60)
     assert text.returncode == 0 and all(name in text.stdout for name in NAMES), text.stdout + text.stderr
+    print(f"\n$ disttrain status {sweep_dir.name}\n{text.stdout}")
     plot = subprocess.run([*cli, "plot", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=120)
     assert plot.returncode == 0, plot.stderr
     png = sweep_dir / "curves.png"

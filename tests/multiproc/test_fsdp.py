@@ -38,7 +38,7 @@ def saved_tensors(step_dir: Path, names: list[str] | None = None) -> dict[str, t
     plus the optimizer's plain values: what a round trip must preserve exactly. `names`: the parameter
     names in optimizer order, for a replicated checkpoint (whose optimizer state is keyed by index)."""
     from disttrain import ckpt_format as fmt
-    from disttrain.checkpoint import _read
+    from disttrain.ckpt_read import _read
 
     path = str(step_dir)
     manifest, plain, _ = _read(path)

@@ -2,6 +2,8 @@
 # CI's container stage: build the CPU variant of docker/Dockerfile (docker/build_cpu.sh: a debootstrap
 # base, a wheelhouse, buildah) and run in it, as its non-root user, what a user runs first: the default
 # training, then `disttrain ckpt verify`. Fails on the first thing that is not as it should be.
+#   bash .ci/container.sh [--prepare]   --prepare: the tools, the base image and the wheelhouse only
+#                                       (mostly downloads: .ci/run overlaps them with the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,9 @@ if ! command -v debootstrap >/dev/null || ! command -v buildah >/dev/null; then
 fi
 
 tag=localhost/disttrain:ci
+if [ "${1:-}" = "--prepare" ]; then
+    exec bash docker/build_cpu.sh --prepare "$tag"
+fi
 bash docker/build_cpu.sh "$tag"
 
 ctr=$(buildah from "$tag")

@@ -265,8 +265,10 @@ def execute(
             trainer.close()  # before the process group goes: see Trainer.close
         lease.release()  # also when the trainer was never built (bad input found after the lease)
         dist.destroy(clean=clean)
-        if trainer is not None and trainer.began:
-            trainer.events.emit("exit", step=trainer.step)  # the segment's end, for goodput
+        # The segment's end, for goodput; not after storage refused a record (another attempt at a dead
+        # endpoint costs its timeout and a line after the failure's own, for a record goodput can miss).
+        if trainer is not None and trainer.began and not trainer.events.failures:
+            trainer.events.emit("exit", step=trainer.step)
 
 
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:

@@ -6,6 +6,7 @@
 #   3. `buildah bud --isolation chroot` of docker/Dockerfile on that base, installing offline from it.
 #
 #   bash docker/build_cpu.sh [TAG]          (as root; TAG defaults to localhost/disttrain:cpu)
+#   bash docker/build_cpu.sh --prepare      steps 1 and 2 only (CI starts them early, in the background)
 #
 # Needs debootstrap and buildah (Debian: apt-get install debootstrap buildah), and a pip whose
 # `pip download torch==2.13.0` finds the CPU build: a pip.conf find-links to a folder holding it, or
@@ -14,6 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+prepare_only=false
+if [ "${1:-}" = "--prepare" ]; then prepare_only=true; shift; fi
 tag=${1:-localhost/disttrain:cpu}
 suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -42,8 +45,16 @@ build_base() {
     say "base image $base: built"
 }
 
+# What the wheelhouse is made from: a wheelhouse built from the same pins is reused as it is.
+wheels_key=$(cat constraints.txt pyproject.toml | sha256sum | cut -c1-16)
+
 build_wheelhouse() {
+    if [ "$(cat "$wheels/.key" 2>/dev/null)" = "$wheels_key" ]; then
+        say "wheelhouse $wheels: already built from these pins"
+        return 0
+    fi
     say "wheelhouse $wheels: torch==$torch_version and disttrain's packages (pip wheel, pinned by constraints.txt)"
+    rm -f "$wheels/.key"
     find "$wheels" -name '*.whl' -delete
     python3 -m pip wheel --quiet --wheel-dir "$wheels" --constraint constraints.txt \
         "torch==$torch_version" ".[wandb,tensorboard,s3,plot]" "setuptools>=61" 2>&1 \
@@ -52,7 +63,8 @@ build_wheelhouse() {
     local torch_wheel
     torch_wheel=$(find "$wheels" -name "torch-$torch_version*.whl" -printf '%f\n')
     case "$torch_wheel" in
-        *+cpu-*) say "wheelhouse: $(find "$wheels" -name '*.whl' | wc -l) wheels, torch: $torch_wheel" ;;
+        *+cpu-*) say "wheelhouse: $(find "$wheels" -name '*.whl' | wc -l) wheels, torch: $torch_wheel"
+                 echo "$wheels_key" >"$wheels/.key" ;;
         *) say "error: torch wheel '$torch_wheel' is not a CPU build (+cpu); point pip at the CPU wheel" \
                "(PIP_INDEX_URL=https://download.pytorch.org/whl/cpu, or a find-links folder holding it) and retry"
            return 2 ;;
@@ -68,6 +80,10 @@ else
 fi
 build_wheelhouse || { status=$?; [ -z "$base_pid" ] || wait "$base_pid" || true; exit "$status"; }
 [ -z "$base_pid" ] || wait "$base_pid"
+if $prepare_only; then
+    say "prepared: base image $base and the wheelhouse"
+    exit 0
+fi
 
 say "buildah bud -> $tag"
 buildah bud --quiet --isolation chroot --layers=false -f docker/Dockerfile --ignorefile docker/Dockerfile.dockerignore \

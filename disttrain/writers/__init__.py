@@ -72,6 +72,7 @@ class EventLog:
         self.enabled = dist.is_main()
         self.secrets = secret_values(cfg) if self.enabled else []
         self._repaired = False
+        self.failures = 0  # records storage refused: the run's exit is not recorded after one (run.execute)
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:
@@ -86,5 +87,6 @@ class EventLog:
                 self._repaired = True
             fs.append_text(self.path, line)
         except Exception as err:  # any storage failure: an event must never take the run down
+            self.failures += 1
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             print(f"disttrain: could not record the {event!r} event in {self.path}: {first}", file=sys.stderr)

@@ -144,7 +144,7 @@ def test_array_of_four_two_at_a_time_one_task_preempted_all_finish(slurm, tmp_pa
 def _check_tasks(runs: list[Path], requeue: dict) -> None:
     for i, run in enumerate(runs):
         names = [e["event"] for e in events(run)]
-        assert names[-1] == "finish" and names.count("start") == (2 if i == 3 else 1), (run.name, names)
+        assert names[-2:] == ["finish", "exit"] and names.count("start") == (2 if i == 3 else 1), (run.name, names)
         assert names.count("requeue") == (1 if i == 3 else 0)
     resume = next(e for e in events(runs[3]) if e["event"] == "resume")
     assert (resume["step"], resume["restart_count"]) == (requeue["step"], 1)

@@ -65,7 +65,7 @@ def test_a_node_stopped_by_sigterm_is_replaced_and_the_run_matches_one_node(tmp_
     stopped = next(e for e in events if e["event"] == "stopped")
     assert stopped["signal"] == "SIGTERM" and 6 <= stopped["step"] < STEPS
     resume = next(e for e in events if e["event"] == "resume")
-    assert resume["step"] == stopped["step"] and [e["event"] for e in events][-1] == "finish"
+    assert resume["step"] == stopped["step"] and [e["event"] for e in events][-2:] == ["finish", "exit"]
     line = f"disttrain: stopped by SIGTERM at step {stopped['step']}; checkpoint "
     assert any(line in log.read_text() for log in logs[:2]), "rank 0 says where it stopped"
     assert outcome(run_dir) == expected

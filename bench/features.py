@@ -30,7 +30,7 @@ AC = {"config": "configs/tiny_gpt.yaml", "overrides": [
 
 
 def run(quick: bool) -> Section:
-    sec = Section("features", "7. torch.compile and activation checkpointing on tiny_gpt (CPU)")
+    sec = Section("features", "9. torch.compile and activation checkpointing on tiny_gpt (CPU)")
     steps, warmup, reps = (8, 3, 1) if quick else (20, 5, 2)
     spec = {**COMPILE, "steps": steps + warmup + 1, "warmup": warmup, "order": ["eager", "compiled"] * reps}
     [out, _] = run_worker("bench.features", {**spec, "what": "compile"}, nproc=2, timeout=1800)

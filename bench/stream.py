@@ -29,7 +29,7 @@ MICRO = 32
 
 
 def run(quick: bool) -> Section:
-    sec = Section("stream", "7. Streams: resume by seek vs fast-forward; StreamBatches vs a plain read loop")
+    sec = Section("stream", "8. Streams: resume by seek vs fast-forward; StreamBatches vs a plain read loop")
     records, reps = (100_000, 3) if quick else (400_000, 5)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as root:
         path = _write(os.path.join(root, "train.jsonl"), records)

@@ -148,16 +148,20 @@ def process_start(pid: int) -> str | None:
 def alive_here(holder: Holder) -> bool:
     """Whether the holder's process still runs (asked only for a holder on this host)."""
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or not _exists(pid):
         return False
+    start = holder.get("pid_start")
+    return start is None or process_start(pid) in (None, start)
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # exists, another user's
-    start = holder.get("pid_start")
-    return start is None or process_start(pid) in (None, start)
+        return True  # another user's process: it exists
+    return True
 
 
 def ttl_s() -> float:

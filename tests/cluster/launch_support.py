@@ -80,10 +80,16 @@ def wait_finished(slurm, job: int, run_dir: Path, timeout: float) -> None:
 
 def release(slurm, job: int, timeout: float = 60) -> None:
     """Start a requeued job now rather than after its ~2 min BeginTime (NOTES §6)."""
+    from tests.cluster.slurm_cluster import SlurmError
+
     deadline = time.monotonic() + timeout
     while slurm.job_state(job) == "PENDING":
         assert time.monotonic() < deadline, f"job {job} stayed PENDING: {slurm.scontrol_show_job(job)}"
-        slurm.release_now(job)
+        try:
+            slurm.release_now(job)
+        except SlurmError as err:  # it started between the state query and the update: released
+            if "no longer pending" not in str(err):
+                raise
         time.sleep(1)
 
 

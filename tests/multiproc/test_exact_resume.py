@@ -85,6 +85,23 @@ def logged_step(at_least: int):
     return ready
 
 
+def sigterm_worker_after(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> str:
+    """Once `step` is logged, SIGTERM the newest worker of the torchrun `proc` (started with stdout piped)
+    and return what the run printed; the run must still be going until then."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not logged_step(step)(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read()[-3000:] if proc.stdout else ""
+            )
+            time.sleep(0.02)
+        psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return out
+
+
 def after_checkpoint(step: int):
     def ready(run_dir: Path) -> bool:
         path = run_dir / "events.jsonl"

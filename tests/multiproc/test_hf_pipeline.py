@@ -6,19 +6,16 @@ the embedding; and a new run started from that folder (`pretrained=`) scores wha
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import safetensors.torch
 import torch
 
 from disttrain.pipelines.hf import CORPUS
 from tests.conftest import FAST, child_env, computed, main_cmd, read_jsonl, run_main
-from tests.multiproc.test_exact_resume import logged_step
+from tests.multiproc.test_exact_resume import sigterm_worker_after
 
 pytestmark = pytest.mark.multiproc
 
@@ -70,17 +67,7 @@ def test_a_stopped_hf_run_resumes_bitwise_identical(data, reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(main_cmd(*args(data, run_dir), nproc=2), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not logged_step(5)(run_dir):
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stdout.read()[-3000:] if proc.stdout else ""
-            )
-            time.sleep(0.02)
-        psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out = sigterm_worker_after(proc, run_dir, 5)
     stops = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "stopped"]
     assert stops and stops[-1]["step"] < STEPS, out[-3000:]
     resumed = run_main(*args(data, run_dir), nproc=2)

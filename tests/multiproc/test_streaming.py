@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import FAST, child_env, computed, main_cmd, read_jsonl, run_main
-from tests.multiproc.test_exact_resume import logged_step
+from tests.multiproc.test_exact_resume import sigterm_worker_after
 from tests.pipelines import stream_record
 from tests.unit.test_main import assert_refused
 
@@ -83,17 +80,7 @@ def stopped(data, tmp_path_factory) -> Path:
             "data.num_workers=1"]  # fmt: skip
     proc = subprocess.Popen(main_cmd(*args, nproc=2), env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, preexec_fn=capped)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not logged_step(5)(root / "run"):
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                proc.stdout.read()[-3000:] if proc.stdout else ""
-            )
-            time.sleep(0.02)
-        psutil.Process(proc.pid).children()[-1].send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out = sigterm_worker_after(proc, root / "run", 5)
     stops = [e for e in read_jsonl(root / "run" / "events.jsonl") if e["event"] == "stopped"]
     assert stops and stops[-1]["step"] < STEPS, out[-3000:]
     return root

@@ -35,6 +35,7 @@ class Strategy:
     model: nn.Module  # what forward is called on
     module: nn.Module  # the pipeline's own module: state_dict names, eval, export
     optimizer: torch.optim.Optimizer  # the torch optimizer
+    stepper: Any  # what `step` goes through: the optimizer, or a wrapper holding the fp16 grad scaler
     scaler: Any = None  # fp16 grad scaler (ddp only)
 
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
@@ -54,12 +55,12 @@ class Strategy:
 
     def step(self) -> None:
         """Apply the update (`grad_norm` first when clipping) and zero the gradients."""
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper.step()
+        self.stepper.zero_grad(set_to_none=True)
 
     def drop_step(self) -> None:
         """Skip this update: drop the gradients."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper.zero_grad(set_to_none=True)
 
     def step_was_skipped(self) -> bool:
         """Whether the last `step` left the weights alone (an fp16 overflow)."""
@@ -121,7 +122,7 @@ class DDPStrategy(Strategy):
         # accelerate's optimizer wrapper asks importlib on every call whether an optional package is
         # installed and inspects a signature (~0.12 ms a step); without a grad scaler (fp16) it only
         # forwards the call, so step the torch optimizer directly.
-        self._stepper = wrapped if self.scaler is not None else self.optimizer
+        self.stepper = wrapped if self.scaler is not None else self.optimizer
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager[None]:
         # accelerate counts micro-batches itself (gradient_accumulation_steps) and skips DDP's
@@ -143,16 +144,7 @@ class DDPStrategy(Strategy):
         if self.scaler is not None:
             self.accelerator.unscale_gradients()  # fp16: the norm of the true gradients
         # torch's clip directly: accelerate's wrapper adds a torch-version parse and a DTensor scan per call.
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
-
-    def step(self) -> None:
-        self._stepper.step()
-        self._stepper.zero_grad(set_to_none=True)
-
-    def drop_step(self) -> None:
-        self._stepper.zero_grad(set_to_none=True)
+        return _clip_or_norm(list(self.module.parameters()), max_norm)
 
     def step_was_skipped(self) -> bool:
         return self.scaler is not None and bool(self.accelerator.optimizer_step_was_skipped)
@@ -164,7 +156,7 @@ class DDPStrategy(Strategy):
         # DDP's reducer keeps its last gloo work objects, which hold tensors; freed at interpreter
         # shutdown they abort the process ("terminate called without an active exception").
         self.accelerator.free_memory()
-        del self.model, self._wrapped, self.optimizer, self._stepper
+        del self.model, self._wrapped, self.optimizer, self.stepper
 
 
 # ----------------------------------------------------------------------------------------- fsdp
@@ -193,7 +185,7 @@ class FSDPStrategy(Strategy):
         # model that does not fit on one GPU whole never has to.
         dist.fully_shard(model, shard_units, device=self.device, **self._policies())
         self.model = self.module = model
-        self.optimizer = make_optimizer(model)  # over the sharded parameters (DTensors)
+        self.optimizer = self.stepper = make_optimizer(model)  # over the sharded parameters (DTensors)
 
     def _policies(self) -> dict[str, Any]:
         mp = self.cfg.trainer.mixed_precision
@@ -218,13 +210,16 @@ class FSDPStrategy(Strategy):
     def grad_norm(self, max_norm: float) -> torch.Tensor:
         # The norm of DTensor gradients is the true global norm: each rank's share of the sum of squares
         # is all-reduced inside; full_tensor() hands every rank the plain value.
-        params = list(self.model.parameters())
-        if max_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norm = _clip_or_norm(list(self.model.parameters()), max_norm)
         full = getattr(norm, "full_tensor", None)
         return full() if callable(full) else norm
 
     def close(self) -> None:
-        del self.model, self.module, self.optimizer
+        del self.model, self.module, self.optimizer, self.stepper
+
+
+def _clip_or_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The total norm of the parameters' gradients, clipping them to max_norm when max_norm > 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

@@ -102,16 +102,28 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": []}
     with tempfile.TemporaryDirectory(prefix="bench-features-") as root:
         if spec["what"] == "ac":
-            trainer, times, (first, last) = _run(spec, os.path.join(root, "run"), [f"trainer.activation_checkpointing={spec['ac']}"])
+            trainer, times, (first, last) = _run(
+                spec, os.path.join(root, "run"), [f"trainer.activation_checkpointing={spec['ac']}"]
+            )
             return {"ac": spec["ac"], "peak_rss_mib": last, "rss_first_step_mib": first,
                     "sha256": weights_sha256(trainer.module), "step_s": statistics.median(times[spec["warmup"] :])}  # fmt: skip
         weights = {}
         for i, variant in enumerate(spec["order"]):
-            trainer, times, _ = _run(spec, os.path.join(root, str(i)), [f"trainer.compile={variant == 'compiled'}"])
+            trainer, times, _ = _run(
+                spec, os.path.join(root, str(i)), [f"trainer.compile={variant == 'compiled'}"]
+            )
             weights[variant] = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-            out["runs"].append({"variant": variant, "first_s": times[0], "step_s": statistics.median(times[spec["warmup"] :])})
+            out["runs"].append(
+                {
+                    "variant": variant,
+                    "first_s": times[0],
+                    "step_s": statistics.median(times[spec["warmup"] :]),
+                }
+            )
             trainer.close()
-        out["max_diff"] = max((weights["eager"][k] - weights["compiled"][k]).abs().max().item() for k in weights["eager"])
+        out["max_diff"] = max(
+            (weights["eager"][k] - weights["compiled"][k]).abs().max().item() for k in weights["eager"]
+        )
     import torch.distributed as tdist
 
     tdist.barrier()

@@ -26,8 +26,13 @@ from typing import Any
 
 from bench.common import Row, Section, median, ratio_row, rss_mib, run_worker, train_cfg, worker_main
 
-MODEL = ["pipeline.args.n_layer=4", "pipeline.args.n_head=4", "pipeline.args.block_size=64", "data.batch_size=16",
-         "scheduler.warmup_steps=0"]
+MODEL = [
+    "pipeline.args.n_layer=4",
+    "pipeline.args.n_head=4",
+    "pipeline.args.block_size=64",
+    "data.batch_size=16",
+    "scheduler.warmup_steps=0",
+]
 WIDTHS = (128, 256, 384, 512, 640, 768)  # d_model of the memory ladder, 8 layers
 LADDER = ["pipeline.args.n_layer=8", "data.batch_size=8"]
 CAP_ABOVE_SMALLEST_MIB = 500  # the per-rank budget for model states and activations, above the baseline
@@ -38,7 +43,9 @@ def run(quick: bool) -> Section:
     sec = Section("fsdp", "7. Sharded (fsdp) vs replicated (ddp) training, 2 ranks over gloo, CPU")
     reps = 2 if quick else 3
     order = [s for i in range(reps) for s in (("ddp", "fsdp") if i % 2 == 0 else ("fsdp", "ddp"))]
-    runs = [run_worker("bench.fsdp", _spec(strategy, 384, steps=8, saves=3), nproc=2)[0] for strategy in order]
+    runs = [
+        run_worker("bench.fsdp", _spec(strategy, 384, steps=8, saves=3), nproc=2)[0] for strategy in order
+    ]
     by = {s: [r for r in runs if r["strategy"] == s] for s in ("ddp", "fsdp")}
     _state_row(sec, by)
     _pairs_row(sec, by, "step_s", "tiny_gpt d_model 384: time per step, fsdp vs ddp", "ms", None, "report")
@@ -88,8 +95,13 @@ def _ladder_rows(sec: Section, quick: bool) -> None:
                         params[largest["fsdp"]] / 1e6, params[largest["ddp"]] / 1e6, "M params", ratio, ">= 1.8",
                         ratio >= 1.8, "one run per size and strategy",
                         note=f"d_model fsdp {largest['fsdp']}, ddp {largest['ddp']}; ladder {list(widths)}"))  # fmt: skip
-    sec.notes.append("peak RSS per rank (MiB) by d_model: " + "; ".join(
-        f"{w}: ddp {peaks['ddp'][w]:.0f}, fsdp {peaks['fsdp'][w]:.0f} ({params[w] / 1e6:.1f}M params)" for w in widths))
+    sec.notes.append(
+        "peak RSS per rank (MiB) by d_model: "
+        + "; ".join(
+            f"{w}: ddp {peaks['ddp'][w]:.0f}, fsdp {peaks['fsdp'][w]:.0f} ({params[w] / 1e6:.1f}M params)"
+            for w in widths
+        )
+    )
     sec.extra["ladder"] = {"peaks": peaks, "params": params, "cap_mib": cap}
 
 
@@ -144,7 +156,9 @@ def _save_times(trainer: Any, n: int) -> dict[str, float]:
         trainer.step += 1  # a new step each time, as in training
         trainer.ckpt.cfg.async_save = background
         t0 = time.perf_counter()
-        trainer.ckpt.save(trainer.step, trainer.app_state(), trainer.rank_state(), shards=trainer.shard_state())
+        trainer.ckpt.save(
+            trainer.step, trainer.app_state(), trainer.rank_state(), shards=trainer.shard_state()
+        )
         (blocked if background else sync).append(time.perf_counter() - t0)
         trainer.ckpt.wait()
     return {"save_s": statistics.median(sync), "async_blocked_s": statistics.median(blocked)}

@@ -72,7 +72,11 @@ class Tracker(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             info = self.cluster.scontrol_show_job(self.job)
-            now, state, restarts = time.time(), info.get("JobState", "GONE"), int(info.get("Restarts", "0") or 0)
+            now, state, restarts = (
+                time.time(),
+                info.get("JobState", "GONE"),
+                int(info.get("Restarts", "0") or 0),
+            )
             if not self.changes or self.changes[-1][1:] != (state, restarts):
                 self.changes.append((now, state, restarts))
             time.sleep(0.25)
@@ -200,7 +204,9 @@ def run_variant(cluster: SlurmCluster, v: Variant, cycles: int, root: Path) -> V
 
 def summarize(v: Variant, run_dir: Path, tracker: Tracker, seen: list[dict[str, Any]], same: bool,
               steps: int, finished: bool) -> Variant:  # fmt: skip
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+    events = [
+        json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()
+    ]
     g = goodput.compute(events)
     held = tracker.held()
     for i, (seg, evs) in enumerate(zip(g.segments, goodput.split_segments(events))):
@@ -261,8 +267,11 @@ def report(variants: list[Variant]) -> str:
     for v in variants:
         s = v.summary
         goal = GOALS.get(int(v.period)) if not v.unclean else None
-        verdict = "(context)" if goal is None else (
-            f">= {goal:.0%}: **{'met' if (s['goodput_vs_held'] or 0) >= goal else 'missed'}**")
+        verdict = (
+            "(context)"
+            if goal is None
+            else (f">= {goal:.0%}: **{'met' if (s['goodput_vs_held'] or 0) >= goal else 'missed'}**")
+        )
         redone = s["redone_steps_per_interruption"]
         lines.append(f"| {v.name} | {v.period:.0f} s | {s['interruptions']} | {_pct(s['goodput'])} | "
                      f"{_pct(s['goodput_vs_held'])} | {verdict} | {'n/a' if redone is None else f'{redone:.1f}'} | "
@@ -284,7 +293,9 @@ def report(variants: list[Variant]) -> str:
         lines += ["", "Start-up per segment, mean: " + ", ".join(f"{k} {x / n:.2f} s" for k, x in st.items())
                   + f". Periodic saves: {v.summary['saves']}."]  # fmt: skip
         if v.summary["last_interval"]:
-            lines.append(f"Checkpoint interval at the end: {goodput.describe_interval(v.summary['last_interval'])}.")
+            lines.append(
+                f"Checkpoint interval at the end: {goodput.describe_interval(v.summary['last_interval'])}."
+            )
     return "\n".join(lines)
 
 
@@ -302,28 +313,38 @@ def _same(s: dict[str, Any]) -> str:
 
 def _cycle_head(v: Variant) -> str:
     last = "kill -9: processes" if v.unclean else "signal to off the nodes"
-    return (f"| cycle | ended | SLURM held s | running s | start-up s | stop s | redone steps | goodput (events / "
-            f"SLURM) | {last} |")
+    return (
+        f"| cycle | ended | SLURM held s | running s | start-up s | stop s | redone steps | goodput (events / "
+        f"SLURM) | {last} |"
+    )
 
 
 def _cycle_row(c: dict[str, Any]) -> str:
     harness = c.get("off_nodes_s", c.get("killed_processes", ""))
-    return (f"| {c['cycle']} | {c['ended']} | {_s(c['slurm_held_s'])} | {c['running_s']:.2f} | "
-            f"{sum(c['startup'].values()):.2f} | {c['lost']['stop']:.2f} | {c['redone_steps']} | "
-            f"{_pct(c['goodput'])} / {_pct(c['goodput_vs_held'])} | {harness} |")
+    return (
+        f"| {c['cycle']} | {c['ended']} | {_s(c['slurm_held_s'])} | {c['running_s']:.2f} | "
+        f"{sum(c['startup'].values()):.2f} | {c['lost']['stop']:.2f} | {c['redone_steps']} | "
+        f"{_pct(c['goodput'])} / {_pct(c['goodput_vs_held'])} | {harness} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.goodput", description=__doc__.split("\n\n")[0])
     p.add_argument("--periods", default="120,60", help="clean variant: seconds between preemptions")
-    p.add_argument("--unclean-period", type=float, default=60.0, help="unclean variant: seconds between kills")
-    p.add_argument("--fixed-steps", type=int, default=250, help="unclean variant: the fixed interval compared")
+    p.add_argument(
+        "--unclean-period", type=float, default=60.0, help="unclean variant: seconds between kills"
+    )
+    p.add_argument(
+        "--fixed-steps", type=int, default=250, help="unclean variant: the fixed interval compared"
+    )
     p.add_argument("--cycles", type=int, default=10, help="interruptions per variant (at least)")
     p.add_argument("--variants", default="clean,unclean")
     p.add_argument("--workdir", default="/tmp/gpbench", help="cluster and runs (short: unix socket paths)")
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = p.parse_args(argv)
-    command = "python -m bench.goodput" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.goodput" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     plan: list[Variant] = []
     if "clean" in args.variants.split(","):
         plan += [Variant(f"clean P={int(x)}", False, float(x), ("checkpoint.interval=auto",))
@@ -344,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         with cluster.activate():
             for v in plan:
                 print(f"[goodput] {v.name} ...", flush=True)
-                info["load_avg_at_start"], info["date"] = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+                info["load_avg_at_start"], info["date"] = (
+                    os.getloadavg(),
+                    time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                )
                 done.append(run_variant(cluster, v, args.cycles, root / "runs"))
                 v.run = {**info, "command": command, "load_avg_at_end": os.getloadavg()}
                 print(f"[goodput] {v.name}: {json.dumps(v.summary, default=str)}", flush=True)
@@ -366,7 +390,11 @@ def _merged(raw_path: Path, done: list[Variant]) -> list[Variant]:
     fresh = {v.name: v for v in done}
     saved = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     whole = {**saved.get("machine", {}), "command": saved.get("command", "")}  # a file one run wrote
-    kept = [Variant(**{**d, "run": d.get("run") or whole}) for d in saved.get("variants", []) if d["name"] not in fresh]
+    kept = [
+        Variant(**{**d, "run": d.get("run") or whole})
+        for d in saved.get("variants", [])
+        if d["name"] not in fresh
+    ]
     return sorted([*kept, *done], key=lambda v: (v.unclean, -v.period, v.name))
 
 

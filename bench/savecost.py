@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = p.parse_args(argv)
-    command = "python -m bench.savecost" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.savecost" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     info = machine_info()
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-savecost-") as tmp:

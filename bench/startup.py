@@ -92,7 +92,9 @@ def _ready_split(run_dir: Path) -> dict[str, float]:
     return {f"split_{k}": v for k, v in ready[-1]["startup"].items()} if ready else {}
 
 
-def measure(trees: dict[str, Path], probe_dir: Path, reps: int) -> dict[str, dict[str, list[dict[str, float]]]]:
+def measure(
+    trees: dict[str, Path], probe_dir: Path, reps: int
+) -> dict[str, dict[str, list[dict[str, float]]]]:
     results: dict[str, dict[str, list[dict[str, float]]]] = {k: {"fresh": [], "resume": []} for k in trees}
     sources = {}
     for name, tree in trees.items():  # each tree resumes from a checkpoint it wrote itself
@@ -104,7 +106,9 @@ def measure(trees: dict[str, Path], probe_dir: Path, reps: int) -> dict[str, dic
             run = probe_dir / f"run_{name}_{i}"
             results[name]["fresh"].append(one_run(trees[name], probe_dir, run, 30, 1))
             shutil.copytree(sources[name], probe_dir / f"res_{name}_{i}")
-            results[name]["resume"].append(one_run(trees[name], probe_dir, probe_dir / f"res_{name}_{i}", 30, 2))
+            results[name]["resume"].append(
+                one_run(trees[name], probe_dir, probe_dir / f"res_{name}_{i}", 30, 2)
+            )
             print(f"[startup] {name} rep {i}: fresh {results[name]['fresh'][-1]['startup_s']:.2f} s, "
                   f"resume {results[name]['resume'][-1]['startup_s']:.2f} s", flush=True)  # fmt: skip
     return results
@@ -136,11 +140,15 @@ def report(results: dict[str, Any], info: dict[str, Any], rev: str, reps: int, c
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n\n")[0])
-    p.add_argument("--baseline", default="d429859", help="commit to compare with (default: where issue 13 began)")
+    p.add_argument(
+        "--baseline", default="d429859", help="commit to compare with (default: where issue 13 began)"
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = p.parse_args(argv)
-    command = "python -m bench.startup" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.startup" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         root = Path(tmp)

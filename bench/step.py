@@ -60,12 +60,16 @@ BASELINES = {  # row label, the other variant, goal (ratio of A to it), per work
 
 
 def run(quick: bool) -> Section:
-    sec = Section("step", "1. Step overhead: Trainer vs plain loops, and its own per-step costs (2 ranks, gloo, CPU)")
+    sec = Section(
+        "step", "1. Step overhead: Trainer vs plain loops, and its own per-step costs (2 ranks, gloo, CPU)"
+    )
     for name, wl in WORKLOADS.items():
         steps, warmup, reps = wl["quick" if quick else "full"]
         spec = {"config": wl["config"], "overrides": wl["overrides"], "steps": steps + warmup + 1,
                 "warmup": warmup}  # fmt: skip
-        launches = [run_worker("bench.step", {**spec, "order": _sequence(order, reps)}, nproc=2) for order in ORDERS]
+        launches = [
+            run_worker("bench.step", {**spec, "order": _sequence(order, reps)}, nproc=2) for order in ORDERS
+        ]
         # rank 0's runs: rank 1 is in lockstep with it through the all-reduces
         groups = [g for ranks in launches for g in _groups(ranks[0]["runs"], len(VARIANTS))]
         _time_rows(sec, name, groups, steps, wl["goal"])
@@ -108,7 +112,9 @@ def _time_rows(sec: Section, name: str, groups: list[dict[str, Any]], steps: int
             text = "(context)" if wanted is None else (f"< {wanted}" if other == "C" else f"<= {wanted}")
             check = None if wanted is None else (lambda r, w=wanted, o=other: r < w if o == "C" else r <= w)
             note = f"{steps} timed steps a run; difference {median(d):+.0f} us/step (range {min(d):+.0f} to {max(d):+.0f})"
-            sec.rows.append(ratio_row(f"{name}: {label}, {what}", a, b, "ms", text, check, scale=1e3, note=note))
+            sec.rows.append(
+                ratio_row(f"{name}: {label}, {what}", a, b, "ms", text, check, scale=1e3, note=note)
+            )
         sec.extra[f"{name}_{label}_ms"] = {v: [stat(g[v][key]) * 1e3 for g in groups] for v in VARIANTS}
 
 

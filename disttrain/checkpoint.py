@@ -226,7 +226,9 @@ class CheckpointManager(CheckpointReader):
         if errors:
             if dist.is_main():
                 fs.remove(work, recursive=True)
-            raise CheckpointError(f"writing checkpoint step {step} to {self.dir} failed: {errors[0]}; {self._intact()}")
+            raise CheckpointError(
+                f"writing checkpoint step {step} to {self.dir} failed: {errors[0]}; {self._intact()}"
+            )
 
     def _commit_sharded(self, step: int, work: str, host: State, reports: list[Any]) -> None:
         files = fmt.write_files(work, host, [r[3] for r in reports], model=False)
@@ -328,6 +330,7 @@ class CheckpointManager(CheckpointReader):
             if fmt.problem(info.path, full=True) is None:
                 return info.step
         return saved
+
 
 def _host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
     """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);

@@ -99,7 +99,14 @@ class _Sha256:
 def manifest(step: int, world_size: int, files: dict[str, State], meta: State) -> State:
     """The manifest of a step directory: what it is (step, time, world size, config hash, versions,
     thread count) and the size and sha256 of every file. Written last; it is the commit."""
-    return {"format": FORMAT, "step": step, "time": time.time(), "world_size": world_size, **meta, "files": files}
+    return {
+        "format": FORMAT,
+        "step": step,
+        "time": time.time(),
+        "world_size": world_size,
+        **meta,
+        "files": files,
+    }
 
 
 def publish(work: str, final: str, m: State) -> None:

@@ -86,7 +86,9 @@ class CheckpointReader:
         problem = fmt.files_problem(path, m, full)
         size = sum(f["bytes"] for f in m["files"].values())
         strategy = str(m.get("strategy", "ddp"))
-        return CheckpointInfo(step, path, m["time"], size, problem is None, problem, m["world_size"], strategy)
+        return CheckpointInfo(
+            step, path, m["time"], size, problem is None, problem, m["world_size"], strategy
+        )
 
     def verify(self, step: int | str) -> str | None:
         """None if every file matches the manifest (size and sha256), else what is wrong and where."""

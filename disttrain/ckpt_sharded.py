@@ -38,7 +38,9 @@ def shard_name(rank: int) -> str:
 # ----------------------------------------------------------------------------------------- save
 
 
-def split_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], State, State]:
+def split_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], State, State]:
     """(this rank's rows of every sharded tensor, their layout, the plain rest) of model + optimizer.
 
     The plain rest is what every rank holds whole (buffers, the optimizer's step counts and
@@ -112,7 +114,9 @@ class SavedState:
 
     def shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         """{name: global shape} of the saved tensors under `prefix` (e.g. "model/"), plain ones too."""
-        out = {k.removeprefix(prefix): tuple(e["shape"]) for k, e in self.layout.items() if k.startswith(prefix)}
+        out = {
+            k.removeprefix(prefix): tuple(e["shape"]) for k, e in self.layout.items() if k.startswith(prefix)
+        }
         plain = self.plain.get(prefix.rstrip("/")) or {}
         return {**out, **{k: tuple(v.shape) for k, v in plain.items() if isinstance(v, torch.Tensor)}}
 
@@ -151,7 +155,11 @@ class SavedState:
 
 def _whole(file: str, key: str, t: torch.Tensor) -> State:
     rows = t.shape[0] if t.dim() else 1
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "shards": [{"file": file, "rows": [0, rows]}]}
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shards": [{"file": file, "rows": [0, rows]}],
+    }
 
 
 def load_model(module: nn.Module, saved: SavedState, source: str) -> None:

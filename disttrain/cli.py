@@ -12,8 +12,14 @@ from collections.abc import Sequence
 COMMANDS = {
     "train": ("disttrain.main", "train a config (same as python -m disttrain.main)"),
     "ckpt": ("disttrain.commands.ckpt", "list, verify and export checkpoints of a run dir"),
-    "status": ("disttrain.commands.status", "state, progress, checkpoints and requeue history of a run (or each task of a sweep)"),
-    "plot": ("disttrain.commands.plot", "draw the curves of a run, or overlay several runs or a sweep, as a PNG"),
+    "status": (
+        "disttrain.commands.status",
+        "state, progress, checkpoints and requeue history of a run (or each task of a sweep)",
+    ),
+    "plot": (
+        "disttrain.commands.plot",
+        "draw the curves of a run, or overlay several runs or a sweep, as a PNG",
+    ),
     "submit": ("disttrain.launch.submit", "submit a run to SLURM through submitit"),
     "config": ("disttrain.commands.config", "print every config key with its default and meaning"),
 }
@@ -31,7 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"disttrain: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"disttrain: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])

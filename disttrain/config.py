@@ -55,21 +55,31 @@ class TrainerConfig:
     grad_clip: float = _f(1.0, "max global gradient norm (0: no clipping)", min=0.0)
     progress: str = _f("auto", "progress output on rank 0", choices=("auto", "bar", "plain", "none"))
     collective_timeout_s: float = _f(
-        600.0, "seconds before a stuck collective, or a rank reaching no step boundary, aborts the job", min=1.0
+        600.0,
+        "seconds before a stuck collective, or a rank reaching no step boundary, aborts the job",
+        min=1.0,
     )
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
-    strategy: str = _f("ddp", "ddp: replicate the model; fsdp: shard params, grads and optimizer state", choices=("ddp", "fsdp"))
+    strategy: str = _f(
+        "ddp",
+        "ddp: replicate the model; fsdp: shard params, grads and optimizer state",
+        choices=("ddp", "fsdp"),
+    )
     threads: int = _f(
-        0, "intra-op CPU threads per rank (0: $OMP_NUM_THREADS, else SLURM's cpus-per-task, else torch's)", min=0
+        0,
+        "intra-op CPU threads per rank (0: $OMP_NUM_THREADS, else SLURM's cpus-per-task, else torch's)",
+        min=0,
     )
     nonfinite: str = _f(
-        "stop", "a NaN/Inf loss or gradient norm: stop (exit 1, no save), skip the update, or off",
+        "stop",
+        "a NaN/Inf loss or gradient norm: stop (exit 1, no save), skip the update, or off",
         choices=("stop", "skip", "off"),
     )
     max_skips: int = _f(10, "nonfinite=skip: stop after this many consecutive skipped steps", min=1)
     compile: bool = _f(False, "torch.compile the model (checkpoints keep the uncompiled names)")
     compile_mode: str = _f(
-        "default", "torch.compile mode",
+        "default",
+        "torch.compile mode",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     )
     compile_backend: str = _f("inductor", "torch.compile backend (aot_eager: trace only, for debugging)")
@@ -81,7 +91,9 @@ class TrainerConfig:
 class FSDPConfig:
     """Sharded training (trainer.strategy=fsdp): FSDP2 over all ranks; shard units from the pipeline."""
 
-    reduce_dtype: str = _f("fp32", "dtype gradients are reduced in under bf16 mixed precision", choices=("fp32", "bf16"))
+    reduce_dtype: str = _f(
+        "fp32", "dtype gradients are reduced in under bf16 mixed precision", choices=("fp32", "bf16")
+    )
     cpu_offload: bool = _f(False, "keep sharded params, grads and optimizer state in CPU memory (GPU runs)")
 
 
@@ -151,7 +163,8 @@ class LogConfig:
     wandb_tags: list[str] = _f([], "wandb run tags")
     tensorboard: bool = _f(False, "write TensorBoard events under RUN_DIR/tb/")
     plot: bool = _f(
-        False, "redraw RUN_DIR/curves.png at every segment's end (needs matplotlib; `disttrain plot` draws on demand)"
+        False,
+        "redraw RUN_DIR/curves.png at every segment's end (needs matplotlib; `disttrain plot` draws on demand)",
     )
 
 
@@ -207,7 +220,8 @@ class Config:
     seed: int = _f(0, "seed for model init, data order and per-rank RNG", min=0, resume="refuse")
     resume: str = _f("auto", "auto: newest verified checkpoint in run_dir; never: refuse if any; or a path")
     init_from: str = _f(
-        "", "a checkpoint (step dir or run dir) whose weights start a new run: fresh optimizer, step 0",
+        "",
+        "a checkpoint (step dir or run dir) whose weights start a new run: fresh optimizer, step 0",
         resume="refuse",
     )
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
@@ -223,8 +237,6 @@ class Config:
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     hooks: list[HookSpec] = _f([], "extra hooks by import path: [{target: pkg.mod:Hook, args: {...}}]")
-
-
 
 
 def _resume_refused(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
@@ -296,7 +308,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
         text = fh.read()
     for line_no, line in enumerate(text.splitlines(), 1):
         if "\t" in line[: len(line) - len(line.lstrip())]:
-            raise ConfigError(f"{path}:{line_no}: malformed YAML: tab used for indentation; indent with spaces")
+            raise ConfigError(
+                f"{path}:{line_no}: malformed YAML: tab used for indentation; indent with spaces"
+            )
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as err:
@@ -309,7 +323,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys (run_dir:, trainer:, ...), not {_tname(data)}")
+        raise ConfigError(
+            f"{path}: top level must be a mapping of keys (run_dir:, trainer:, ...), not {_tname(data)}"
+        )
     return data
 
 
@@ -354,7 +370,9 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[fld.name] = _build(hint, raw[fld.name], key + ".", source)
         else:
-            kwargs[fld.name] = _coerce(_yaml_word(raw[fld.name], fld.metadata.get("choices")), hint, key, source)
+            kwargs[fld.name] = _coerce(
+                _yaml_word(raw[fld.name], fld.metadata.get("choices")), hint, key, source
+            )
     return cls(**kwargs)
 
 
@@ -385,7 +403,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if not isinstance(value, list):
             raise _type_error(key, value, "a list like [a, b]", source)
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a list of sections (hooks); a string: its target
+    if isinstance(hint, type) and dataclasses.is_dataclass(
+        hint
+    ):  # a list of sections (hooks); a string: its target
         return _build(hint, {"target": value} if isinstance(value, str) else value, key + ".", source)
     if origin is dict:
         if not isinstance(value, dict):
@@ -469,26 +489,43 @@ def _validate_fsdp(cfg: Config, source: str) -> None:
     if cfg.trainer.strategy != "fsdp":
         return
     refused = {
-        "trainer.mixed_precision=fp16": (cfg.trainer.mixed_precision == "fp16", "use trainer.mixed_precision=bf16"),
-        "ema.decay > 0": (cfg.ema.decay > 0, "the EMA of sharded weights is not supported yet; set ema.decay=0"),
-        "trainer.compile=true": (cfg.trainer.compile, "compile with sharding is untested; set trainer.compile=false"),
+        "trainer.mixed_precision=fp16": (
+            cfg.trainer.mixed_precision == "fp16",
+            "use trainer.mixed_precision=bf16",
+        ),
+        "ema.decay > 0": (
+            cfg.ema.decay > 0,
+            "the EMA of sharded weights is not supported yet; set ema.decay=0",
+        ),
+        "trainer.compile=true": (
+            cfg.trainer.compile,
+            "compile with sharding is untested; set trainer.compile=false",
+        ),
     }
     for what, (bad, fix) in refused.items():
         if bad:
-            raise ConfigError(f"{what} with trainer.strategy=fsdp: {fix}, or use trainer.strategy=ddp [{source}]")
+            raise ConfigError(
+                f"{what} with trainer.strategy=fsdp: {fix}, or use trainer.strategy=ddp [{source}]"
+            )
 
 
 def _validate_features(cfg: Config, source: str) -> None:
     """Cross-field rules of the training features (hooks, profile window, early stopping)."""
     for i, hook in enumerate(cfg.hooks):
         if ":" not in hook.target or hook.target.endswith(":"):
-            raise ConfigError(f"hooks[{i}].target: {hook.target!r} must look like package.module:ClassName [{source}]")
+            raise ConfigError(
+                f"hooks[{i}].target: {hook.target!r} must look like package.module:ClassName [{source}]"
+            )
     steps = cfg.profile.steps
     if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
-        raise ConfigError(f"profile.steps: {steps} must be [first, last] with 1 <= first <= last, e.g. [20, 25] [{source}]")
+        raise ConfigError(
+            f"profile.steps: {steps} must be [first, last] with 1 <= first <= last, e.g. [20, 25] [{source}]"
+        )
     metric = cfg.early_stop.metric
     if metric and not metric.startswith("eval/"):
-        raise ConfigError(f"early_stop.metric: {metric!r} must be an eval metric such as eval/loss [{source}]")
+        raise ConfigError(
+            f"early_stop.metric: {metric!r} must be an eval metric such as eval/loss [{source}]"
+        )
     if metric and cfg.trainer.eval_every == 0:
         raise ConfigError(
             f"early_stop.metric is set but trainer.eval_every=0 evaluates only at the end; set trainer.eval_every=N [{source}]"

@@ -197,7 +197,9 @@ def local_rows(t: torch.Tensor) -> tuple[int, int]:
     """This rank's rows [start, stop) of a sharded tensor (checked against its local shape)."""
     start, stop = shard_rows(t.shape[0], rank(), world_size())
     if local_part(t).shape[0] != stop - start:
-        raise ValueError(f"a shard of {tuple(t.shape)} holds {local_part(t).shape[0]} rows, not {stop - start}")
+        raise ValueError(
+            f"a shard of {tuple(t.shape)} holds {local_part(t).shape[0]} rows, not {stop - start}"
+        )
     return start, stop
 
 
@@ -206,7 +208,9 @@ def sharded_like(like: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     assert isinstance(like, DTensor)
-    return DTensor.from_local(local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
 
 
 def new_gloo_group() -> Any:
@@ -237,7 +241,6 @@ def destroy(clean: bool = True) -> None:
         tdist.destroy_process_group()
 
 
-
 class PendingMax:
     """An elementwise max over ranks of a few ints, all-reduced in the background: started at one step
     boundary, read at a later one.
@@ -248,7 +251,9 @@ class PendingMax:
 
     def __init__(self, values: list[int]):
         self.tensor = torch.tensor(values, dtype=torch.int64, device=_device())
-        self.work = tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
+        self.work = (
+            tdist.all_reduce(self.tensor, op=tdist.ReduceOp.MAX, async_op=True) if initialized() else None
+        )
 
     def result(self) -> list[int]:
         if self.work is not None:

@@ -49,7 +49,9 @@ class Evaluation:
         t0 = time.perf_counter()
         metrics = self.evaluate(split, stoppable=True)
         cut = {} if metrics is not None else {"cut": True}  # a stop was agreed mid-way
-        self.events.emit("eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut)
+        self.events.emit(
+            "eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut
+        )
         if metrics is None:
             return None
         self.writer.log(self.step, metrics)

@@ -28,7 +28,9 @@ import fsspec
 T = TypeVar("T")
 TIMEOUT_ENV = "DISTTRAIN_STORAGE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0  # one remote call, retries included; plus 1 s per MiB it moves
-DEGRADED_TIMEOUT_S = 10.0  # after a call failed, until one succeeds: a dead endpoint costs seconds, not minutes
+DEGRADED_TIMEOUT_S = (
+    10.0  # after a call failed, until one succeeds: a dead endpoint costs seconds, not minutes
+)
 _BYTES_PER_S_FLOOR = 1 << 20
 
 

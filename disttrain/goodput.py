@@ -152,7 +152,9 @@ class _Parsed:
 
         ends = [e for e in seg if e.get("event") in LIFECYCLE_ENDS]
         busy = [e for e in seg if _is_busy(e)]
-        return cls(seg[0], first("ready"), first("exit"), ends[-1] if ends else None, first("signal"), busy, seg[-1])
+        return cls(
+            seg[0], first("ready"), first("exit"), ends[-1] if ends else None, first("signal"), busy, seg[-1]
+        )
 
 
 def _is_busy(event: Event) -> bool:
@@ -194,9 +196,20 @@ def _segment(
     }
     received = p.signal.get("received") if p.signal else None
     return SegmentTime(
-        index=index, job_id=str(p.start.get("job_id", "")), begin=begin, ready=ready, end=end, ended=ended,
-        start_step=start_step, reached=reached, kept=kept, pace_s=pace, training_s=training, startup=startup,
-        lost=lost, signal_to_exit_s=end - received if isinstance(received, (int, float)) else None,
+        index=index,
+        job_id=str(p.start.get("job_id", "")),
+        begin=begin,
+        ready=ready,
+        end=end,
+        ended=ended,
+        start_step=start_step,
+        reached=reached,
+        kept=kept,
+        pace_s=pace,
+        training_s=training,
+        startup=startup,
+        lost=lost,
+        signal_to_exit_s=end - received if isinstance(received, (int, float)) else None,
     )
 
 
@@ -325,7 +338,9 @@ def duration(seconds: float) -> str:
     if s < 60:
         return f"{s:.1f}s"
     whole = int(round(s))
-    return f"{whole // 3600}h{whole % 3600 // 60:02d}m" if whole >= 3600 else f"{whole // 60}m{whole % 60:02d}s"
+    return (
+        f"{whole // 3600}h{whole % 3600 // 60:02d}m" if whole >= 3600 else f"{whole // 60}m{whole % 60:02d}s"
+    )
 
 
 def _num(value: Any) -> float:

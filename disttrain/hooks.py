@@ -109,7 +109,9 @@ class ProgressHook(Hook):
             from tqdm import tqdm
 
             total = trainer.cfg.trainer.max_steps
-            self.bar = tqdm(total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(
+                total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout
+            )
 
     def after_step(self, trainer: Trainer) -> None:
         if self.bar is None:

@@ -84,10 +84,14 @@ class RunLease:
         try:
             self._created = _missing_dirs(self.run_dir) if fs.is_local(self.run_dir) else []
             fs.makedirs(self.run_dir)
-            lock: _FileLock | _ObjectLock = _FileLock(self.path) if fs.is_local(self.path) else _ObjectLock(self.path)
+            lock: _FileLock | _ObjectLock = (
+                _FileLock(self.path) if fs.is_local(self.path) else _ObjectLock(self.path)
+            )
             other = lock.take(me, self.env)
         except OSError as err:
-            return f"run_dir: cannot take the run-dir lease {self.path}: {err}; check the path and permissions"
+            return (
+                f"run_dir: cannot take the run-dir lease {self.path}: {err}; check the path and permissions"
+            )
         if other is not None:
             self._remove_created()
             return (
@@ -286,7 +290,10 @@ class _ObjectLock:
                 self.me["renewed"] = time.time()
                 fs.write_bytes(self.path, json.dumps(self.me).encode())
             except OSError as err:  # storage trouble: the deadline bounded it; try again next beat
-                print(f"disttrain: warning: could not renew the run-dir lease {self.path}: {err}", file=sys.stderr)
+                print(
+                    f"disttrain: warning: could not renew the run-dir lease {self.path}: {err}",
+                    file=sys.stderr,
+                )
 
     def release(self) -> None:
         self._stop.set()

@@ -12,7 +12,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from disttrain.config import OptimConfig, SchedulerConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, on_cuda: bool, pipeline: Any = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, model: nn.Module, on_cuda: bool, pipeline: Any = None
+) -> torch.optim.Optimizer:
     """The pipeline's own optimizer if it builds one; else optim.name over the pipeline's parameter
     groups, or by default weight decay on matrices and embeddings only (decaying biases and norm gains
     hurts)."""
@@ -70,7 +72,9 @@ def reapply_hyperparameters(
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
         group.update({k: v for k, v in settings.items() if k != "lr"})
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    lrs = [
+        base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+    ]
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() (and so train/lr in the logs) reports

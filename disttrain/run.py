@@ -242,7 +242,9 @@ def execute(
         trainer = Trainer(cfg, env, stop=stop, lease=lease)
         if test:
             metrics = trainer.test()
-            trainer.files.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
+            trainer.files.say(
+                " | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()])
+            )
             result = RunResult(Outcome.TESTED, trainer.step)
         else:
             result = _after_fit(trainer, trainer.fit(), env, max_requeues)
@@ -304,7 +306,11 @@ def stop_note(run_dir: str, step: int, signal: str | None, launcher: str) -> str
     if not is_committed(step_dir):
         return f"{stopped}, but no checkpoint of step {step} is committed; resuming redoes the steps since the last one"
     again = "run the same command again to resume from it"
-    how = f"torchrun --max-restarts restarts it and it resumes from it (or {again})" if launcher == "torchrun" else again
+    how = (
+        f"torchrun --max-restarts restarts it and it resumes from it (or {again})"
+        if launcher == "torchrun"
+        else again
+    )
     return f"{stopped}; checkpoint {step_dir} is committed; {how} (exit {code})"
 
 

@@ -96,7 +96,9 @@ class Trainer(TrainerState, Evaluation):
             self.train_size = dataset_size(self.datasets["train"], "train")
             check_train_split(self.train_size, cfg.data.batch_size)  # before anything is built
         if cfg.early_stop.metric and "eval" not in self.datasets:
-            raise ConfigError(f"early_stop.metric is set but {cfg.pipeline.target} has no 'eval' split to watch")
+            raise ConfigError(
+                f"early_stop.metric is set but {cfg.pipeline.target} has no 'eval' split to watch"
+            )
         seed_all(cfg.seed)  # same on every rank: every rank builds identical initial weights
         model = before_wrap(self.pipeline.build_model(), cfg.trainer, self.pipeline)
         on_cuda = self.device.type == "cuda"
@@ -116,7 +118,9 @@ class Trainer(TrainerState, Evaluation):
         self.signal = stop or StopSignal()
         hang_after = cfg.trainer.collective_timeout_s if self.world > 1 else None
         self.agreement = StopAgreement(self.signal, hang_after=hang_after, on_hang=self._record_hang)
-        self.guard = NonFiniteGuard(cfg.trainer, self.device, self.strategy.scaler is not None, self.agreement)
+        self.guard = NonFiniteGuard(
+            cfg.trainer, self.device, self.strategy.scaler is not None, self.agreement
+        )
         self.stop_request: StopRequest | None = None
         self.ended = ""  # why the run ended before max_steps (a hook's end_early); kept in checkpoints
         self.update_applied = True  # whether the last step's update reached the weights
@@ -234,7 +238,9 @@ class Trainer(TrainerState, Evaluation):
         if self.stop_request is None and (request := self.agreement.poll()) is not None:
             self.stop_request = request
             received = {} if self.signal.first_at is None else {"received": round(self.signal.first_at, 3)}
-            self.events.emit("signal", step=self.step, signal=request.signal, signals=list(request.signals), **received)
+            self.events.emit(
+                "signal", step=self.step, signal=request.signal, signals=list(request.signals), **received
+            )
         if (late := self.guard.late_verdict()) is not None:  # fp16: a loss some rank saw, agreed now
             report(self, self.step, *late)  # before the save: a run stopped for it saves nothing
         if request is not None:
@@ -262,7 +268,12 @@ class Trainer(TrainerState, Evaluation):
             self.ckpt.wait()
             return
         result = self.ckpt.save(
-            self.step, self.checked_state(), self.rank_state(), sync=True, reason=reason, shards=self.shard_state()
+            self.step,
+            self.checked_state(),
+            self.rank_state(),
+            sync=True,
+            reason=reason,
+            shards=self.shard_state(),
         )
         self._saved(result)
 
@@ -298,7 +309,9 @@ class Trainer(TrainerState, Evaluation):
         self.events.emit("start", step=self.step, world_size=self.world, max_steps=self.cfg.trainer.max_steps)
         self.began = True
         if changed:
-            self.files.say(f"note: config changed since the checkpoint, applied from step {self.step}: {'; '.join(changed)}")
+            self.files.say(
+                f"note: config changed since the checkpoint, applied from step {self.step}: {'; '.join(changed)}"
+            )
             self.events.emit("config_changed", step=self.step, changes=changed)
         if self.resumed is not None:
             self._note_threads(self.resumed.manifest.get("num_threads"))

@@ -79,7 +79,9 @@ class TrainerState:
         self._load_weights(loaded)
         configured = hyperparameters(self.optimizer)  # what the config asks for now
         if loaded.sharded or self.strategy.sharded:
-            load_optimizer(self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer)))
+            load_optimizer(
+                self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer))
+            )
         else:
             self.optimizer.load_state_dict(app["optimizer"])
         self.scheduler.load_state_dict(app["scheduler"])

@@ -29,7 +29,15 @@ def child_env(**extra: str) -> dict[str, str]:
     # Two cores here: one thread per rank keeps multi-process runs from oversubscribing.
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_PROCID"):
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_JOB_ID",
+        "SLURM_PROCID",
+    ):
         env.pop(key, None)
     env.update(extra)
     return env
@@ -44,7 +52,13 @@ def main_cmd(*args: str, nproc: int = 1) -> list[str]:
     ]  # fmt: skip
 
 
-def run_main(*args: str, nproc: int = 1, timeout: float = 300, env: dict[str, str] | None = None, cwd: str | None = None):
+def run_main(
+    *args: str,
+    nproc: int = 1,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+):
     """Run `python -m disttrain.main ARGS` (under torchrun when nproc > 1); returns CompletedProcess."""
     return subprocess.run(
         main_cmd(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,

@@ -169,7 +169,9 @@ class PoisonDigits(ProbeDigits):
 
     train_metrics = ("correct",)
 
-    def __init__(self, poison: list[int] | None = None, how: str = "add", unused_head: bool = False, **kwargs):
+    def __init__(
+        self, poison: list[int] | None = None, how: str = "add", unused_head: bool = False, **kwargs
+    ):
         super().__init__(**kwargs)
         self.poison, self.how, self.unused_head = set(poison or []), how, unused_head
 

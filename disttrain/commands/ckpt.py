@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--hf", action="store_true", help="write a folder transformers' from_pretrained loads (HF pipelines)"
     )
-    export.add_argument("--ema", action="store_true", help="the EMA of the weights (a run with ema.decay > 0)")
+    export.add_argument(
+        "--ema", action="store_true", help="the EMA of the weights (a run with ema.decay > 0)"
+    )
     return parser
 
 

@@ -14,8 +14,13 @@ from disttrain.rundir import CURVES, RunDir
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="disttrain plot", description="Draw the curves of a run as a PNG; several runs or a sweep dir are overlaid.")
-    parser.add_argument("run_dir", nargs="+", help="run dirs or sweep dirs: paths or URLs such as s3://bucket/prefix")
+    parser = argparse.ArgumentParser(
+        prog="disttrain plot",
+        description="Draw the curves of a run as a PNG; several runs or a sweep dir are overlaid.",
+    )
+    parser.add_argument(
+        "run_dir", nargs="+", help="run dirs or sweep dirs: paths or URLs such as s3://bucket/prefix"
+    )
     parser.add_argument("--out", help="where to write the PNG, path or URL (default: RUN_DIR/curves.png)")
     parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
     parser.add_argument(
@@ -55,7 +60,10 @@ def _have_matplotlib() -> bool:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        print("disttrain plot: error: matplotlib is not installed: pip install 'disttrain[plot]'", file=sys.stderr)
+        print(
+            "disttrain plot: error: matplotlib is not installed: pip install 'disttrain[plot]'",
+            file=sys.stderr,
+        )
         return False
     return True
 

@@ -73,7 +73,9 @@ def _draw(keys: list[str], rows: dict[str, list[dict[str, Any]]]) -> bytes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     labels = list(legend)
-    fig.legend(list(legend.values()), labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8)
+    fig.legend(
+        list(legend.values()), labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
+    )
     fig.suptitle(f"{len(rows)} runs")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

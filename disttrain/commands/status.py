@@ -74,7 +74,9 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
         "interruptions": interruptions,
         "steps_lost": sum(i["steps_lost"] for i in interruptions),
         "steps_per_s": round(rate, 4) if rate else None,
-        "skipped_steps": sum(1 for e in events if e.get("event") == "nonfinite" and e.get("action") == "skip"),
+        "skipped_steps": sum(
+            1 for e in events if e.get("event") == "nonfinite" and e.get("action") == "skip"
+        ),
         "profiles": [_pick(e, "first", "last", "path") for e in events if e.get("event") == "profile"],
         "eta_s": _eta(state, step, max_steps, rate),
         "goodput": goodput.compute(events, open_until=alive, open_step=step).as_dict(),
@@ -94,9 +96,7 @@ def _segments(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def _events(run_dir: str) -> list[dict[str, Any]]:
     if not fs.exists(run_dir):
         raise StatusError(f"{run_dir} does not exist; give the run_dir of a run")
-    events = [
-        e for e in read_jsonl(RunDir(run_dir).events) if isinstance(e.get("time"), (int, float))
-    ]
+    events = [e for e in read_jsonl(RunDir(run_dir).events) if isinstance(e.get("time"), (int, float))]
     if not events:
         raise StatusError(f"{run_dir} has no events.jsonl records: not a run dir, or its run never started")
     return events
@@ -142,7 +142,10 @@ def _state(
     if any(e.get("event") == "requeue" for e in segment):
         return "requeued", "stopped, saved and requeued; waiting for the scheduler to start it again"
     if kind == "interrupted":
-        return "interrupted", f"interrupted by Ctrl-C twice at step {last.get('step')}, without a checkpoint; run it again to resume"
+        return (
+            "interrupted",
+            f"interrupted by Ctrl-C twice at step {last.get('step')}, without a checkpoint; run it again to resume",
+        )
     if kind == "stopped":
         why = f" by {last['signal']}" if last.get("signal") else ""
         return (
@@ -280,7 +283,9 @@ def render(report: dict[str, Any]) -> str:
             f"({i['steps_lost']} lost; {i['cause']})"
         )
     if r["skipped_steps"]:
-        lines.append(f"skipped      {r['skipped_steps']} step(s) with a non-finite loss or gradient (events.jsonl)")
+        lines.append(
+            f"skipped      {r['skipped_steps']} step(s) with a non-finite loss or gradient (events.jsonl)"
+        )
     lines += [f"profile      steps {p['first']}-{p['last']}: {p['path']}" for p in r["profiles"]]
     lines += goodput.render(r["goodput"])
     return "\n".join(lines) + "\n"
@@ -323,7 +328,9 @@ def _duration(seconds: float | None) -> str:
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="disttrain status", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="run directory, or a sweep dir: a path or a URL such as s3://bucket/prefix")
+    parser.add_argument(
+        "run_dir", help="run directory, or a sweep dir: a path or a URL such as s3://bucket/prefix"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     parser.add_argument(
         "--stale-after",
@@ -332,7 +339,10 @@ def main(argv: Sequence[str]) -> int:
         metavar="S",
         help=f"seconds without an event or metric before a running run is 'running-or-died' (default {STALE_AFTER_S:.0f})",
     )
-    parser.add_argument("--metric", help="for a sweep dir: the eval metric that ranks tasks (default eval/accuracy, else eval/loss)")
+    parser.add_argument(
+        "--metric",
+        help="for a sweep dir: the eval metric that ranks tasks (default eval/accuracy, else eval/loss)",
+    )
     args = parser.parse_args(list(argv))
     from disttrain.commands import sweep_status  # a sweep dir: one row per task
 

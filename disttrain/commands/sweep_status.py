@@ -32,7 +32,9 @@ def collect(sweep_dir: str, metric: str | None = None, now: float | None = None,
     job_ids = [str(t.get("job_id", "")) for t in manifest["tasks"] if isinstance(t, dict)]
     rows = []
     for index, ((name, run_dir), job_id) in enumerate(zip(task_dirs(sweep_dir), job_ids)):
-        rows.append({"task": index, "name": name, "job_id": job_id, **_task_row(run_dir, metric, now, stale_after)})
+        rows.append(
+            {"task": index, "name": name, "job_id": job_id, **_task_row(run_dir, metric, now, stale_after)}
+        )
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
@@ -102,7 +104,9 @@ def show(sweep_dir: str, as_json: bool, metric: str | None, stale_after: float) 
     try:
         report = collect(sweep_dir, metric=metric, stale_after=stale_after)
     except ValueError as err:
-        print(f"disttrain status: error: {err}; resubmit the sweep or give one task's run dir", file=sys.stderr)
+        print(
+            f"disttrain status: error: {err}; resubmit the sweep or give one task's run dir", file=sys.stderr
+        )
         return 2
     print(json.dumps(report) if as_json else render(report), end="\n" if as_json else "")
     return 0

@@ -75,7 +75,11 @@ def _check_args(cls: type, args: dict[str, Any], key: str) -> None:
     for name in args:
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
-            hint = f"did you mean {key}.args.{close[0]}?" if close else f"it accepts: {', '.join(accepted) or 'none'}"
+            hint = (
+                f"did you mean {key}.args.{close[0]}?"
+                if close
+                else f"it accepts: {', '.join(accepted) or 'none'}"
+            )
             raise ConfigError(f"{key}.args.{name}: {cls.__name__} has no argument {name!r}; {hint}")
 
 

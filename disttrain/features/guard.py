@@ -147,7 +147,9 @@ def report(trainer: Any, step: int, quantity: str, action: str) -> None:
     message = trainer.guard.describe(step, quantity, action)
     if action == "stop":
         _fail(trainer, NonFiniteError(step, quantity, message))
-    trainer.events.emit("nonfinite", step=step, quantity=quantity, action=action, skipped=trainer.guard.skipped)
+    trainer.events.emit(
+        "nonfinite", step=step, quantity=quantity, action=action, skipped=trainer.guard.skipped
+    )
     trainer.files.warn(f"disttrain: {message}")
 
 
@@ -175,6 +177,8 @@ def check_state(trainer: Any, module: torch.nn.Module) -> None:
             f"non-finite parameters at step {step} ({where}): checkpoint not written; the checkpoints already "
             "committed are intact. Lower optim.lr, or keep trainer.nonfinite=stop to catch it at the step",
         ))  # fmt: skip
+
+
 def _first_bad(module: torch.nn.Module) -> str | None:
     """The name of the first parameter that is not finite or buffer holding NaN; None if all are fine.
     aminmax reads each tensor once without a temporary the size of the tensor (torch.isfinite makes

@@ -42,7 +42,9 @@ def prepare(opts: SubmitOptions) -> SweepPlan:
     base = load_config(opts.config, opts.overrides)
     sweep_dir = base.run_dir if "://" in base.run_dir else os.path.abspath(base.run_dir)
     if fs.exists(RunDir(sweep_dir).events):
-        raise ConfigError(f"run_dir {sweep_dir} holds a run (events.jsonl), not a sweep; give the sweep a new run_dir")
+        raise ConfigError(
+            f"run_dir {sweep_dir} holds a run (events.jsonl), not a sweep; give the sweep a new run_dir"
+        )
     rows = read_sweep_file(opts.sweep_file) if opts.sweep_file else []
     tasks = expand(opts.sweep, rows, opts.overrides)
     configs = [_task_config(opts, base, sweep_dir, task) for task in tasks]
@@ -111,7 +113,9 @@ def submit(plan: SweepPlan) -> int:
 
 def print_submitted(plan: SweepPlan, array_id: str, ids: list[str]) -> None:
     o = plan.opts
-    ranks = f"{o.gpus_per_node} GPU rank(s)" if o.gpus_per_node else f"{o.ranks_per_node} CPU rank(s) over gloo"
+    ranks = (
+        f"{o.gpus_per_node} GPU rank(s)" if o.gpus_per_node else f"{o.ranks_per_node} CPU rank(s) over gloo"
+    )
     print(f"submitted job array {array_id} ({o.cluster}): {len(ids)} task(s), {_parallelism(plan)}; each task "
           f"{o.nodes} node(s) x {ranks}, time {o.time}, USR2 {o.signal_delay}s before the limit, "
           f"up to {o.max_requeues} requeue(s)")  # fmt: skip
@@ -125,4 +129,8 @@ def print_submitted(plan: SweepPlan, array_id: str, ids: list[str]) -> None:
 
 def _parallelism(plan: SweepPlan) -> str:
     limit = plan.opts.array_parallelism
-    return f"at most {limit} at once" if limit and limit < len(plan.tasks) else "all at once if the cluster has room"
+    return (
+        f"at most {limit} at once"
+        if limit and limit < len(plan.tasks)
+        else "all at once if the cluster has room"
+    )

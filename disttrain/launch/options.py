@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep a key over values; several --sweep give their cartesian product, submitted as one job "
         "array with one run dir per combination under run_dir (the sweep dir)",
     )
-    add("--sweep-file", help="YAML list of explicit combinations, one mapping per task: - {optim.lr: 1.0e-3, seed: 1}")
+    add(
+        "--sweep-file",
+        help="YAML list of explicit combinations, one mapping per task: - {optim.lr: 1.0e-3, seed: 1}",
+    )
     add("--array-parallelism", type=int, help="run at most N tasks of a sweep at once (default: all)")
     add("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4")
     return p

@@ -73,12 +73,16 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
 def read_sweep_file(path: str) -> list[dict[str, str]]:
     """A YAML list of mappings, one per task: `- {optim.lr: 1.0e-3, seed: 1}`. Values as override text."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--sweep-file {path!r} not found: give a YAML list such as `- {{optim.lr: 1.0e-3}}`")
+        raise ConfigError(
+            f"--sweep-file {path!r} not found: give a YAML list such as `- {{optim.lr: 1.0e-3}}`"
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             rows = yaml.safe_load(fh)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--sweep-file {path}: malformed YAML ({str(err).splitlines()[0]}); fix the file") from None
+        raise ConfigError(
+            f"--sweep-file {path}: malformed YAML ({str(err).splitlines()[0]}); fix the file"
+        ) from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and r for r in rows):
         raise ConfigError(
             f"--sweep-file {path}: expected a non-empty list of mappings, one per task, such as "
@@ -94,7 +98,9 @@ def _override_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))  # JSON is YAML: types survive ("1" stays a string)
 
 
-def expand(axes: Sequence[str], file_rows: Sequence[dict[str, str]] = (), base: Sequence[str] = ()) -> list[Task]:
+def expand(
+    axes: Sequence[str], file_rows: Sequence[dict[str, str]] = (), base: Sequence[str] = ()
+) -> list[Task]:
     """Every task of a sweep: the rows of the sweep file (or one empty row) crossed with the cartesian
     product of the axes, in that order. `base` is the plain overrides, which a sweep may not repeat.
     Raises ConfigError for a spec that cannot be one job array."""

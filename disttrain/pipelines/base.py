@@ -155,7 +155,9 @@ def _import(module_name: str) -> Any:
             "fix the module"
         ) from None
     except Exception as err:  # the module's own code raised while it was imported
-        raise ConfigError(f"pipeline.target: importing {module_name} raised {_described(err)}; fix the module") from None
+        raise ConfigError(
+            f"pipeline.target: importing {module_name} raised {_described(err)}; fix the module"
+        ) from None
 
 
 def _described(err: BaseException) -> str:
@@ -175,7 +177,9 @@ def _check_args(cls: type, args: dict[str, Any]) -> None:
             import difflib
 
             close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"did you mean pipeline.args.{close[0]}?" if close else f"it accepts: {', '.join(accepted)}"
+            hint = (
+                f"did you mean pipeline.args.{close[0]}?" if close else f"it accepts: {', '.join(accepted)}"
+            )
             raise ConfigError(f"pipeline.args.{key}: {cls.__name__} has no argument {key!r}; {hint}")
     _check_arg_types(cls, args)
 

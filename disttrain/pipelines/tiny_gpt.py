@@ -48,7 +48,9 @@ class Block(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, 4 * d_model, bias=False), nn.GELU(), nn.Linear(4 * d_model, d_model, bias=False)
+            nn.Linear(d_model, 4 * d_model, bias=False),
+            nn.GELU(),
+            nn.Linear(4 * d_model, d_model, bias=False),
         )
         self.drop = nn.Dropout(dropout)
 

@@ -33,20 +33,36 @@ def user_modules(tmp_path_factory):
     "args, needles",
     [
         (["pipeline.target=userpipes.syntax:Pipe"], ["syntax error at", "syntax.py:3", "fix the module"]),
-        (["pipeline.target=userpipes.raising:Pipe"], ["importing userpipes.raising raised RuntimeError", "raising.py:3"]),
-        (["pipeline.target=tests.adversarial.pipelines:RaisingInit"], ["RaisingInit() raised ValueError", "pipelines.py"]),
+        (
+            ["pipeline.target=userpipes.raising:Pipe"],
+            ["importing userpipes.raising raised RuntimeError", "raising.py:3"],
+        ),
+        (
+            ["pipeline.target=tests.adversarial.pipelines:RaisingInit"],
+            ["RaisingInit() raised ValueError", "pipelines.py"],
+        ),
         (["pipeline.args.width=abc"], ["pipeline.args.width: expected an integer", "'abc'"]),
         (["pipeline.target=tests.adversarial.pipelines:TinyTrain"], ["train split is empty"]),
         (["data.batch_size=5000"], ["data.batch_size=5000 is larger than the train split"]),
         (["optim.lr=.nan"], ["optim.lr: nan is not a finite number"]),
         (["optim.lr=.inf"], ["optim.lr: inf is not a finite number"]),
     ],
-    ids=["syntax-error", "raises-on-import", "init-raises", "arg-type", "empty-split", "batch-too-big", "lr-nan",
-         "lr-inf"],  # fmt: skip
+    ids=[
+        "syntax-error",
+        "raises-on-import",
+        "init-raises",
+        "arg-type",
+        "empty-split",
+        "batch-too-big",
+        "lr-nan",
+        "lr-inf",
+    ],  # fmt: skip
 )
 def test_refused_with_one_line_and_nothing_created(tmp_path, user_modules, args, needles):
     run_dir = tmp_path / "run"
-    proc = run_main(f"run_dir={run_dir}", "trainer.max_steps=2", *FAST, *args, env=user_modules[1], timeout=120)
+    proc = run_main(
+        f"run_dir={run_dir}", "trainer.max_steps=2", *FAST, *args, env=user_modules[1], timeout=120
+    )
     assert_refused(proc, *needles)
     assert not run_dir.exists()
 

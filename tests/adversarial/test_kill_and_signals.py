@@ -32,7 +32,11 @@ def logged(run_dir: Path, step: int):
 
 
 def snapshot(run_dir: Path) -> tuple:
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir()) if (run_dir / "checkpoints").exists() else []
+    ckpts = (
+        sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        if (run_dir / "checkpoints").exists()
+        else []
+    )
     return ckpts, (run_dir / "metrics.jsonl").read_bytes(), (run_dir / "events.jsonl").read_bytes()
 
 

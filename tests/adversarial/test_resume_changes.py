@@ -13,7 +13,13 @@ from disttrain.config import RESUME_CRITICAL_KEYS
 from tests.conftest import FAST, REPO, read_jsonl, run_main
 from tests.unit.test_main import assert_refused
 
-BASE = ("trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=2", "scheduler.name=constant", *FAST)
+BASE = (
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "checkpoint.every_steps=2",
+    "scheduler.name=constant",
+    *FAST,
+)
 CHANGES = ("optim.lr=0.01", "optim.weight_decay=0.05", "optim.betas=[0.8,0.95]")
 
 
@@ -36,12 +42,19 @@ def resumed(tmp_path_factory):
 def test_changed_optimizer_settings_are_applied_and_logged(resumed):
     run_dir, proc = resumed
     note = next(line for line in proc.stdout.splitlines() if line.startswith("note: config changed"))
-    assert "applied from step 4" in note and "optim.lr: 0.003 -> 0.01" in note and "optim.weight_decay" in note
+    assert (
+        "applied from step 4" in note and "optim.lr: 0.003 -> 0.01" in note and "optim.weight_decay" in note
+    )
     lrs = {r["step"]: r["train/lr"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/lr" in r}
     assert [lrs[s] for s in (1, 4)] == [0.003, 0.003] and [lrs[s] for s in range(5, 9)] == [0.01] * 4
     state = torch.load(run_dir / "checkpoints" / "step_00000008" / "state.pt", weights_only=True)
     decay, no_decay = state["optimizer"]["param_groups"]
-    assert (decay["lr"], decay["initial_lr"], decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.01, 0.05, 0.0)
+    assert (decay["lr"], decay["initial_lr"], decay["weight_decay"], no_decay["weight_decay"]) == (
+        0.01,
+        0.01,
+        0.05,
+        0.0,
+    )
     assert tuple(decay["betas"]) == (0.8, 0.95) and state["scheduler"]["base_lrs"] == [0.01, 0.01]
 
 

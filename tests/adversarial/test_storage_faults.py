@@ -35,7 +35,9 @@ class Run:
     def __init__(self, s3_env: dict[str, str], name: str):
         self.proxy = FlakyProxy(urlparse(s3_env["AWS_ENDPOINT_URL"]).port or 0)
         self.run_dir = f"s3://{BUCKET}/{name}"
-        env = child_env(**{**s3_env, "AWS_ENDPOINT_URL": self.proxy.url, "DISTTRAIN_STORAGE_TIMEOUT_S": str(DEADLINE_S)})
+        env = child_env(
+            **{**s3_env, "AWS_ENDPOINT_URL": self.proxy.url, "DISTTRAIN_STORAGE_TIMEOUT_S": str(DEADLINE_S)}
+        )
         args = (f"run_dir={self.run_dir}", "pipeline.target=tests.adversarial.pipelines:Slow",
                 "trainer.max_steps=100000", "trainer.log_every=1", "trainer.eval_every=0", *FAST)  # fmt: skip
         self.proc = subprocess.Popen(main_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -46,7 +48,9 @@ class Run:
     def wait_for(self, predicate, what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
-            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {what}:\n{''.join(self.lines)}"
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {what}:\n{''.join(self.lines)}"
+            )
             assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{''.join(self.lines)}"
             time.sleep(0.1)
 

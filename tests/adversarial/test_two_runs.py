@@ -36,7 +36,9 @@ def test_a_second_run_is_refused_naming_the_first_and_a_killed_one_is_taken_over
         holder = json.loads((run_dir / "lease.json").read_text())
         assert holder["pid"] == first.pid
 
-        second = run_main(f"run_dir={run_dir}", "trainer.max_steps=100000", "optim.lr=0.1", *ARGS, timeout=120)
+        second = run_main(
+            f"run_dir={run_dir}", "trainer.max_steps=100000", "optim.lr=0.1", *ARGS, timeout=120
+        )
         assert_refused(second, f"is in use by another run (pid {first.pid} on host", "choose another run_dir")
         assert first.poll() is None, "the refused run disturbed the first"
     finally:

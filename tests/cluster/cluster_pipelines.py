@@ -16,5 +16,7 @@ class FailingProbe(ProbeDigits):
     def loss(self, model, batch):
         self.calls += 1
         if self.fail_after and self.calls > self.fail_after:
-            raise RuntimeError(f"planted failure in the pipeline's loss after {self.fail_after} micro-batches")
+            raise RuntimeError(
+                f"planted failure in the pipeline's loss after {self.fail_after} micro-batches"
+            )
         return super().loss(model, batch)

@@ -20,7 +20,11 @@ from tests.conftest import FAST, REPO, child_env, computed, main_cmd, read_jsonl
 
 HERE = Path(__file__).resolve().parent
 SUBMIT = str(REPO / "launch" / "submit.py")
-WHOLE_CLUSTER = ("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2")  # a `high` job this size must preempt
+WHOLE_CLUSTER = (
+    "--nodes=2",
+    "--ntasks-per-node=1",
+    "--cpus-per-task=2",
+)  # a `high` job this size must preempt
 
 
 def job_env(slurm, **extra: str) -> dict[str, str]:
@@ -31,7 +35,9 @@ def job_env(slurm, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_submit(slurm, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_submit(
+    slurm, *args: str, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, SUBMIT, *args], capture_output=True, text=True, timeout=timeout,
         env=env or job_env(slurm), cwd=str(REPO),
@@ -62,7 +68,9 @@ def wait_for_event(run_dir: Path, match, timeout: float, slurm=None, job=None) -
         if slurm is not None and slurm.job_state(job) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
             break
         time.sleep(0.3)
-    raise AssertionError(f"no such event in {run_dir}/events.jsonl; events: {events(run_dir)}\n{job_logs(run_dir)}")
+    raise AssertionError(
+        f"no such event in {run_dir}/events.jsonl; events: {events(run_dir)}\n{job_logs(run_dir)}"
+    )
 
 
 def job_logs(run_dir: Path, tail: int = 40) -> str:
@@ -97,7 +105,9 @@ def outcome(run_dir: Path, steps: int) -> dict:
     """What must match an uninterrupted run: every logged number except throughput, and the weights."""
     records = computed(read_jsonl(Path(run_dir) / "metrics.jsonl"))
     manifest = json.loads((Path(run_dir) / "checkpoints" / f"step_{steps:08d}" / "manifest.json").read_text())
-    weights = {k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")}  # or shards
+    weights = {
+        k: v["sha256"] for k, v in manifest["files"].items() if k.endswith(".safetensors")
+    }  # or shards
     return {"records": records, "weights": weights}
 
 

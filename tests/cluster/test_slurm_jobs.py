@@ -59,7 +59,9 @@ def references(tmp_path_factory):
     refs = {
         "time_limit": Reference(base / "time_limit", TIME_LIMIT_RUN, TIME_LIMIT_STEPS),
         "preempt": Reference(base / "preempt", PREEMPT_RUN, PREEMPT_STEPS),
-        "preempt_fsdp": Reference(base / "preempt_fsdp", (*PREEMPT_RUN, "trainer.strategy=fsdp"), PREEMPT_STEPS),
+        "preempt_fsdp": Reference(
+            base / "preempt_fsdp", (*PREEMPT_RUN, "trainer.strategy=fsdp"), PREEMPT_STEPS
+        ),
     }
     yield refs
     for ref in refs.values():
@@ -94,12 +96,21 @@ def test_two_node_job_runs_to_completion_and_writes_everything_once(slurm, tmp_p
     assert (start["world_size"], start["job_id"], start["restart_count"]) == (2, str(job), 0)
     saved = [e["step"] for e in events(run_dir) if e["event"] == "checkpoint"]
     assert saved == [4, 8, 12]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000004", "step_00000008", "step_00000012"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000004",
+        "step_00000008",
+        "step_00000012",
+    ]
     slurm_dir = run_dir / "slurm"
-    assert {f"{job}_0_result.pkl", f"{job}_1_result.pkl", f"{job}_submitted.pkl"} <= {p.name for p in slurm_dir.iterdir()}
+    assert {f"{job}_0_result.pkl", f"{job}_1_result.pkl", f"{job}_submitted.pkl"} <= {
+        p.name for p in slurm_dir.iterdir()
+    }
 
     files = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any(p.name.endswith("_submitted.pkl") for p in files) and any(p.name.endswith(".sh") for p in files)
+    assert any(p.name.endswith("_submitted.pkl") for p in files) and any(
+        p.name.endswith(".sh") for p in files
+    )
     leaked = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert not leaked, f"the secret override landed in {leaked}"
     assert "***REDACTED***" in (run_dir / "config.yaml").read_text()
@@ -127,7 +138,9 @@ def test_time_limit_warning_saves_requeues_and_resumes_bit_identically(slurm, tm
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(slurm, tmp_path, references, strategy):
+def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(
+    slurm, tmp_path, references, strategy
+):
     run_dir = tmp_path / "run"
     run = (*PREEMPT_RUN, f"trainer.strategy={strategy}")
     job = submit(slurm, run_dir, *TWO_NODES, "--cpus-per-task", "2", "--time", "5", *run)
@@ -146,7 +159,10 @@ def test_preempted_job_saves_requeues_itself_and_resumes_bit_identically(slurm, 
 
     resumed = _check_requeued_run(run_dir, job, requeue)
     _report(f"preemption ({strategy})", requeue, off_nodes, slurm.scontrol_show_job(job), resumed)
-    assert outcome(run_dir, PREEMPT_STEPS) == references["preempt" if strategy == "ddp" else "preempt_fsdp"].outcome()
+    assert (
+        outcome(run_dir, PREEMPT_STEPS)
+        == references["preempt" if strategy == "ddp" else "preempt_fsdp"].outcome()
+    )
 
 
 def test_max_requeues_is_honoured(slurm, tmp_path):
@@ -155,7 +171,9 @@ def test_max_requeues_is_honoured(slurm, tmp_path):
     job = submit(slurm, run_dir, *TWO_NODES, "--cpus-per-task", "2", "--time", "5", "--max-requeues", "1",
                  *probe_run(400, 0.1, 50))  # fmt: skip
     for attempt in (0, 1):
-        wait_for_event(run_dir, lambda e, a=attempt: e["event"] == "start" and e["restart_count"] == a, 60, slurm, job)
+        wait_for_event(
+            run_dir, lambda e, a=attempt: e["event"] == "start" and e["restart_count"] == a, 60, slurm, job
+        )
         slurm.sbatch("--partition=high", *WHOLE_CLUSTER, wrap="sleep 1")
         if attempt == 0:
             wait_for_event(run_dir, lambda e: e["event"] == "requeue", 30, slurm, job)
@@ -163,7 +181,9 @@ def test_max_requeues_is_honoured(slurm, tmp_path):
             time.sleep(2)  # let the preemptor take the nodes and finish first
             release(slurm, job)
     refused = wait_for_event(run_dir, lambda e: e["event"] == "requeue_refused", 30, slurm, job)
-    assert refused["restart_count"] == 1 and "budget is spent (1 of --max-requeues 1 used)" in refused["reason"]
+    assert (
+        refused["restart_count"] == 1 and "budget is spent (1 of --max-requeues 1 used)" in refused["reason"]
+    )
     state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=30)
     assert state == "FAILED" and show(slurm, job)["Restarts"] == "1", "a refused requeue is the end"
     assert kinds(run_dir).count("requeue") == 1
@@ -222,7 +242,9 @@ def _check_requeued_run(run_dir: Path, job: int, requeue: dict) -> dict:
     """Two segments of one job: stopped + requeued at step N, resumed from step N, finished."""
     evs = events(run_dir)
     names = [e["event"] for e in evs]
-    assert names.count("start") == 2 and names[-2:] == ["finish", "exit"] and names.count("requeue") == 1, names
+    assert names.count("start") == 2 and names[-2:] == ["finish", "exit"] and names.count("requeue") == 1, (
+        names
+    )
     stop_save = [e for e in evs if e["event"] == "checkpoint" and e.get("reason") == "stop"]
     assert [e["step"] for e in stop_save] == [requeue["step"]]
     resume = next(e for e in evs if e["event"] == "resume")

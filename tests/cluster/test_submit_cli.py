@@ -24,7 +24,9 @@ def test_help_is_instant_and_imports_no_torch():
         "assert not heavy, heavy\n"
     )
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--gpus-per-node" in proc.stdout and "--max-requeues" in proc.stdout
     assert time.monotonic() - t0 < 2.0, "--help must not wait for heavy imports"
@@ -67,7 +69,13 @@ def test_profile_settings_apply_and_flags_win(tmp_path):
         f"run_dir={tmp_path / 'run'}", *PROBE, env=job_env(None),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for line in ("--partition=low", "--account=physics", "--qos=normal", "--time=2:00:00", "--cpus-per-task=2"):
+    for line in (
+        "--partition=low",
+        "--account=physics",
+        "--qos=normal",
+        "--time=2:00:00",
+        "--cpus-per-task=2",
+    ):
         assert f"#SBATCH {line}\n" in proc.stdout
     assert not (tmp_path / "run").exists()
 
@@ -98,7 +106,9 @@ def test_profile_with_an_unknown_key_is_refused(tmp_path):
 def test_a_config_with_redacted_secrets_is_refused(tmp_path):
     """RUN_DIR/config.yaml holds masked secrets: resubmitting it as is would hand the job the mask."""
     config = tmp_path / "config.yaml"
-    config.write_text("pipeline:\n  target: cluster_pipelines:FailingProbe\n  args: {api_token: '***REDACTED***'}\n")
+    config.write_text(
+        "pipeline:\n  target: cluster_pipelines:FailingProbe\n  args: {api_token: '***REDACTED***'}\n"
+    )
     proc = run_submit(None, "--config", str(config), f"run_dir={tmp_path / 'run'}", env=job_env(None))
     assert proc.returncode == 2, proc.stderr
     assert "pipeline.args.api_token is '***REDACTED***': give the real value as an override" in proc.stderr
@@ -114,7 +124,14 @@ def test_dry_run_prints_a_script_sbatch_accepts(slurm, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     script, _, config = proc.stdout.partition("# resolved config")
-    for line in ("--nodes=2", "--ntasks-per-node=1", "--signal=USR2@120", "--requeue", "--time=0:30:00", "--job-name=dry"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--signal=USR2@120",
+        "--requeue",
+        "--time=0:30:00",
+        "--job-name=dry",
+    ):
         assert f"#SBATCH {line}\n" in script
     assert "srun --unbuffered" in script and "submitit.core._submit" in script
     assert "max_steps: 7" in config and "step_delay: 0.5" in config and f"run_dir: {run_dir}" in config

@@ -49,14 +49,20 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
         (["--sweep", "optim.lr=1e-3,1e-3"], "a value is given twice"),
         (["--sweep", "seed=1,2", "--sweep", "seed=3"], "seed is swept twice"),
         (["--sweep", "seed=1,2", "seed=5"], "seed is both swept and given as an override"),
-        (["--sweep", "optim.lrr=1e-3,3e-4"], "sweep task 0 (optim.lrr=1e-3): unknown config key optim.lrr: did you mean optim.lr?"),
+        (
+            ["--sweep", "optim.lrr=1e-3,3e-4"],
+            "sweep task 0 (optim.lrr=1e-3): unknown config key optim.lrr: did you mean optim.lr?",
+        ),
         (["--sweep", "optim.lr=1e-3,fast"], "sweep task 1 (optim.lr=fast): optim.lr"),
         (["--sweep", "data.batch_size=64,63", "--nodes", "2"], "sweep task 1 (data.batch_size=63)"),
         (["--sweep", "run_dir=/a,/b"], "the sweep decides each task's run_dir"),
         (["--sweep", "pipeline.args.api_token=a,b"], "a secret cannot be swept"),
         (["--sweep-file", "nosuch.yaml"], "--sweep-file 'nosuch.yaml' not found"),
         (["--array-parallelism", "2"], "--array-parallelism applies to a sweep"),
-        (["--sweep", "seed=1,2", "--array-parallelism", "0"], "--array-parallelism: 0 must be an integer >= 1"),
+        (
+            ["--sweep", "seed=1,2", "--array-parallelism", "0"],
+            "--array-parallelism: 0 must be an integer >= 1",
+        ),
         (["--sweep", "seed=1,2", "--wait"], "for a sweep, watch it with `disttrain status SWEEP_DIR`"),
         (["--sweep", "seed=1,2", "--cluster", "local"], "--sweep submits a SLURM job array"),
     ],
@@ -74,14 +80,18 @@ def test_bad_sweep_exits_2_with_one_line_and_creates_nothing(tmp_path, args, nee
 def test_a_sweep_file_that_is_not_a_list_of_mappings_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim.lr: [1e-3, 3e-4]\n")
-    proc = run_submit(None, "--sweep-file", str(bad), f"run_dir={tmp_path / 'sweep'}", *PROBE, env=job_env(None))
+    proc = run_submit(
+        None, "--sweep-file", str(bad), f"run_dir={tmp_path / 'sweep'}", *PROBE, env=job_env(None)
+    )
     assert proc.returncode == 2 and "expected a non-empty list of mappings" in proc.stderr, proc.stderr
     assert not (tmp_path / "sweep").exists()
 
 
 def test_dry_run_shows_every_task_and_an_array_script_sbatch_accepts(slurm, tmp_path):
     rows = tmp_path / "rows.yaml"
-    rows.write_text("- {optim.lr: 1.0e-3, optim.betas: [0.9, 0.95]}\n- {optim.lr: 3.0e-4, optim.betas: [0.8, 0.9]}\n")
+    rows.write_text(
+        "- {optim.lr: 1.0e-3, optim.betas: [0.9, 0.95]}\n- {optim.lr: 3.0e-4, optim.betas: [0.8, 0.9]}\n"
+    )
     sweep_dir = tmp_path / "sweep"
     proc = run_submit(slurm, "--dry-run", "--sweep-file", str(rows), "--sweep", "seed=1,2,3", "--array-parallelism",
                       "2", *ONE_NODE_EACH, "--time", "5", f"run_dir={sweep_dir}", *PROBE)  # fmt: skip
@@ -89,7 +99,10 @@ def test_dry_run_shows_every_task_and_an_array_script_sbatch_accepts(slurm, tmp_
     assert "#SBATCH --array=0-5%2\n" in proc.stdout
     tasks = re.findall(r"#   task +(\d+)  (\S+)/  (.*)", proc.stdout)
     assert [int(i) for i, _, _ in tasks] == list(range(6))
-    assert tasks[0][1:] == ("optim.lr=0.001,optim.betas=[0.9,0.95],seed=1", "optim.lr=0.001 optim.betas=[0.9, 0.95] seed=1")
+    assert tasks[0][1:] == (
+        "optim.lr=0.001,optim.betas=[0.9,0.95],seed=1",
+        "optim.lr=0.001 optim.betas=[0.9, 0.95] seed=1",
+    )
     assert tasks[5][2] == "optim.lr=0.0003 optim.betas=[0.8, 0.9] seed=3"
     assert f"run_dir: {sweep_dir}/{tasks[0][1]}" in proc.stdout
     body = proc.stdout[proc.stdout.index("#!/bin/bash") : proc.stdout.index("# sweep:")]
@@ -121,8 +134,12 @@ def test_array_of_four_two_at_a_time_one_task_preempted_all_finish(slurm, tmp_pa
     wait_for_event(runs[3], lambda e: e["event"] == "checkpoint" and e["step"] >= 5, timeout=120)
     info = slurm.scontrol_show_job(last)
     assert info["JobId"] == array, "the last task holds the array's own id: the case a wrong id breaks"
-    slurm.sbatch("--partition=high", "--nodes=1", "--cpus-per-task=2", f"--nodelist={info['NodeList']}", wrap="sleep 1")
-    requeue = wait_for_event(runs[3], lambda e: e["event"] in ("requeue", "requeue_refused", "finish"), timeout=30)
+    slurm.sbatch(
+        "--partition=high", "--nodes=1", "--cpus-per-task=2", f"--nodelist={info['NodeList']}", wrap="sleep 1"
+    )
+    requeue = wait_for_event(
+        runs[3], lambda e: e["event"] in ("requeue", "requeue_refused", "finish"), timeout=30
+    )
     assert requeue["event"] == "requeue" and "preempted" in requeue["reason"], requeue
     assert requeue["job_id"] == last
     slurm.wait_state(last, "PENDING", timeout=30)
@@ -135,7 +152,9 @@ def test_array_of_four_two_at_a_time_one_task_preempted_all_finish(slurm, tmp_pa
     assert restarts == ["0", "0", "0", "1"], "only the preempted task was requeued"
     _check_tasks(runs, requeue)
     assert _most_running_at_once(runs) <= 2
-    assert outcome(runs[3], STEPS) == outcome(runs[1], STEPS), "the preempted task equals its uninterrupted twin"
+    assert outcome(runs[3], STEPS) == outcome(runs[1], STEPS), (
+        "the preempted task equals its uninterrupted twin"
+    )
     assert outcome(runs[2], STEPS) == outcome(runs[0], STEPS)
     _check_status_and_plot(sweep_dir, array)
     print(f"\nsweep timeline (s after submit): {_timeline(runs, submitted)}")
@@ -144,7 +163,10 @@ def test_array_of_four_two_at_a_time_one_task_preempted_all_finish(slurm, tmp_pa
 def _check_tasks(runs: list[Path], requeue: dict) -> None:
     for i, run in enumerate(runs):
         names = [e["event"] for e in events(run)]
-        assert names[-2:] == ["finish", "exit"] and names.count("start") == (2 if i == 3 else 1), (run.name, names)
+        assert names[-2:] == ["finish", "exit"] and names.count("start") == (2 if i == 3 else 1), (
+            run.name,
+            names,
+        )
         assert names.count("requeue") == (1 if i == 3 else 0)
     resume = next(e for e in events(runs[3]) if e["event"] == "resume")
     assert (resume["step"], resume["restart_count"]) == (requeue["step"], 1)
@@ -174,21 +196,36 @@ def _timeline(runs: list[Path], t0: float) -> dict[str, list[str]]:
 
 def _check_status_and_plot(sweep_dir: Path, array: str) -> None:
     cli = [sys.executable, "-m", "disttrain.cli"]
-    proc = subprocess.run([*cli, "status", str(sweep_dir), "--json"], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+    proc = subprocess.run(
+        [*cli, "status", str(sweep_dir), "--json"], capture_output=True, text=True, cwd=str(REPO), timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     rows = report["tasks"]
     assert [r["name"] for r in rows] == NAMES and report["counts"] == {"finished": 4}
     assert [r["job_id"] for r in rows] == [f"{array}_{t}" for t in range(4)]
     assert [r["requeues"] for r in rows] == [0, 0, 0, 1] and {r["step"] for r in rows} == {STEPS}
-    assert all(0 < r["goodput"] <= 1 for r in rows), rows  # each task's share of its running time that trained
+    assert all(0 < r["goodput"] <= 1 for r in rows), (
+        rows
+    )  # each task's share of its running time that trained
     for row, name in zip(rows, NAMES):
-        accuracy = [m["eval/accuracy"] for m in read_jsonl(sweep_dir / name / "metrics.jsonl") if "eval/accuracy" in m]
-        assert row["best"] == {"metric": "eval/accuracy", "value": max(accuracy), "step": row["best"]["step"], "mode": "max"}
-    text = subprocess.run([*cli, "status", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=60)
+        accuracy = [
+            m["eval/accuracy"] for m in read_jsonl(sweep_dir / name / "metrics.jsonl") if "eval/accuracy" in m
+        ]
+        assert row["best"] == {
+            "metric": "eval/accuracy",
+            "value": max(accuracy),
+            "step": row["best"]["step"],
+            "mode": "max",
+        }
+    text = subprocess.run(
+        [*cli, "status", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=60
+    )
     assert text.returncode == 0 and all(name in text.stdout for name in NAMES), text.stdout + text.stderr
     print(f"\n$ disttrain status {sweep_dir.name}\n{text.stdout}")
-    plot = subprocess.run([*cli, "plot", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    plot = subprocess.run(
+        [*cli, "plot", str(sweep_dir)], capture_output=True, text=True, cwd=str(REPO), timeout=120
+    )
     assert plot.returncode == 0, plot.stderr
     png = sweep_dir / "curves.png"
     assert plot.stdout.strip() == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,9 +37,13 @@ def test_tiny_gpt_bf16_fused_adamw_checkpoint_holds_cuda_rng(tmp_path):
 def test_two_gpu_nccl_run_is_reproducible(tmp_path):
     digests = []
     for name in ("a", "b"):
-        proc = run_main(f"run_dir={tmp_path / name}", "trainer.max_steps=30", "trainer.log_every=1", *FAST, nproc=2)
+        proc = run_main(
+            f"run_dir={tmp_path / name}", "trainer.max_steps=30", "trainer.log_every=1", *FAST, nproc=2
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        digests.append([r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r])
+        digests.append(
+            [r["train/loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train/loss" in r]
+        )
     assert digests[0] == digests[1]
 
 

@@ -12,7 +12,12 @@ from tests.conftest import FAST, read_jsonl, run_main
 
 def test_logged_eval_equals_a_single_process_test_of_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    args = (f"run_dir={run_dir}", "pipeline.target=tests.pipelines:BatchNormDigits", "data.eval_batch_size=64", *FAST)
+    args = (
+        f"run_dir={run_dir}",
+        "pipeline.target=tests.pipelines:BatchNormDigits",
+        "data.eval_batch_size=64",
+        *FAST,
+    )
     proc = run_main(*args, "trainer.max_steps=20", "trainer.eval_every=0", nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/loss" in r][-1]

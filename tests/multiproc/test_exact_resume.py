@@ -54,7 +54,9 @@ def interrupt(run_dir: Path, extra: list[str], ready, timeout: float = 120) -> N
     deadline = time.monotonic() + timeout
     try:
         while not ready(run_dir):
-            assert proc.poll() is None, "the run ended before the interruption point: " + proc.stdout.read()[-3000:]
+            assert proc.poll() is None, (
+                "the run ended before the interruption point: " + proc.stdout.read()[-3000:]
+            )
             assert time.monotonic() < deadline, "interruption point never reached"
             time.sleep(0.02)
         workers = psutil.Process(proc.pid).children()
@@ -105,7 +107,9 @@ def sigterm_worker_after(proc: subprocess.Popen, run_dir: Path, step: int, timeo
 def after_checkpoint(step: int):
     def ready(run_dir: Path) -> bool:
         path = run_dir / "events.jsonl"
-        return path.exists() and any(e["event"] == "checkpoint" and e["step"] == step for e in read_jsonl(path))
+        return path.exists() and any(
+            e["event"] == "checkpoint" and e["step"] == step for e in read_jsonl(path)
+        )
 
     return ready
 
@@ -153,11 +157,17 @@ def test_resume_at_another_world_size_sees_every_sample_once(tmp_path):
     from disttrain.pipelines.digits import DigitsPipeline
 
     steps_per_epoch = len(DigitsPipeline().datasets()["train"]) // 64  # one epoch of full global batches
-    args = [f"pipeline.args.record_dir={record}", f"trainer.max_steps={steps_per_epoch}", "trainer.eval_every=0"]
+    args = [
+        f"pipeline.args.record_dir={record}",
+        f"trainer.max_steps={steps_per_epoch}",
+        "trainer.eval_every=0",
+    ]
     run_dir = tmp_path / "run"
     interrupt(run_dir, args, logged_step(7))
     proc = run_main(f"run_dir={run_dir}", *BASE, *args, nproc=1)  # same global batch, one rank
     assert proc.returncode == 0 and "resumed from step" in proc.stdout, proc.stderr[-3000:]
-    seen = Counter(int(i) for f in record.iterdir() for line in f.read_text().split("\n") for i in line.split())
+    seen = Counter(
+        int(i) for f in record.iterdir() for line in f.read_text().split("\n") for i in line.split()
+    )
     assert set(seen.values()) == {1}, "no sample repeated"
     assert sum(seen.values()) == steps_per_epoch * 64, "no sample skipped"

@@ -82,7 +82,13 @@ def test_fsdp_trains_exactly_like_ddp_and_exports_the_same_weights(tmp_path):
     assert ddp.keys() == fsdp.keys()
     assert all(torch.allclose(ddp[k], fsdp[k], rtol=1e-5, atol=1e-7) for k in ddp)
     shards = sorted(p.name for p in (tmp_path / "fsdp/checkpoints/step_00000012").iterdir())
-    assert shards == ["manifest.json", "ranks.pt", "shard_00000.safetensors", "shard_00001.safetensors", "state.pt"]
+    assert shards == [
+        "manifest.json",
+        "ranks.pt",
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+        "state.pt",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +123,12 @@ def test_resume_at_another_world_size_reshards_and_sees_every_sample_once(tmp_pa
     from disttrain.pipelines.digits import DigitsPipeline
 
     steps_per_epoch = len(DigitsPipeline().datasets()["train"]) // 64
-    args = [FSDP, f"pipeline.args.record_dir={record}", f"trainer.max_steps={steps_per_epoch}", "trainer.eval_every=0"]
+    args = [
+        FSDP,
+        f"pipeline.args.record_dir={record}",
+        f"trainer.max_steps={steps_per_epoch}",
+        "trainer.eval_every=0",
+    ]
     run_dir = tmp_path / "run"
     if first == 2:
         interrupt(run_dir, args, logged_step(7))
@@ -126,7 +137,9 @@ def test_resume_at_another_world_size_reshards_and_sees_every_sample_once(tmp_pa
         assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_main(f"run_dir={run_dir}", *BASE, *args, nproc=second)  # same global batch
     assert proc.returncode == 0 and "resumed from step" in proc.stdout, proc.stderr[-3000:]
-    seen = Counter(int(i) for f in record.iterdir() for line in f.read_text().split("\n") for i in line.split())
+    seen = Counter(
+        int(i) for f in record.iterdir() for line in f.read_text().split("\n") for i in line.split()
+    )
     assert set(seen.values()) == {1}, "no sample repeated"
     assert sum(seen.values()) == steps_per_epoch * 64, "no sample skipped"
 
@@ -166,12 +179,19 @@ def test_ddp_checkpoint_continues_under_fsdp_and_back(tmp_path, tmp_path_factory
         run_dir = tmp_path / f"{first}_{then}"
         interrupt(run_dir, [f"trainer.strategy={first}"], after_checkpoint(8))
         resume(run_dir, [f"trainer.strategy={then}"])
-        got, want = outcome(run_dir)["records"], [dict(r) for r in expected["records"]]  # the reference is shared
+        got, want = (
+            outcome(run_dir)["records"],
+            [dict(r) for r in expected["records"]],
+        )  # the reference is shared
         # The gradient norm is summed shard by shard under fsdp: equal to a float rounding, not bit for bit.
         norms = [(r.pop("train/grad_norm", None), w.pop("train/grad_norm", None)) for r, w in zip(got, want)]
         assert got == want, (first, then)
-        assert all((a is None) == (b is None) for a, b in norms) and any(a is not None for a, _ in norms), norms
-        assert [a for a, _ in norms if a is not None] == pytest.approx([b for _, b in norms if b is not None], rel=1e-6)
+        assert all((a is None) == (b is None) for a, b in norms) and any(a is not None for a, _ in norms), (
+            norms
+        )
+        assert [a for a, _ in norms if a is not None] == pytest.approx(
+            [b for _, b in norms if b is not None], rel=1e-6
+        )
 
 
 def _flip_a_byte_in_a_shard(step_dir: Path, _marker: Path) -> str:
@@ -217,7 +237,9 @@ def test_kill_9_during_sharded_saves_leaves_the_newest_committed_checkpoint_load
         proc = subprocess.Popen(main_cmd(*args, nproc=2), env=child_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
         deadline, events = time.monotonic() + 120, run_dir / "events.jsonl"
-        while not (events.exists() and sum(e["event"] == "checkpoint" for e in read_jsonl(events)) > newest + 2):
+        while not (
+            events.exists() and sum(e["event"] == "checkpoint" for e in read_jsonl(events)) > newest + 2
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, f"trial {trial}: never saved"
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.3))
@@ -231,5 +253,9 @@ def test_kill_9_during_sharded_saves_leaves_the_newest_committed_checkpoint_load
         infos = mgr.list()
         assert infos and all(mgr.verify(i.step) is None for i in infos), [mgr.verify(i.step) for i in infos]
         newest = sum(e["event"] == "checkpoint" for e in read_jsonl(events))
-    final = run_main(*[a if "max_steps" not in a else f"trainer.max_steps={infos[0].step + 2}" for a in args], nproc=2)
-    assert final.returncode == 0 and f"resumed from step {infos[0].step}" in final.stdout, final.stderr[-3000:]
+    final = run_main(
+        *[a if "max_steps" not in a else f"trainer.max_steps={infos[0].step + 2}" for a in args], nproc=2
+    )
+    assert final.returncode == 0 and f"resumed from step {infos[0].step}" in final.stdout, final.stderr[
+        -3000:
+    ]

@@ -52,10 +52,18 @@ def test_nan_loss_on_one_rank_stops_every_rank_at_that_step_without_saving(tmp_p
     assert len(ours) == 1 and "non-finite loss at step 5" in ours[0], proc.stderr
     assert str(REPO / "disttrain") not in proc.stderr, "no traceback from disttrain (torchrun prints its own)"
     events = read_jsonl(run_dir / "events.jsonl")
-    assert [(e["step"], e["quantity"], e["action"]) for e in events if e["event"] == "nonfinite"] == [(5, "loss", "stop")]
+    assert [(e["step"], e["quantity"], e["action"]) for e in events if e["event"] == "nonfinite"] == [
+        (5, "loss", "stop")
+    ]
     assert not any(e["event"] in ("finish", "stopped", "requeue") for e in events)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004", "step 4 stays the newest"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000002", "step_00000004"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004", (
+        "step 4 stays the newest"
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "latest",
+        "step_00000002",
+        "step_00000004",
+    ]
     assert collect(str(run_dir))["state"] == "failed"
     app, _ = CheckpointManager(str(run_dir), CheckpointConfig()).load(4)  # verified against its manifest
     assert all(torch.isfinite(t).all() for t in app["model"].values())
@@ -83,13 +91,17 @@ def test_skips_on_every_rank_at_the_same_step_and_resume_stays_bit_identical(tmp
     expected_steps = poisoned_steps(*POISON)
     assert expected_steps[:3] == [3, 4, 13] and skips == [(s, "loss", "skip") for s in expected_steps]
     last = [r for r in got["records"] if "train/loss" in r][-1]
-    assert last["train/skipped"] == len(expected_steps) and all(r.get("train/loss") is not None for r in got["records"] if "train/loss" in r)
+    assert last["train/skipped"] == len(expected_steps) and all(
+        r.get("train/loss") is not None for r in got["records"] if "train/loss" in r
+    )
     assert "train/correct" in last and 0 <= last["train/correct"] <= 1, "the pipeline's own metric, reduced"
     traces = sorted(p.name for p in (run_dir / "profile" / "step_2-3").iterdir())
     assert traces == ["rank_0.pt.trace.json", "rank_1.pt.trace.json"]
     assert json.loads((run_dir / "profile" / "step_2-3" / traces[1]).read_text())["traceEvents"]
     status = collect(str(run_dir))
-    assert status["profiles"][0]["path"].endswith("profile/step_2-3") and status["skipped_steps"] == len(skips)
+    assert status["profiles"][0]["path"].endswith("profile/step_2-3") and status["skipped_steps"] == len(
+        skips
+    )
 
 
 def _ema(run_dir: Path) -> dict:
@@ -109,7 +121,13 @@ def test_a_head_without_gradient_needs_find_unused_parameters_and_the_error_says
 
 def test_compiled_ddp_model_checkpoints_under_its_own_names_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["trainer.eval_every=0", "checkpoint.every_steps=2", "trainer.grad_accum=2", "scheduler.name=constant", *FAST]
+    args = [
+        "trainer.eval_every=0",
+        "checkpoint.every_steps=2",
+        "trainer.grad_accum=2",
+        "scheduler.name=constant",
+        *FAST,
+    ]
     first = run_main(f"run_dir={run_dir}", *args, "trainer.max_steps=4", "trainer.compile=true",
                      "trainer.compile_backend=aot_eager", nproc=2)  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]

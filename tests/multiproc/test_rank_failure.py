@@ -49,7 +49,9 @@ def test_survivor_exits_with_a_clear_error_within_the_collective_timeout(tmp_pat
     try:
         deadline = time.monotonic() + 120
         while not logged_step(3)(run_dir):
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "training never started"
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, (
+                "training never started"
+            )
             time.sleep(0.05)
         survivor = procs[1 - victim]
         t0 = time.monotonic()

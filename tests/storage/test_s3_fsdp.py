@@ -29,7 +29,13 @@ def test_fsdp_run_on_s3_saves_shards_resumes_and_exports(s3_env, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     step_dir = f"{BUCKET}/fsdp/checkpoints/step_00000004"
     names = sorted(p.rsplit("/", 1)[1] for p in fsspec.filesystem("s3").ls(step_dir, refresh=True))
-    assert names == ["manifest.json", "ranks.pt", "shard_00000.safetensors", "shard_00001.safetensors", "state.pt"]
+    assert names == [
+        "manifest.json",
+        "ranks.pt",
+        "shard_00000.safetensors",
+        "shard_00001.safetensors",
+        "state.pt",
+    ]
 
     cli = [sys.executable, "-m", "disttrain", "ckpt"]
     verify = subprocess.run([*cli, "verify", run_dir], capture_output=True, text=True, env=env, timeout=120)

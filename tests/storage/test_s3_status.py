@@ -47,7 +47,9 @@ def test_status_json_of_an_s3_run(s3_run, capsys):
     assert report["last_eval"]["step"] == 30 and report["interruptions"] == []
     g = report["goodput"]  # from the events on S3 alone
     assert 0 < g["goodput"] < 1 and g["queued_s"] == 0 and len(g["segments"]) == 1
-    assert g["segments"][0]["ended"] == "finish" and g["startup"]["imports"] > 0 and g["lost"]["checkpoint"] > 0
+    assert (
+        g["segments"][0]["ended"] == "finish" and g["startup"]["imports"] > 0 and g["lost"]["checkpoint"] > 0
+    )
     assert cli.main(["status", run_dir]) == 0 and "finished" in capsys.readouterr().out
     assert cli.main(["status", f"s3://{BUCKET}/missing"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -85,4 +85,8 @@ def test_sections_other_commands_own_survive_a_rewrite_and_are_replaced_in_place
             "load_avg_at_end": (1.0, 1.0, 1.0)}  # fmt: skip
     write_report(str(out), [Section("ckpt", "2. Checkpoint write")], info, "python -m bench", quick=False)
     text = out.read_text()
-    assert text.startswith("# disttrain benchmarks") and "## Goodput\nsecond" in text and "## Start-up\nonly" in text
+    assert (
+        text.startswith("# disttrain benchmarks")
+        and "## Goodput\nsecond" in text
+        and "## Start-up\nonly" in text
+    )

@@ -23,12 +23,19 @@ def test_slurm_env_derives_master_from_nodelist_and_port_from_job():
            "SLURM_NTASKS_PER_NODE": "2", "SLURM_RESTART_COUNT": "1"}  # fmt: skip
     env = detect(raw)
     assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("slurm", 5, 1, 8)
-    assert (env.master_addr, env.master_port, env.job_id, env.restart_count) == ("gpu07", port_for_job("4242", 1), "4242", 1)
+    assert (env.master_addr, env.master_port, env.job_id, env.restart_count) == (
+        "gpu07",
+        port_for_job("4242", 1),
+        "4242",
+        1,
+    )
     assert env.torch_env()["MASTER_ADDR"] == "gpu07" and env.torch_env()["WORLD_SIZE"] == "8"
 
 
 def test_torchrun_inside_slurm_uses_torchrun_ranks():
-    env = detect({"RANK": "1", "WORLD_SIZE": "2", "SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    env = detect(
+        {"RANK": "1", "WORLD_SIZE": "2", "SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    )
     assert (env.launcher, env.rank, env.job_id) == ("torchrun", 1, "9")
 
 

@@ -14,11 +14,15 @@ from tests.conftest import REPO, child_env
 
 def readme_test_command() -> list[str]:
     """The pytest part of README's Quick start test line (`pip install ... && python -m pytest ...`)."""
-    out = subprocess.run([sys.executable, ".ci/quickstart.py", "test"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, ".ci/quickstart.py", "test"], capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     pytest_part = out.stdout.strip().split("&&")[-1]
     argv = shlex.split(pytest_part)
-    assert argv[:3] == ["python", "-m", "pytest"], f"README's test command does not end in python -m pytest: {out.stdout}"
+    assert argv[:3] == ["python", "-m", "pytest"], (
+        f"README's test command does not end in python -m pytest: {out.stdout}"
+    )
     return [sys.executable, *argv[1:]]
 
 

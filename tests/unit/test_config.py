@@ -94,16 +94,25 @@ def test_resume_fingerprint_tracks_model_and_batch():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("trainer:\n  max_step: 10\n", "unknown config key trainer.max_step: did you mean trainer.max_steps?"),
+        (
+            "trainer:\n  max_step: 10\n",
+            "unknown config key trainer.max_step: did you mean trainer.max_steps?",
+        ),
         ("trainer:\n  max_steps: ten\n", "trainer.max_steps: expected an integer, got 'ten'"),
         ("trainer:\n  max_steps: 0\n", "trainer.max_steps: 0 is below the minimum 1"),
-        ("trainer:\n  mixed_precision: fp8\n", "trainer.mixed_precision: 'fp8' is not one of no | bf16 | fp16"),
+        (
+            "trainer:\n  mixed_precision: fp8\n",
+            "trainer.mixed_precision: 'fp8' is not one of no | bf16 | fp16",
+        ),
         ("optim:\n  lr: -1.0\n", "optim.lr: -1.0 is below the minimum 0.0"),
         ("trainer: 5\n", "trainer: expected a section (mapping)"),
         ("log:\n  wandb: yes please\n", "log.wandb: expected true or false"),
         ("optim:\n  betas: [0.9]\n", "optim.betas: expected two numbers"),
         ("scheduler:\n  warmup_steps: 500\n", "scheduler.warmup_steps: 500 exceeds trainer.max_steps"),
-        ("pipeline:\n  target: nocolon\n", "pipeline.target: 'nocolon' must look like package.module:ClassName"),
+        (
+            "pipeline:\n  target: nocolon\n",
+            "pipeline.target: 'nocolon' must look like package.module:ClassName",
+        ),
         ("- a\n- b\n", "top level must be a mapping"),
     ],
 )
@@ -161,7 +170,10 @@ def test_override_into_a_value_is_refused():
 
 def test_batch_must_divide_over_ranks_and_accumulation():
     cfg = load_config(None, ["data.batch_size=30", "trainer.grad_accum=4"])
-    with pytest.raises(ConfigError, match=r"data.batch_size: 30 does not divide into 2 rank\(s\) x trainer.grad_accum=4; use a multiple of 8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.batch_size: 30 does not divide into 2 rank\(s\) x trainer.grad_accum=4; use a multiple of 8",
+    ):
         check_batch_divides(cfg, world_size=2)
     check_batch_divides(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=32)), 2)
 

@@ -59,7 +59,9 @@ def test_skips_stop_after_max_skips_in_a_row_and_the_run_is_failed(tmp_path):
         trainer.fit()
     trainer.close()
     found = [(e["step"], e["action"]) for e in events(run_dir) if e["event"] == "nonfinite"]
-    assert found == [(2, "skip"), (4, "skip"), (5, "skip"), (6, "stop")], "step 3 ended the first run of skips"
+    assert found == [(2, "skip"), (4, "skip"), (5, "skip"), (6, "stop")], (
+        "step 3 ended the first run of skips"
+    )
     assert collect(str(run_dir))["state"] == "failed"
 
 
@@ -113,7 +115,10 @@ def test_early_stop_ends_as_finished_with_its_reason_and_a_restarted_job_does_no
     trainer.close()
     assert (fit.outcome, fit.step) == ("finished", 12) and "did not improve" in fit.reason
     finish = events(run_dir)[-1]
-    assert finish["event"] == "finish" and "eval/accuracy did not improve by more than 1 for 2 evals" in finish["reason"]
+    assert (
+        finish["event"] == "finish"
+        and "eval/accuracy did not improve by more than 1 for 2 evals" in finish["reason"]
+    )
     assert "early stop" in collect(str(run_dir))["detail"]
     again = build(run_dir, *args)  # the job comes back (requeue, resubmission): nothing to do
     assert again.fit().outcome == "already_done" and again.step == 12
@@ -182,7 +187,12 @@ def _plain_run(tmp_path):
 def test_activation_checkpointing_recomputes_the_blocks_and_changes_no_number(tmp_path):
     weights, calls = [], []
     for on in (False, True):
-        args = (*SMALL_GPT, "pipeline.args.dropout=0.1", "trainer.max_steps=3", f"trainer.activation_checkpointing={on}")
+        args = (
+            *SMALL_GPT,
+            "pipeline.args.dropout=0.1",
+            "trainer.max_steps=3",
+            f"trainer.activation_checkpointing={on}",
+        )
         trainer = build(tmp_path / f"ac_{on}", *args, path=GPT_CONFIG)
         count: list[int] = []
         for block in trainer.module.blocks:  # a layer inside the block: recomputation calls it again
@@ -221,7 +231,9 @@ def test_a_model_compiled_inside_the_pipeline_is_saved_under_its_own_names(tmp_p
     resumed = build(run_dir, *args, "trainer.max_steps=3")
     assert resumed.step == 2 and resumed.fit().step == 3
     resumed.close()
-    assert strip_compiled_names({"_orig_mod.fc.weight": 1}) == {"fc.weight": 1}, "older checkpoints still load"
+    assert strip_compiled_names({"_orig_mod.fc.weight": 1}) == {"fc.weight": 1}, (
+        "older checkpoints still load"
+    )
 
 
 # -------------------------------------------------------------------- hooks from config, optimizer
@@ -263,7 +275,9 @@ def test_config_hooks_run_after_log_and_eval_before_the_checkpoint_and_resume_ex
     again = build(run_dir, spec, "trainer.max_steps=6")
     assert again.hooks[-4].count == 2, "restored from the checkpoint of step 4, which its step-4 count is in"
     again.close()
-    with pytest.raises(ConfigError, match=r"hooks\[0\].args.evry: Counter has no argument 'evry'; did you mean"):
+    with pytest.raises(
+        ConfigError, match=r"hooks\[0\].args.evry: Counter has no argument 'evry'; did you mean"
+    ):
         preflight(config(run_dir, "hooks=[{target: tests.unit.test_features:Counter, args: {evry: 2}}]"), 1)
     with pytest.raises(ConfigError, match=r"hooks\[0\].target: cannot import 'nosuch'"):
         preflight(config(run_dir, "hooks=[nosuch:Hook]"), 1)

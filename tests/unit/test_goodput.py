@@ -58,7 +58,13 @@ def test_a_preempted_then_finished_run_second_by_second():
     assert first.lost["stop"] == pytest.approx(1.0)  # agreed stop to exit: stop save, requeue, teardown
     assert first.signal_to_exit_s == pytest.approx(1.2) and first.lost["unexplained"] == pytest.approx(0)
     assert (second.begin, second.queued_before_s) == (30.0, 9.0)  # from the job's start, not the process's
-    assert second.startup == {"launch": 1.0, "imports": 1.5, "process_group": 0.5, "build": 0.5, "checkpoint": 0.5}
+    assert second.startup == {
+        "launch": 1.0,
+        "imports": 1.5,
+        "process_group": 0.5,
+        "build": 0.5,
+        "checkpoint": 0.5,
+    }
     assert second.pace_s == pytest.approx(0.1)  # the median interval: the stall is not its pace
     assert second.lost["unexplained"] == pytest.approx(1.5) and second.lost["teardown"] == pytest.approx(0.4)
     assert g.running_s == pytest.approx(44.4) and g.queued_s == pytest.approx(9.0)

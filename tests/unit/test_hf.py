@@ -129,5 +129,7 @@ def test_an_hf_export_of_a_run_it_cannot_rebuild_exits_2_with_one_line(tmp_path,
     assert ckpt_main(["export", str(run), "--hf", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert ("DigitsPipeline has no HuggingFace export" if config == "digits" else "no readable config.yaml") in err
+    assert (
+        "DigitsPipeline has no HuggingFace export" if config == "digits" else "no readable config.yaml"
+    ) in err
     assert not (tmp_path / "out").exists()

@@ -35,7 +35,14 @@ def cancelled(_job_id):  # what scancel (and the time limit itself) look like fr
         ("SIGUSR2", None, 0, 3, True, "time limit warning (SIGUSR2)"),
         ("SIGTERM", preempted, 0, 3, True, "preempted (SIGTERM, PreemptTime=2026-11-21T05:47:13)"),
         ("SIGTERM", cancelled, 0, 3, False, "stopped by scancel or the time limit"),
-        ("SIGTERM", lambda _: {}, 0, 3, False, "no PreemptTime"),  # scontrol failed: never turn scancel into requeue
+        (
+            "SIGTERM",
+            lambda _: {},
+            0,
+            3,
+            False,
+            "no PreemptTime",
+        ),  # scontrol failed: never turn scancel into requeue
         ("SIGUSR2", None, 3, 3, False, "budget is spent (3 of --max-requeues 3 used)"),
         ("SIGUSR2", None, 0, 0, False, "budget is spent (0 of --max-requeues 0 used)"),
         ("SIGINT", None, 0, 3, False, "stopped by SIGINT"),

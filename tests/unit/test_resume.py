@@ -6,7 +6,14 @@ import json
 
 from tests.conftest import FAST, read_jsonl, run_main
 
-SHORT = ["trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=4", "scheduler.name=constant", *FAST]
+SHORT = [
+    "trainer.max_steps=12",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "checkpoint.every_steps=4",
+    "scheduler.name=constant",
+    *FAST,
+]
 
 
 def train(run_dir, *extra):
@@ -19,13 +26,20 @@ def test_auto_resume_logs_and_records_it(tmp_path):
     train(tmp_path, "trainer.max_steps=8")
     proc = train(tmp_path)
     assert "resumed from step 8" in proc.stdout
-    assert "note: config changed since the checkpoint, applied from step 8: trainer.max_steps: 8 -> 12" in proc.stdout
+    assert (
+        "note: config changed since the checkpoint, applied from step 8: trainer.max_steps: 8 -> 12"
+        in proc.stdout
+    )
     events = read_jsonl(tmp_path / "events.jsonl")
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 8
     saved = [e for e in events if e["event"] == "checkpoint"]
-    assert [e["step"] for e in saved] == [4, 8, 12] and all(e["bytes"] > 100_000 and e["seconds"] > 0 for e in saved)
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == list(range(1, 13))
+    assert [e["step"] for e in saved] == [4, 8, 12] and all(
+        e["bytes"] > 100_000 and e["seconds"] > 0 for e in saved
+    )
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in r] == list(
+        range(1, 13)
+    )
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(tmp_path):

@@ -30,7 +30,9 @@ def without(tmp_path, *modules: str) -> dict[str, str]:
     """A child environment in which `modules` are not installed (import fails, find_spec finds nothing)."""
     site = tmp_path / "site_without"
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    (site / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+    )
     env = child_env()
     env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
     return env
@@ -54,7 +56,9 @@ def test_restart_before_the_first_commit_resumes_from_the_given_checkpoint(tmp_p
     preflight(cfg, 1, restart_count=1)
     assert cfg.resume == str(start)
 
-    proc = run_main(f"run_dir={run_dir}", f"resume={start}", "trainer.max_steps=6", *SHORT, env=slurm_task_env(1))
+    proc = run_main(
+        f"run_dir={run_dir}", f"resume={start}", "trainer.max_steps=6", *SHORT, env=slurm_task_env(1)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 4" in proc.stdout
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r] == [5, 6]
@@ -68,7 +72,9 @@ def test_restart_after_a_commit_continues_from_the_runs_own_checkpoint(tmp_path,
 
 def test_batch_larger_than_the_train_split_is_bad_input(tmp_path):
     run_dir = tmp_path / "run"
-    assert_refused(run_main(f"run_dir={run_dir}", "data.batch_size=5000", *FAST), "data.batch_size", "at most")
+    assert_refused(
+        run_main(f"run_dir={run_dir}", "data.batch_size=5000", *FAST), "data.batch_size", "at most"
+    )
     assert not run_dir.exists()
 
 
@@ -103,14 +109,22 @@ def test_init_from_starts_a_new_run_from_the_weights_only(tmp_path, source_run):
     # The weights are the source's exactly: evaluating them gives the source's own test metrics.
     assert run_main(f"run_dir={source_run}", "--test", *FAST).returncode == 0
     probe = tmp_path / "probe"
-    assert run_main(f"run_dir={probe}", "--test", "resume=never", f"init_from={source_run}", *FAST).returncode == 0
+    assert (
+        run_main(f"run_dir={probe}", "--test", "resume=never", f"init_from={source_run}", *FAST).returncode
+        == 0
+    )
     source_metrics = json.loads((source_run / "test_metrics.json").read_text())
     assert json.loads((probe / "test_metrics.json").read_text()) == {**source_metrics, "step": 0}
 
 
 def test_a_model_that_no_longer_fits_its_checkpoint_is_bad_input(tmp_path):
     run_dir = tmp_path / "run"
-    args = (f"run_dir={run_dir}", "pipeline.target=tests.pipelines:EnvWidthDigits", "trainer.max_steps=2", *SHORT)
+    args = (
+        f"run_dir={run_dir}",
+        "pipeline.target=tests.pipelines:EnvWidthDigits",
+        "trainer.max_steps=2",
+        *SHORT,
+    )
     assert run_main(*args).returncode == 0
     env = child_env(TEST_MODEL_WIDTH="48")  # the model code changed, the config did not
     proc = run_main(*args[:2], "trainer.max_steps=4", *SHORT, env=env)
@@ -209,7 +223,9 @@ def test_constraints_pin_everything_the_dev_install_needs():
             if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
                 continue
             if _norm(req.name) != "disttrain":
-                assert _norm(req.name) in pinned, f"{req.name} (needed by {name}) is not pinned in constraints.txt"
+                assert _norm(req.name) in pinned, (
+                    f"{req.name} (needed by {name}) is not pinned in constraints.txt"
+                )
             todo.append((req.name, frozenset(req.extras)))
     assert len(seen) > 50 and re.search(r"^torch==2\.13\.0$", (REPO / "constraints.txt").read_text(), re.M)
 

@@ -149,8 +149,12 @@ def test_an_empty_part_is_refused(tmp_path):
 def test_a_resume_at_another_world_size_is_refused(tmp_path):
     reader = StreamBatches(JsonlStream(str(write_jsonl(tmp_path / "h.jsonl", range(8)))), rank=0, world_size=1,
                            micro=2, num_workers=0)  # fmt: skip
-    reader.restore(None, saved_world=2)  # evaluating the checkpoint (--test) needs no position: not refused yet
-    with pytest.raises(ConfigError, match="cannot resume at world size 1.*positions of 2 parts; resume with 2"):
+    reader.restore(
+        None, saved_world=2
+    )  # evaluating the checkpoint (--test) needs no position: not refused yet
+    with pytest.raises(
+        ConfigError, match="cannot resume at world size 1.*positions of 2 parts; resume with 2"
+    ):
         reader.check()
 
 

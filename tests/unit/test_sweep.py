@@ -61,6 +61,11 @@ def test_best_metric_is_the_highest_accuracy_or_the_lowest_loss():
     records = [{"step": 10, "eval/accuracy": 0.8, "eval/loss": 0.5}, {"step": 20, "eval/accuracy": 0.9, "eval/loss": 0.6},
                {"step": 30, "train/loss": 0.1}]  # fmt: skip
     assert best_metric(records) == {"metric": "eval/accuracy", "value": 0.9, "step": 20, "mode": "max"}
-    assert best_metric(records, "eval/loss") == {"metric": "eval/loss", "value": 0.5, "step": 10, "mode": "min"}
+    assert best_metric(records, "eval/loss") == {
+        "metric": "eval/loss",
+        "value": 0.5,
+        "step": 10,
+        "mode": "min",
+    }
     assert best_metric([{"step": 5, "eval/loss": 2.0}])["metric"] == "eval/loss"
     assert best_metric([{"step": 5, "train/loss": 2.0}]) is None

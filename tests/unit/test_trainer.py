@@ -35,7 +35,7 @@ def test_default_example_reaches_095_and_fills_the_run_dir(tmp_path):
     assert result["step"] == 300 and result["split"] == "test" and result["test/accuracy"] >= 0.9
 
 
-USER_PIPELINE = '''
+USER_PIPELINE = """
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -60,7 +60,7 @@ class Regression(Pipeline):
     def eval_step(self, model, batch):
         x, y = batch
         return {"loss": F.mse_loss(model(x), y, reduction="sum"), "count": torch.tensor(len(x))}
-'''
+"""
 
 
 def test_user_pipeline_outside_the_package_trains(tmp_path):

@@ -37,7 +37,7 @@ def make_state(nbytes: int, seed: int = 0) -> tuple[dict[str, Any], dict[str, An
     """(app_state, rank_state) shaped as the trainer's, holding about `nbytes` of float32 tensors."""
     import torch
 
-    from disttrain.checkpoint import capture_rank_state
+    from disttrain.state import capture_rank_state
 
     gen = torch.Generator().manual_seed(seed)
     per_part = max(1, nbytes // 3 // 4)  # floats in the weights, and in each Adam moment
@@ -71,7 +71,7 @@ def host_tensors(obj: Any) -> list[Any]:
 
 
 def manager(run_dir: str, async_save: bool = False) -> Any:
-    from disttrain.checkpoint import CheckpointManager
+    from disttrain.ckpt_write import CheckpointManager
     from disttrain.config import CheckpointConfig
 
     return CheckpointManager(run_dir, CheckpointConfig(every_steps=0, keep_last=3, async_save=async_save))

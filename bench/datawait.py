@@ -64,7 +64,7 @@ class TimedLoss(Pipeline):
 def one_run(spec: dict[str, Any], run_dir: str) -> dict[str, float]:
     from disttrain.cluster import detect
     from disttrain.hooks import Hook
-    from disttrain.trainer import Trainer
+    from disttrain.trainer import build_trainer
 
     starts: list[float] = []
 
@@ -76,7 +76,7 @@ def one_run(spec: dict[str, Any], run_dir: str) -> dict[str, float]:
     cfg.pipeline.args = {"inner": cfg.pipeline.target, **cfg.pipeline.args}
     cfg.pipeline.target = "bench.datawait:TimedLoss"
     LOSS_CALLS.clear()
-    Trainer(cfg, detect(), hooks=[Stamp()]).fit()
+    build_trainer(cfg, detect(), hooks=[Stamp()]).fit()
     w, n = spec["warmup"], len(starts) - 1 - spec["warmup"]  # grad_accum 1: one loss() per step
     waits = [c - s for s, c in zip(starts[w : w + n], LOSS_CALLS[w : w + n])]
     return {"wait": sum(waits) / n, "step": (starts[-1] - starts[w]) / n}

@@ -113,7 +113,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from disttrain import dist
     from disttrain.cluster import detect
     from disttrain.hooks import Hook
-    from disttrain.trainer import Trainer
+    from disttrain.trainer import build_trainer
 
     stamps: list[float] = []
 
@@ -122,7 +122,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="bench-fsdp-") as root:
-        trainer = Trainer(train_cfg(spec, root), detect(), hooks=[Stamp()])
+        trainer = build_trainer(train_cfg(spec, root), detect(), hooks=[Stamp()])
         trainer.fit()
         out = {"strategy": spec["strategy"], "peak_rss_mib": rss_mib("VmHWM"), "state_bytes": _state_bytes(trainer),
                "params": sum(p.numel() for p in trainer.module.parameters())}  # fmt: skip
@@ -144,7 +144,9 @@ def _state_bytes(trainer: Any) -> int:
         return part.numel() * part.element_size()
 
     params = sum(local(p) for p in trainer.module.parameters())
-    state = sum(local(v) for s in trainer.optimizer.state.values() for v in s.values() if hasattr(v, "numel"))
+    state = sum(
+        local(v) for s in trainer.strategy.optimizer.state.values() for v in s.values() if hasattr(v, "numel")
+    )
     return 2 * params + state
 
 
@@ -153,14 +155,14 @@ def _save_times(trainer: Any, n: int) -> dict[str, float]:
     for before the next); both timings include building the state to save, as a periodic save does."""
     sync, blocked = [], []
     for background in [False, True] * n:
-        trainer.step += 1  # a new step each time, as in training
-        trainer.ckpt.cfg.async_save = background
+        trainer.progress.step += 1  # a new step each time, as in training
+        manager = trainer.checkpointing.manager
+        manager.cfg.async_save = background
         t0 = time.perf_counter()
-        trainer.ckpt.save(
-            trainer.step, trainer.app_state(), trainer.rank_state(), shards=trainer.shard_state()
-        )
+        shared, mine, shards = trainer.checkpointing.capture()
+        manager.save(trainer.step, shared, mine, shards=shards)
         (blocked if background else sync).append(time.perf_counter() - t0)
-        trainer.ckpt.wait()
+        manager.wait()
     return {"save_s": statistics.median(sync), "async_blocked_s": statistics.median(blocked)}
 
 

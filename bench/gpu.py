@@ -97,7 +97,7 @@ def run_trainer(cfg: Any, warmup: int, compile_model: bool) -> tuple[float, Any]
     """Seconds per step of Trainer.fit over the steps after `warmup`, and the trainer."""
     from disttrain.cluster import detect
     from disttrain.hooks import Hook
-    from disttrain.trainer import Trainer
+    from disttrain.trainer import build_trainer
 
     stamps: list[float] = []
     last = cfg.trainer.max_steps - 1  # the before_step of the last step closes the window
@@ -105,12 +105,12 @@ def run_trainer(cfg: Any, warmup: int, compile_model: bool) -> tuple[float, Any]
     class Stamp(Hook):
         def before_step(self, trainer: Any) -> None:
             if len(stamps) in (warmup, last):
-                _sync(trainer.device)
+                _sync(trainer.strategy.device)
             stamps.append(time.perf_counter())
 
     if compile_model:
         cfg.pipeline.target = "bench.gpu:CompiledTinyGPT"
-    trainer = Trainer(cfg, detect(), hooks=[Stamp()])
+    trainer = build_trainer(cfg, detect(), hooks=[Stamp()])
     trainer.fit()
     return _per_step(stamps, warmup), trainer
 
@@ -172,7 +172,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def state_io(trainer: Any, reps: int, root: str, out: dict[str, Any]) -> None:
     """Sections 2 and 3's measurements on the trained model's state, where it lives (the GPU)."""
-    app, ranks = trainer.app_state(), trainer.rank_state()
+    app, ranks, _ = trainer.checkpointing.capture()
     out["ckpt_bytes"] = float(sum(t.nbytes for t in host_tensors(app)))
     out["ckpt"] = measure_io(app, ranks, reps, root)
     out["async"] = measure_async(app, ranks, reps, root)

@@ -171,15 +171,15 @@ def worker(spec: dict[str, Any]) -> dict[str, list[float]]:
     figure). The first round warms up lazy initialisation and is dropped."""
     from disttrain.cluster import detect
     from disttrain.config import load_config
-    from disttrain.trainer import Trainer
+    from disttrain.trainer import build_trainer
 
     def construct(run_dir: str, expect_step: int) -> float:
         cfg = load_config(spec["config"], [*spec["overrides"], f"run_dir={run_dir}"])
         drop_cache(spec["src"])
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, detect())
+        trainer = build_trainer(cfg, detect())
         seconds = time.perf_counter() - t0
-        assert trainer.app_state()["trainer"]["step"] == expect_step, "resumed from the wrong step"
+        assert trainer.step == expect_step, "resumed from the wrong step"
         del trainer
         gc.collect()
         return seconds

@@ -191,16 +191,16 @@ class NoMetrics:
 def _setup(variant: str, trainer: Any) -> None:
     """What makes G, M and E differ from A, applied to a built Trainer."""
     if variant == "M":
-        trainer.metrics = NoMetrics()
+        trainer.log.window = NoMetrics()
     elif variant == "E":
-        trainer.agreement.interval_s = 0.0
+        trainer.stop.agreement.interval_s = 0.0
 
 
 def run_trainer(cfg: Any, stamp: Any, variant: str = "A", hooks: list[Any] | None = None) -> Any:
-    """Variants A, G, M, E: `Trainer(cfg, detect(), hooks=[stamp]).fit()`; returns the trainer."""
+    """Variants A, G, M, E: `build_trainer(cfg, detect(), hooks=[stamp]).fit()`; returns the trainer."""
     from disttrain.cluster import detect
     from disttrain.hooks import Hook
-    from disttrain.trainer import Trainer
+    from disttrain.trainer import build_trainer
 
     class Stamp(Hook):
         def before_step(self, trainer: Any) -> None:
@@ -208,7 +208,7 @@ def run_trainer(cfg: Any, stamp: Any, variant: str = "A", hooks: list[Any] | Non
 
     if variant == "G":
         cfg.trainer.nonfinite = "off"
-    trainer = Trainer(cfg, detect(), hooks=[Stamp(), *(hooks or [])])
+    trainer = build_trainer(cfg, detect(), hooks=[Stamp(), *(hooks or [])])
     _setup(variant, trainer)
     trainer.fit()
     return trainer
@@ -270,10 +270,11 @@ def components(spec: dict[str, Any], run_dir: str) -> dict[str, float]:
 
     class Instrument(Hook):
         def before_train(self, trainer: Any) -> None:
+            agreement = trainer.stop.agreement
             for key, obj, names in (("guard", trainer.guard, ("fold", "bad_step")),
-                                    ("metrics", trainer.metrics, ("micro_batch", "step_done")),
-                                    ("agreement", trainer.agreement, ("poll",)),
-                                    ("exchange", trainer.agreement, ("_start", "_take"))):  # fmt: skip
+                                    ("metrics", trainer.log.window, ("micro_batch", "step_done")),
+                                    ("agreement", agreement, ("poll",)),
+                                    ("exchange", agreement, ("_start", "_take"))):  # fmt: skip
                 for name in names:
                     setattr(obj, name, _timed(getattr(obj, name), spent[key], trainer))
 

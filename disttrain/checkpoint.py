@@ -1,349 +1,142 @@
-"""Checkpoints (DESIGN.md section 4): what is saved, the publish protocol and retention; reading them
-(discovery, verification, load with fallback, export) is ckpt_read.CheckpointReader, which this extends.
+"""A run's checkpoints (DESIGN.md sections 4 and 6): what goes in, when, what is recorded, and what a
+start loads back.
 
-`RUN_DIR/checkpoints/step_%08d/` holds model.safetensors (rank 0's weights), state.pt (optimizer,
-scheduler, scaler, trainer, hooks), ranks.pt (each rank's RNG states and data cursor) and, written last,
-manifest.json (step, time, world size, config hash, versions, size and sha256 of every file). A directory
-without a manifest does not exist for readers. `.pt` files are unpickled only after their bytes matched
-the manifest, and only with `torch.load(weights_only=True)`: a replaced file is refused twice.
+A checkpoint holds the strategy's model state (`parallel.Strategy.model_state`: replicated, or each
+rank's rows) and every registered stateful part (`state.StateRegistry`: schedule, progress, data
+cursor, guard, hooks; per rank: RNG, log window, a stream's position). `Checkpointing` puts them
+together and hands them to the `CheckpointManager` (ckpt_write: the publish protocol, async saves,
+retention), which decides when a periodic save is due; every save is one `checkpoint` event.
+
+Loading (`restore`) follows `resume` (auto: the newest checkpoint that verifies, falling back to older
+ones; a path; never) and, on a fresh run, `init_from` (weights only). The model state loads first, so
+that the schedule can re-apply the configured optimizer settings over the loaded ones.
 """
 
 from __future__ import annotations
 
-import logging
-import platform
-import random
-import secrets
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, cast
+import functools
+from typing import Any
 
-import numpy as np
-import torch
+from disttrain import dist
+from disttrain.ckpt_read import Loaded
+from disttrain.ckpt_write import CheckpointManager, SaveResult, Shards
+from disttrain.config import Config
+from disttrain.data import TrainData
+from disttrain.hooks import Hook, Loop
+from disttrain.parallel import ModelState, Strategy
+from disttrain.resume import check_compatible
+from disttrain.state import Progress, StateRegistry, rank_seed, seed_all
+from disttrain.writers import EventLog, RunFiles
 
-from disttrain import __version__, ckpt_sharded, dist, fs
-from disttrain import ckpt_format as fmt
-from disttrain.ckpt_format import FILES, CheckpointError, read_checkpoint, read_manifest
-from disttrain.ckpt_read import CheckpointInfo, CheckpointReader, Loaded, agreed, from_main
-from disttrain.config import CheckpointConfig
-from disttrain.interval import for_run
-from disttrain.rundir import LATEST, MANIFEST, step_of
-
-log = logging.getLogger(__name__)
-State = dict[str, Any]
-Make = Callable[[], State]
-Shards = tuple[dict[str, torch.Tensor], State]  # this rank's rows of sharded tensors, and their layout
-
-# What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
-# at save time, so a checkpoint that saved is one that loads.
-__all__ = [
-    "FILES", "CheckpointError", "CheckpointInfo", "CheckpointManager", "Loaded", "SaveResult", "capture_rank_state",
-    "read_checkpoint", "read_manifest", "restore_rank_state",
-]  # fmt: skip
-_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+WeightsCheck = Any  # Callable[[nn.Module, int], None]: raises (on every rank) instead of saving bad weights
 
 
-@dataclass(frozen=True)
-class SaveResult:
-    """What a save did, for the one place that records it (the trainer's `checkpoint` event)."""
-
-    step: int
-    seconds: float  # how long the caller was blocked
-    bytes: int | None  # None while an async write is still in flight
-    reason: str  # periodic | final | stop | manual
-    interval: dict[str, Any] | None = None  # checkpoint.interval=auto: the interval in force and why
-
-    def fields(self) -> dict[str, Any]:
-        out = {"step": self.step, "seconds": round(self.seconds, 4), "reason": self.reason}
-        out = out if self.bytes is None else {**out, "bytes": self.bytes}
-        return out if self.interval is None else {**out, "interval": self.interval}
-
-
-def capture_rank_state() -> State:
-    """This rank's RNG states (torch, CUDA, numpy, python) as data weights_only loading accepts."""
-    name, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
-    version, internal, gauss_next = random.getstate()
-    state: State = {
-        "torch": torch.get_rng_state(),
-        "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-        "python": (version, list(internal), gauss_next),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rank_state(state: State) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    elif cuda is not None:
-        log.warning("checkpoint holds CUDA RNG states of %d device(s); not restored here", len(cuda))
-
-
-class CheckpointManager(CheckpointReader):
-    """Saves (the publish protocol), and retention; listing, verifying and loading are CheckpointReader's."""
+class Checkpointing:
+    """Saving and loading this run's state. Every method runs collectives: call it on all ranks."""
 
     def __init__(
         self,
-        run_dir: str,
-        cfg: CheckpointConfig,
-        *,
-        config_hash: str = "",
-        fingerprint: State | None = None,
-        versions: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(run_dir, cfg)
-        own = {"torch": torch.__version__, "disttrain": __version__, "python": platform.python_version()}
-        # num_threads: CPU float results depend on the intra-op thread count, so a resume can tell
-        # whether it is still bit-exact (run.apply_threads sets it before anything runs).
-        self._meta: State = {"config_hash": config_hash, "fingerprint": fingerprint or {}}
-        self._meta["versions"] = {**own, **(versions or {})}
-        self._meta["num_threads"] = torch.get_num_threads()
-        self._thread: threading.Thread | None = None
-        self._error: Exception | None = None
-        self._last_time = time.monotonic()
-        self._bytes: int | None = None  # bytes of the last save this process committed
-        self._group: Any = None  # a gloo group for async sharded saves, made at the first one
-        self.auto = for_run(self.layout, cfg)  # None unless checkpoint.interval=auto
+        cfg: Config,
+        manager: CheckpointManager,
+        strategy: Strategy,
+        registry: StateRegistry,
+        progress: Progress,
+        data: TrainData,
+        events: EventLog,
+        files: RunFiles,
+        check_weights: WeightsCheck,
+    ):
+        self.cfg, self.manager, self.strategy, self.registry = cfg, manager, strategy, registry
+        self.progress, self.data, self.events, self.files = progress, data, events, files
+        self.check_weights = check_weights
+        self.resumed: Loaded | None = None  # what this segment started from
 
-    def maybe_save(
-        self,
-        step: int,
-        app_state: Make,
-        rank_state: Make,
-        *,
-        final: bool = False,
-        shards: Callable[[], Shards | None] | None = None,
-    ) -> SaveResult | None:
-        """Save if due (every_steps, every_minutes, or final). Must be called on all ranks every step."""
-        if final and (self.last_step == step or not self.cfg.save_final):
-            self.wait()  # nothing new to save, but what is in flight must be committed before the end
-            return None
-        if not (final or self._due(step)):
-            self.check()
-            return None
-        reason = "final" if final else "periodic"
-        rows = shards() if shards is not None else None
-        return self.save(step, app_state(), rank_state(), sync=final, reason=reason, shards=rows)
+    # ---------------------------------------------------------------------------------------- save
 
-    def _due(self, step: int) -> bool:
-        if self.auto is not None:
-            return self.auto.due(step)
-        by_steps = self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
-        if by_steps or self.cfg.every_minutes <= 0:
-            return by_steps  # every rank sees the same step: deciding needs no collective
-        # Clocks differ between hosts, so rank 0's decides and one all-reduce tells every rank.
-        late = dist.is_main() and time.monotonic() - self._last_time >= self.cfg.every_minutes * 60
-        return dist.any_flag(late)
+    def maybe_save(self, final: bool = False) -> None:
+        """Save if the manager says this step is due (or at the end, `final`)."""
+        model = functools.cache(self._model_state)  # captured once, only when a save is due
+        result = self.manager.maybe_save(
+            self.progress.step,
+            lambda: {**model().shared, **self.registry.shared_state()},
+            self._rank_state,
+            final=final,
+            shards=lambda: model().shards,
+        )
+        self._record(result)
 
-    def save(
-        self,
-        step: int,
-        app_state: State,
-        rank_state: State,
-        *,
-        sync: bool = False,
-        reason: str = "manual",
-        shards: Shards | None = None,
-    ) -> SaveResult:
-        """Must be called on all ranks. Blocks for the host copy; writes in the background when
-        `checkpoint.async_save` is on and not `sync`. `app_state` matters on rank 0 only. `shards`:
-        this rank's rows of a sharded model and their layout (ckpt_sharded.split_state); then every
-        rank writes its own shard file and rank 0 commits."""
-        t0 = time.perf_counter()
-        self._join()  # one save in flight: a new one waits for the previous
-        background = self.cfg.async_save and not sync
-        # A synchronous save writes before training moves on, so CPU tensors need no snapshot; an async
-        # one must copy, since the next step changes them while the write is in progress.
-
-        def prepare() -> tuple[Any, Any, Any]:
-            self.check()  # a failed background save fails this save on every rank, not only on rank 0
-            mine = _host_copy(rank_state, "rank_state", background)
-            rows = _host_copy(shards[0], "shards", background) if shards is not None else None
-            return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine, rows
-
-        host, mine, rows = agreed(prepare)
-        self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
-        if shards is not None:
-            self._save_sharded(step, host, mine, (rows, shards[1]), background)
-        elif not background:
-            ranks = dist.gather_to_main(mine)
-            agreed(lambda: self._write(step, host, ranks or []) if dist.is_main() else None)
-        else:
-            ranks = dist.gather_to_main(mine)
-            if dist.is_main():
-                self._start_background(self._write, step, host, ranks)
-        if not background:
-            self._last_time = time.monotonic()  # every_minutes counts training time, not time saving
-        seconds = time.perf_counter() - t0
-        if self.auto is None:
-            return SaveResult(step, seconds, self._bytes, reason)
-        self.auto.saved(seconds)
-        current = self.auto.current.fields() if self.auto.current else None
-        return SaveResult(step, seconds, self._bytes, reason, current)
-
-    def _start_background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
-        self._thread = threading.Thread(target=self._background, args=(fn, step, *args))
-        self._thread.start()
-
-    def _save_sharded(self, step: int, host: Any, mine: State, shards: Shards, background: bool) -> None:
-        """Every rank writes its shard into one work dir that rank 0 named; rank 0 commits."""
-        work = from_main(lambda: self._work_dir(step))
-        if not background:
-            agreed(lambda: self._write_sharded(step, work, host, mine, shards, None))
+    def save(self, reason: str = "manual") -> None:
+        """Save now, synchronously; a step already saved is not saved again."""
+        step = self.progress.step
+        if self.manager.last_step == step:
+            self.manager.wait()
             return
-        if self._group is None:  # collectives from the save thread must not share the loop's group
-            self._group = dist.new_gloo_group()
-        self._start_background(self._write_sharded, step, work, host, mine, shards, self._group)
+        shared, mine, shards = self.capture()
+        self._record(self.manager.save(step, shared, mine, sync=True, reason=reason, shards=shards))
 
-    def _write_sharded(
-        self, step: int, work: str, host: Any, mine: State, shards: Shards, group: Any
-    ) -> None:
-        """All ranks (of `group`): write and hash this rank's shard, then rank 0 publishes the rest and
-        the manifest; every rank learns the verdict, so a failure anywhere fails the save everywhere."""
-        rows, layout = shards
-        try:
-            fs.makedirs(work)
-            report: Any = (*ckpt_sharded.write_shard(work, dist.rank(), rows), layout, mine, None)
-        except Exception as err:
-            report = (None, None, layout, mine, f"rank {dist.rank()}: {err}")
-        reports = dist.all_gather_objects(report, group)
-        errors = [r[4] for r in reports if r[4]]
-        if dist.is_main() and not errors:
-            try:
-                self._commit_sharded(step, work, host, reports)
-            except Exception as err:
-                errors.append(str(err))
-        errors = dist.all_gather_objects(errors, group)[0]  # rank 0's verdict, on every rank
-        if errors:
-            if dist.is_main():
-                fs.remove(work, recursive=True)
-            raise CheckpointError(
-                f"writing checkpoint step {step} to {self.dir} failed: {errors[0]}; {self._intact()}"
-            )
-
-    def _commit_sharded(self, step: int, work: str, host: State, reports: list[Any]) -> None:
-        files = fmt.write_files(work, host, [r[3] for r in reports], model=False)
-        files.update({r[0]: r[1] for r in reports})
-        layout = ckpt_sharded.merge_layouts([r[2] for r in reports])
-        meta = {**self._meta, "format": ckpt_sharded.FORMAT, "strategy": "fsdp", "layout": layout}
-        self._publish(step, work, fmt.manifest(step, len(reports), files, meta))
-
-    def check(self) -> None:
-        """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
-        err, self._error = self._error, None
-        if err is not None:
-            raise err
+    def capture(self) -> tuple[dict[str, Any], dict[str, Any], Shards | None]:
+        """What a save of this step writes: the shared state, this rank's, and this rank's shards."""
+        model = self._model_state()
+        return {**model.shared, **self.registry.shared_state()}, self._rank_state(), model.shards
 
     def wait(self) -> None:
         """Block until no save is in flight; raise its failure."""
-        self._join()
-        self.check()
+        self.manager.wait()
 
-    def _join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _model_state(self) -> ModelState:
+        self.check_weights(self.strategy.module, self.progress.step)  # a non-finite state is never saved
+        return self.strategy.model_state()
 
-    def _background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
-        try:
-            fn(step, *args)
-        except Exception as err:  # kept and raised at the next step: a background failure is never lost
-            self._error = err if isinstance(err, CheckpointError) else CheckpointError(f"step {step}: {err}")
+    def _rank_state(self) -> dict[str, Any]:
+        return {**self.registry.rank_state(), **self.data.position()}
 
-    def _work_dir(self, step: int) -> str:
-        """Rank 0: where a save of `step` writes before it is committed (stale leftovers removed first).
-        Local disks: a temporary directory renamed into place. Object stores: in place, manifest last."""
-        self._clean_stale()
-        final = self._path(step)
-        if not fs.is_local(final):
-            fs.remove(fs.join(final, MANIFEST))  # re-saving a step in place: unpublish it first
-            return final
-        return f"{final}.tmp-{secrets.token_hex(4)}"
+    def _record(self, result: SaveResult | None) -> None:
+        if result is not None:
+            self.events.emit("checkpoint", **result.fields())
 
-    def _write(self, step: int, host: State, ranks: list[Any]) -> None:
-        """Rank 0: write the files, the manifest last, then `latest`, then apply retention."""
-        work = None
-        try:
-            work = self._work_dir(step)
-            files = fmt.write_files(work, host, ranks)
-        except Exception as err:
-            if work is not None:
-                fs.remove(work, recursive=True)
-            msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
-            raise CheckpointError(msg) from err
-        self._publish(step, work, fmt.manifest(step, len(ranks), files, self._meta))
+    # ---------------------------------------------------------------------------------------- load
 
-    def _publish(self, step: int, work: str, manifest: State) -> None:
-        """Rank 0: the manifest (the commit), then `latest`, then retention."""
-        final = self._path(step)
-        try:
-            fmt.publish(work, final, manifest)
-            self._bytes = sum(f["bytes"] for f in manifest["files"].values())
-        except Exception as err:
-            fs.remove(work, recursive=True)
-            msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
-            raise CheckpointError(msg) from err
-        try:
-            fs.atomic_write(fs.join(self.dir, LATEST), fs.basename(final))
-            self._retain(step)
-        except Exception as err:
-            raise CheckpointError(f"checkpoint step {step} is committed, but then failed: {err}") from err
+    def restore(self) -> Loaded | None:
+        """Load what `resume` (or, on a fresh run, `init_from`) names."""
+        mode = self.cfg.resume
+        loaded = None
+        if mode == "auto":
+            loaded = self.manager.load_newest(self._load)
+        elif mode != "never":
+            loaded = self.manager.read(mode)
+            self._load(loaded)
+        if loaded is None and self.cfg.init_from:
+            self._init_weights(self.cfg.init_from)
+        self.resumed = loaded
+        return loaded
 
-    def _intact(self) -> str:
-        older = self.list()
-        return f"previous checkpoint step {older[0].step} is intact" if older else "there is no earlier one"
+    def _init_weights(self, source: str) -> None:
+        """Start from a checkpoint's weights only: fresh optimizer, schedule and step 0 (fine-tuning)."""
+        loaded = CheckpointManager(self.cfg.run_dir, self.cfg.checkpoint).read(source)
+        self.strategy.load_weights(loaded)
+        self.files.say(f"initialised the weights from {source} (optimizer, schedule and step start fresh)")
 
-    def _clean_stale(self) -> None:
-        """Remove what a killed save or deletion left: `*.tmp-*` dirs, step dirs without a manifest, a
-        `latest` being replaced; and stray `step_*` symlinks (the link only: a save of that step would
-        fail on it)."""
-        committed = set(self.layout.committed_steps())
-        for name in fs.listdir(self.dir):
-            leftover = name.startswith(f".{LATEST}.") and name.endswith(".tmp")
-            if leftover or (name.startswith("step_") and step_of(name) not in committed):
-                fs.remove(fs.join(self.dir, name), recursive=True)
-
-    def _retain(self, saved: int) -> None:
-        """Keep keep_last newest, keep_every milestones, the one just saved and the newest verified."""
-        infos = self.list()
-        keep = {i.step for i in infos[: self.cfg.keep_last]} | {saved, self._newest_verified(infos, saved)}
-        if self.cfg.keep_every:
-            keep |= {i.step for i in infos if i.step % self.cfg.keep_every == 0}
-        for info in infos:
-            if info.step not in keep:
-                fs.remove(fs.join(info.path, MANIFEST))  # first: a half-deleted dir is never "committed"
-                fs.remove(info.path, recursive=True)
-
-    def _newest_verified(self, infos: list[CheckpointInfo], saved: int) -> int:
-        for info in infos:  # newest first; ones newer than `saved` exist only after a fallback
-            if info.step <= saved:
-                return saved  # hashed as it was written
-            if fmt.problem(info.path, full=True) is None:
-                return info.step
-        return saved
+    def _load(self, loaded: Loaded) -> None:
+        """Everything a checkpoint holds into this run (its model, optimizer, progress, RNG, ...)."""
+        check_compatible(self.cfg, loaded.path, loaded.manifest)
+        self.strategy.load_model_state(loaded)
+        self.registry.load_shared(loaded.app)
+        self.data.restore_positions(loaded.rank_state, int(loaded.manifest["world_size"]))
+        if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
+            self.registry.load_rank(loaded.rank_state)
+        else:  # another world size: no per-rank stream to continue; a fresh one for this segment
+            seed_all(rank_seed(self.cfg.seed, dist.rank(), self.progress.step))
 
 
-def _host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
-    """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);
-    refuses what weights_only loading would refuse."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=snapshot)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(_host_copy(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj))
-    if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
-        return obj
-    raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
-        "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
-    )
+class CheckpointHook(Hook):
+    """Periodic saves (the manager decides when), and the final save."""
+
+    def __init__(self, checkpointing: Checkpointing):
+        self.checkpointing = checkpointing
+
+    def after_step(self, loop: Loop) -> None:
+        self.checkpointing.maybe_save()
+
+    def after_train(self, loop: Loop) -> None:
+        if not loop.stopping:
+            self.checkpointing.maybe_save(final=True)

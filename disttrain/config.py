@@ -605,28 +605,6 @@ def get_dotted(data: dict[str, Any], key: str) -> Any:
     return node
 
 
-def resume_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The values of RESUME_CRITICAL_KEYS, compared against a checkpoint's before resuming."""
-    data = to_dict(cfg, redact=True)
-    return {key: get_dotted(data, key) for key in RESUME_CRITICAL_KEYS}
-
-
-def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
-    """`key: saved -> now` for every refused key (RESUME_CRITICAL_KEYS) whose value differs from the
-    checkpoint's fingerprint. Keys the checkpoint did not record are not compared, and leaving init_from
-    empty on resume is no change: it only ever seeds a run's first segment."""
-    now = resume_fingerprint(cfg)
-    changed = [k for k in now if k in saved and saved[k] != now[k]]
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed if not (k == "init_from" and not now[k])]
-
-
-def resume_refusal(source: str, changed: list[str]) -> str:
-    return (
-        f"cannot resume from {source}: {', '.join(changed)} changed since the checkpoint; restore the old "
-        "values, start a new run_dir, or use init_from=PATH to start from its weights only"
-    )
-
-
 def config_hash(cfg: Config) -> str:
     """sha256 of the resolved, redacted config; goes into checkpoint manifests."""
     text = json.dumps(to_dict(cfg), sort_keys=True, default=str)

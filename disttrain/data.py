@@ -127,6 +127,70 @@ def advance(cursor: DataCursor, batch_size: int, num_samples: int) -> DataCursor
     return DataCursor(cursor.epoch, offset)
 
 
+class TrainData:
+    """The train split as the loop sees it: endless micro-batches of this rank from where training is,
+    and where that is (the checkpoint's data cursor; a stream's position is per rank, kept by
+    `StreamBatches`). Map-style splits advance one global cursor by `batch_size` per optimizer step."""
+
+    def __init__(self, dataset: Any, stream: StreamBatches | None, spec: TrainSpec, rank: int, world: int):
+        self.dataset, self.stream, self.spec = dataset, stream, spec
+        self.rank, self.world = rank, world
+        self.size = 0 if stream is not None else dataset_size(dataset, "train")
+        if stream is None:
+            check_train_split(self.size, spec.batch_size)  # before anything is built
+        self.cursor = DataCursor()
+
+    def advance(self) -> None:
+        """One optimizer step's samples are consumed (a stream's position moves as batches are taken)."""
+        if self.stream is None:
+            self.cursor = advance(self.cursor, self.spec.batch_size, self.size)
+
+    @property
+    def epoch(self) -> float:
+        if self.stream is not None:
+            return float(self.stream.epoch)  # passes over this rank's part (rank 0's is logged)
+        return self.cursor.epoch + self.cursor.offset / self.size
+
+    def loader(self, worker_seed: int) -> Any:
+        """This rank's micro-batches from the cursor on (workers seeded per rank and segment)."""
+        if self.stream is not None:
+            self.stream.check()  # positions restored for this world size, before anything is written
+            return self.stream.batches(worker_seed)
+        spec = self.spec
+        sampler = ResumableBatchSampler(
+            self.size, spec.batch_size, rank=self.rank, world_size=self.world, grad_accum=spec.grad_accum,
+            seed=spec.seed, shuffle=spec.shuffle, start=self.cursor,
+        )  # fmt: skip
+        return make_loader(self.dataset, sampler, spec.num_workers, spec.pin, worker_seed)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.cursor.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = DataCursor.from_state(state)
+
+    def restore_positions(self, rank_state: dict[str, Any] | None, saved_world: int) -> None:
+        """A stream's per-rank positions (only the same world size continues them); nothing otherwise."""
+        if self.stream is not None:
+            self.stream.restore(rank_state, saved_world)
+
+    def position(self) -> dict[str, Any]:
+        """What this rank saves of the data besides the global cursor: a stream's position."""
+        return {} if self.stream is None else {"stream": self.stream.position}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the train data needs of the config."""
+
+    batch_size: int
+    grad_accum: int
+    seed: int
+    shuffle: bool
+    num_workers: int
+    pin: bool
+
+
 class ShardedEvalBatches(Sampler[list[int]]):
     """Evaluation order without padding: global batch i is indices [i*B, (i+1)*B), and each rank takes
     its contiguous slice. Every rank runs the same number of batches (so ranks can agree between

@@ -1,69 +1,81 @@
-"""Evaluation and test of a Trainer: exact metrics over a whole split (per-batch sums added over ranks
-once), the buffers the checkpoint holds on every rank, the EMA weights when asked, and a stop agreed
-mid-eval. Mixed into `disttrain.trainer.Trainer`; the attributes it reads are the trainer's, declared
-below for the type checker.
+"""Evaluation and test: exact metrics over a whole split (per-batch sums added over ranks once), the
+buffers the checkpoint holds on every rank, the EMA weights when asked, and a stop agreed mid-eval.
+`Evaluator` is the service; `EvalHook` runs it every `eval_every` steps and at the end, and `--test`
+calls it once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from disttrain import dist, phases
-from disttrain.config import Config
 from disttrain.data import ShardedEvalBatches, collate_or_empty, dataset_size, make_loader
 from disttrain.features.ema import EMAHook
+from disttrain.features.metrics import TrainLog
+from disttrain.hooks import Hook, Loop
 from disttrain.parallel import Strategy
 from disttrain.pipelines import Pipeline
-from disttrain.preemption import StopAgreement
-from disttrain.writers import EventLog, RunFiles, Writer
+from disttrain.stop import Stopping
+from disttrain.writers import EventLog, RunFiles
 
 
-class Evaluation:
-    """`evaluate`, `run_eval` and `test`. Every one of them runs on all ranks."""
+@dataclass(frozen=True)
+class EvalSpec:
+    """What evaluation needs of the config."""
 
-    cfg: Config
-    rank: int
-    world: int
-    step: int
-    datasets: dict[str, Any]
-    pipeline: Pipeline
-    module: torch.nn.Module
-    strategy: Strategy
-    agreement: StopAgreement
-    ema: EMAHook | None
-    events: EventLog
-    writer: Writer
-    files: RunFiles
-    _call: Callable[..., None]
-    _pin: Callable[[], bool]
-    _to_device: Callable[[Any], Any]
+    batch_size: int
+    num_workers: int
+    use_ema: bool  # ema.eval: evaluate the EMA weights instead of the trained ones
 
-    def run_eval(self, split: str) -> dict[str, float] | None:
-        """Evaluate a split, log `{split}/...` and call after_eval. None if a stop was agreed mid-way
-        (every rank sees the same). Must be called on all ranks."""
+
+class Evaluator:
+    """`run` (eval during training), `evaluate` (metrics of a split) and `test`. Every one of them runs a
+    collective: call it on all ranks."""
+
+    def __init__(
+        self,
+        spec: EvalSpec,
+        splits: dict[str, Any],
+        pipeline: Pipeline,
+        strategy: Strategy,
+        stopping: Stopping,
+        ema: EMAHook | None,
+        events: EventLog,
+        files: RunFiles,
+    ):
+        self.spec, self.splits, self.pipeline, self.strategy = spec, splits, pipeline, strategy
+        self.stopping, self.ema, self.events, self.files = stopping, ema, events, files
+
+    def run(self, split: str, step: int) -> dict[str, float] | None:
+        """Evaluate a split during training and record it; None if a stop was agreed mid-way (every
+        rank sees the same). A non-finite metric is said, and recorded with the eval."""
         t0 = time.perf_counter()
         metrics = self.evaluate(split, stoppable=True)
-        cut = {} if metrics is not None else {"cut": True}  # a stop was agreed mid-way
-        self.events.emit(
-            "eval", step=self.step, split=split, seconds=round(time.perf_counter() - t0, 4), **cut
-        )
+        fields: dict[str, Any] = {"step": step, "split": split, "seconds": round(time.perf_counter() - t0, 4)}
         if metrics is None:
-            return None
-        self.writer.log(self.step, metrics)
-        self._call("after_eval", metrics)
+            fields["cut"] = True  # a stop was agreed mid-way: redone after the resume
+        bad = sorted(k for k, v in (metrics or {}).items() if not math.isfinite(v))
+        if bad:
+            fields["nonfinite"] = bad
+            self.files.warn(
+                f"disttrain: warning: {', '.join(bad)} not finite at step {step} (the model's outputs on the "
+                f"{split} split overflow or are NaN); early stopping does not count this eval"
+            )
+        self.events.emit("eval", **fields)
         return metrics
 
     def evaluate(self, split: str, stoppable: bool = False) -> dict[str, float] | None:
         """Exact metrics over the whole split: per-batch sums, added over ranks once. Must be called on all ranks."""
-        dataset = self.datasets.get(split)
+        dataset = self.splits.get(split)
         if dataset is None:
             return None
-        model = self.module
+        model = self.strategy.module
         # Buffers (BatchNorm statistics) drift apart between ranks in training: DDP hands rank 0's to
         # the others only at the next forward. Evaluate what a checkpoint holds (rank 0's) everywhere.
         dist.broadcast_tensors_from_main(list(model.buffers()))
@@ -71,13 +83,14 @@ class Evaluation:
         model.eval()
         sums: dict[str, torch.Tensor] = {}
         size = dataset_size(dataset, split)
-        batches = ShardedEvalBatches(size, self.cfg.data.eval_batch_size, self.rank, self.world)
+        batches = ShardedEvalBatches(size, self.spec.batch_size, dist.rank(), dist.world_size())
+        pin = self.strategy.device.type == "cuda"
         try:
-            with torch.no_grad(), self.strategy.autocast(), self._eval_weights():
-                for batch in make_loader(dataset, batches, self.cfg.data.num_workers, self._pin()):
-                    if stoppable and self.agreement.poll("eval") is not None:
+            with torch.no_grad(), self.strategy.autocast(), self._weights():
+                for batch in make_loader(dataset, batches, self.spec.num_workers, pin):
+                    if stoppable and self.stopping.agreed_in_eval():
                         return None
-                    self._eval_batch(model, batch, dataset, sums)
+                    self._batch(model, batch, dataset, sums)
         finally:
             model.train(was_training)
         keys = dist.broadcast_from_main(sorted(sums))
@@ -85,27 +98,61 @@ class Evaluation:
         count = totals.pop("count", None) or 1.0
         return {f"{split}/{k}": v / count for k, v in totals.items()}
 
-    def _eval_batch(self, model: torch.nn.Module, batch: Any, dataset: Any, sums: dict[str, Any]) -> None:
+    def _batch(self, model: torch.nn.Module, batch: Any, dataset: Any, sums: dict[str, Any]) -> None:
         if batch is None and self.strategy.eval_needs_every_rank():
             # A sharded forward is a collective: a rank whose slice is empty still runs one, on a
             # sample it then ignores, or the others would wait for it in the all-gather.
-            self.pipeline.eval_step(model, self._to_device(collate_or_empty([dataset[0]])))
+            self.pipeline.eval_step(model, self.strategy.to_device(collate_or_empty([dataset[0]])))
             return
         if batch is not None:
-            for key, value in self.pipeline.eval_step(model, self._to_device(batch)).items():
+            for key, value in self.pipeline.eval_step(model, self.strategy.to_device(batch)).items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
 
-    def test(self) -> dict[str, float]:
+    def test(self, step: int) -> dict[str, float]:
         """Evaluate the loaded weights on the test split (or eval, if there is none) and write
         RUN_DIR/test_metrics.json. Must be called on all ranks."""
         phases.resume_gc()  # start-up is over
-        split = "test" if "test" in self.datasets else "eval"
+        split = "test" if "test" in self.splits else "eval"
         metrics = self.evaluate(split) or {}
         metrics = {k.replace(f"{split}/", "test/", 1): v for k, v in metrics.items()}
-        self.files.write_test_metrics({"step": self.step, "split": split, **metrics})
+        self.files.write_test_metrics({"step": step, "split": split, **metrics})
         return metrics
 
-    def _eval_weights(self) -> Any:
+    def _weights(self) -> Any:
         """The EMA weights swapped in for eval when `ema.eval` asks for them."""
-        use_ema = self.ema is not None and self.cfg.ema.eval
-        return self.ema.swapped_in() if use_ema else contextlib.nullcontext()  # type: ignore[union-attr]
+        if self.ema is not None and self.spec.use_ema:
+            return self.ema.swapped_in()
+        return contextlib.nullcontext()
+
+
+class EvalHook(Hook):
+    """Evaluates every `every` steps and at the end. An eval cut short by a stop request is redone first
+    thing after resume, so a resumed run logs the same eval metrics."""
+
+    def __init__(self, evaluator: Evaluator, log: TrainLog, every: int, max_steps: int) -> None:
+        self.evaluator, self.log, self.every, self.max_steps = evaluator, log, every, max_steps
+        self.last_eval_step = -1
+
+    def _due(self, step: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step == self.max_steps
+
+    def before_train(self, loop: Loop) -> None:
+        if loop.step > 0 and self._due(loop.step) and self.last_eval_step < loop.step:
+            self._run(loop)
+
+    def after_step(self, loop: Loop) -> None:
+        if self._due(loop.step) and not loop.stopping:
+            self._run(loop)
+
+    def _run(self, loop: Loop) -> None:
+        metrics = self.evaluator.run("eval", loop.step)
+        if metrics is not None:
+            self.last_eval_step = loop.step
+            self.log.write(loop.step, metrics)
+            loop.eval_done(metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_eval_step": self.last_eval_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_eval_step = int(state["last_eval_step"])

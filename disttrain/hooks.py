@@ -1,35 +1,83 @@
-"""Hooks: the five points where behaviour plugs into the loop, and the stock hooks built on them.
+"""Hooks: the five points where behaviour plugs into the loop, and what a hook sees of the loop.
 
 Hooks run on every rank, in registration order. A hook that calls a collective (eval, checkpoint,
 agreement, metric reduction) relies on that: never put one behind a rank check. Stateful hooks
 implement state_dict / load_state_dict and are saved in checkpoints under their class name.
+
+The stock hooks live beside the service they drive and hold it (`checkpoint.CheckpointHook`,
+`stop.StopHook`, `evaluation.EvalHook`, `features.metrics.LogHook`, `features.progress.ProgressHook`);
+`build.py` puts them in order.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import Any
+from typing import Any, Protocol
 
-Trainer = Any  # the trainer imports hooks, not the other way round (DESIGN §2 layers)
+from torch import nn
+
+
+class Loop(Protocol):
+    """What a hook sees of the training loop: read the progress, ask for a save or an early end."""
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (after_step: including the one that just ended)."""
+        ...
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop (a signal on some rank) was agreed: the loop ends after this step."""
+        ...
+
+    @property
+    def update_applied(self) -> bool:
+        """Whether the last step's update reached the weights (not skipped as non-finite or by fp16)."""
+        ...
+
+    @property
+    def module(self) -> nn.Module:
+        """The pipeline's own model (its state-dict names), under any wrapper. A shard of it under fsdp."""
+        ...
+
+    @property
+    def run_dir(self) -> str: ...
+
+    def save_checkpoint(self) -> None:
+        """Save now, synchronously (a step already saved is not saved again). Must be called on all ranks."""
+        ...
+
+    def end_early(self, reason: str) -> None:
+        """End the run as finished after this step. Must be called on all ranks alike."""
+        ...
+
+    def eval_done(self, metrics: dict[str, float]) -> None:
+        """Hand an evaluation's metrics to every hook's after_eval."""
+        ...
+
+    def say(self, text: str) -> None:
+        """A line on rank 0's stdout."""
+        ...
 
 
 class Hook:
-    """Override any of these; each receives the trainer."""
+    """Override any of these; each receives the loop."""
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, loop: Loop) -> None:
         pass
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, loop: Loop) -> None:
         pass
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, loop: Loop) -> None:
         pass
 
-    def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def after_eval(self, loop: Loop, metrics: dict[str, float]) -> None:
         pass
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, loop: Loop) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
@@ -37,112 +85,3 @@ class Hook:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class LogHook(Hook):
-    """Reduces the training window (loss, throughput) every `log_every` steps and writes it."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        if trainer.step % trainer.cfg.trainer.log_every == 0 or trainer.step == trainer.cfg.trainer.max_steps:
-            trainer.log_train_window()
-
-
-class EvalHook(Hook):
-    """Evaluates every `eval_every` steps and at the end. An eval cut short by a stop request is
-    redone first thing after resume, so a resumed run logs the same eval metrics."""
-
-    def __init__(self) -> None:
-        self.last_eval_step = -1
-
-    def _due(self, trainer: Trainer) -> bool:
-        every, step = trainer.cfg.trainer.eval_every, trainer.step
-        return (every > 0 and step % every == 0) or step == trainer.cfg.trainer.max_steps
-
-    def before_train(self, trainer: Trainer) -> None:
-        if trainer.step > 0 and self._due(trainer) and self.last_eval_step < trainer.step:
-            self._run(trainer)
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self._due(trainer) and not trainer.stopping:
-            self._run(trainer)
-
-    def _run(self, trainer: Trainer) -> None:
-        if trainer.run_eval("eval") is not None:
-            self.last_eval_step = trainer.step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_eval_step": self.last_eval_step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_eval_step = int(state["last_eval_step"])
-
-
-class CheckpointHook(Hook):
-    """Periodic saves (the manager decides when), and the final save."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        trainer.maybe_checkpoint()
-
-    def after_train(self, trainer: Trainer) -> None:
-        if not trainer.stopping:
-            trainer.maybe_checkpoint(final=True)
-
-
-class StopHook(Hook):
-    """Polls the cross-rank stop agreement at every step boundary (one overlapped all-reduce); once a
-    stop is agreed the trainer saves and the loop ends after this step."""
-
-    def after_step(self, trainer: Trainer) -> None:
-        trainer.poll_stop()
-
-
-class ProgressHook(Hook):
-    """A tqdm bar on rank 0 when stdout is a terminal; otherwise the console writer's log lines."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-        self._last = 0.0
-
-    def before_train(self, trainer: Trainer) -> None:
-        if self.enabled:
-            from tqdm import tqdm
-
-            total = trainer.cfg.trainer.max_steps
-            self.bar = tqdm(
-                total=total, initial=trainer.step, unit="step", dynamic_ncols=True, file=sys.stdout
-            )
-
-    def after_step(self, trainer: Trainer) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(trainer.step - self.bar.n)
-        now = time.monotonic()
-        if trainer.last_train_metrics and now - self._last > 0.5:
-            self.bar.set_postfix(postfix(trainer.last_train_metrics), refresh=False)
-            self._last = now
-
-    def after_train(self, trainer: Trainer) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-# What the bar shows of the train metrics, short: (metric, label, format). Absent metrics are left out.
-_BAR = (
-    ("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"), ("train/samples_per_sec", "sps", "{:.0f}"),
-    ("train/tokens_per_sec", "tok/s", "{:.0f}"), ("train/mfu", "mfu", "{:.1%}"), ("train/grad_norm", "gnorm", "{:.3g}"),
-    ("train/max_mem_mb", "mem", "{:.0f}MB"), ("train/skipped", "skipped", "{:.0f}"),
-)  # fmt: skip
-
-
-def postfix(metrics: dict[str, float]) -> dict[str, str]:
-    return {label: fmt.format(metrics[key]) for key, label, fmt in _BAR if key in metrics}
-
-
-def default_hooks(progress_bar: bool, user: list[Hook] | None = None) -> list[Hook]:
-    """Order matters: log and eval see the finished step; the user's hooks come next, so that what they
-    change at a step is in that step's checkpoint (a resumed run then continues them exactly); the
-    checkpoint captures eval's and their state; the stop check comes last so a stop saves everything
-    the step produced."""
-    return [ProgressHook(progress_bar), LogHook(), EvalHook(), *(user or []), CheckpointHook(), StopHook()]

@@ -78,3 +78,26 @@ def reapply_hyperparameters(
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() (and so train/lr in the logs) reports
+
+
+class Schedule:
+    """The learning-rate schedule as a checkpoint part: loading it re-applies what the config asks for
+    now (`reapply_hyperparameters`), so it must load after the optimizer's state. The settings are
+    taken from the freshly built optimizer, before any checkpoint is loaded."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: LambdaLR):
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.configured = hyperparameters(optimizer)
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def last_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+        reapply_hyperparameters(self.optimizer, self.scheduler, self.configured)

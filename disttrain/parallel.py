@@ -15,15 +15,30 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from disttrain import dist
+from disttrain.ckpt_read import Loaded
+from disttrain.ckpt_sharded import load_model, load_optimizer, parameter_names, split_state
 from disttrain.config import Config, ConfigError
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
+State = dict[str, Any]
+COMPILED_PREFIX = "_orig_mod."
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a checkpoint holds of the model and optimizer, in the strategy's layout: `shared` is saved
+    once by rank 0 (whole tensors, or the unsharded rest); `shards` is this rank's rows of every sharded
+    tensor and their layout (`ckpt_sharded`), None when nothing is sharded."""
+
+    shared: State
+    shards: tuple[dict[str, torch.Tensor], State] | None = None
 
 
 class Strategy:
@@ -69,12 +84,50 @@ class Strategy:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
+    def to_device(self, batch: Any) -> Any:
+        """A batch on this rank's device (non-blocking from pinned memory); a CPU batch as it is."""
+        if self.device.type == "cpu":
+            return batch
+        from accelerate.utils import send_to_device
+
+        return send_to_device(batch, self.device, non_blocking=True)
+
     def eval_needs_every_rank(self) -> bool:
         """Whether a forward is a collective (every rank must run one, even without data)."""
         return self.sharded
 
     def close(self) -> None:
         """Drop the references that keep communication state alive. Before the process group goes."""
+
+    # The checkpoint layout is the strategy's: replicated here, row-sharded under fsdp.
+
+    def model_state(self) -> ModelState:
+        """The model, optimizer and grad scaler as a checkpoint holds them (one capture per save)."""
+        return ModelState(
+            {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            }
+        )
+
+    def load_weights(self, loaded: Loaded) -> None:
+        """The checkpoint's weights into the model (init_from, and the first part of every resume)."""
+        if loaded.sharded:  # another layout: rows by name
+            load_rows(self.module, loaded)
+        else:
+            load_whole(self.module, loaded.app["model"], loaded.path)
+
+    def load_model_state(self, loaded: Loaded) -> None:
+        """Weights, optimizer state and grad scaler from any checkpoint, into this layout."""
+        self.load_weights(loaded)
+        if loaded.sharded:
+            names = parameter_names(self.module, self.optimizer)
+            load_optimizer(self.optimizer, self.module, loaded.saved(names))
+        else:
+            self.optimizer.load_state_dict(loaded.app["optimizer"])
+        if loaded.app.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(loaded.app["scaler"])
 
 
 def build_strategy(cfg: Config) -> Strategy:
@@ -115,7 +168,7 @@ class DDPStrategy(Strategy):
 
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
         self.model, wrapped = self.accelerator.prepare(model, make_optimizer(model))
-        self.module = self.accelerator.unwrap_model(self.model)
+        self.module = uncompiled(self.accelerator.unwrap_model(self.model))
         self._wrapped = wrapped  # accelerate's optimizer: the fp16 scaler steps through it
         self.optimizer = wrapped.optimizer
         self.scaler = self.accelerator.scaler
@@ -184,7 +237,7 @@ class FSDPStrategy(Strategy):
         # No model.to(device) first: fully_shard moves one unit at a time and keeps only its shard, so a
         # model that does not fit on one GPU whole never has to.
         dist.fully_shard(model, shard_units, device=self.device, **self._policies())
-        self.model = self.module = model
+        self.model, self.module = model, uncompiled(model)
         self.optimizer = self.stepper = make_optimizer(model)  # over the sharded parameters (DTensors)
 
     def _policies(self) -> dict[str, Any]:
@@ -217,9 +270,69 @@ class FSDPStrategy(Strategy):
     def close(self) -> None:
         del self.model, self.module, self.optimizer, self.stepper
 
+    def model_state(self) -> ModelState:
+        rows, layout, rest = split_state(self.module, self.optimizer)
+        return ModelState({**rest, "scaler": None}, (rows, layout))
+
+    def load_weights(self, loaded: Loaded) -> None:
+        load_rows(self.module, loaded)  # every checkpoint is "another layout" to a sharded model
+
+    def load_model_state(self, loaded: Loaded) -> None:
+        self.load_weights(loaded)
+        load_optimizer(
+            self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer))
+        )
+
 
 def _clip_or_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The total norm of the parameters' gradients, clipping them to max_norm when max_norm > 0."""
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+# ------------------------------------------------------------------------------ loading weights
+
+
+def load_rows(module: nn.Module, loaded: Loaded) -> None:
+    """Weights by name and rows, from a checkpoint of any layout and world size, into this rank's."""
+    saved = loaded.saved(None)
+    check_shapes(module.state_dict(), saved.shapes("model/"), loaded.path)
+    load_model(module, saved, loaded.path)
+
+
+def load_whole(module: nn.Module, saved: dict[str, torch.Tensor], source: str) -> None:
+    """Whole weights into a replicated model, refusing (as bad input, one line) tensors that do not fit."""
+    saved = strip_compiled_names(saved)
+    check_shapes(module.state_dict(), {k: tuple(v.shape) for k, v in saved.items()}, source)
+    module.load_state_dict(saved)
+
+
+def check_shapes(current: dict[str, torch.Tensor], saved: dict[str, tuple[int, ...]], source: str) -> None:
+    hint = "restore the config or code the checkpoint was made with, or start a new run_dir"
+    for name, tensor in current.items():
+        if name not in saved:
+            raise ConfigError(f"the checkpoint {source} has no tensor {name!r} that the model has; {hint}")
+        if tuple(saved[name]) != tuple(tensor.shape):
+            raise ConfigError(
+                f"the checkpoint {source} does not fit the model: {name} is {tuple(saved[name])} there "
+                f"but {tuple(tensor.shape)} now; {hint}"
+            )
+    extra = sorted(set(saved) - set(current))
+    if extra:
+        raise ConfigError(f"the checkpoint {source} has a tensor {extra[0]!r} the model lacks; {hint}")
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module under any torch.compile wrapper (a pipeline may compile inside build_model)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
+
+
+def strip_compiled_names(state: dict[str, Any]) -> dict[str, Any]:
+    """Weights saved under a compiled wrapper's names (`_orig_mod.x`, by disttrain before it kept the
+    module's own names) under the module's names, so such checkpoints still load."""
+    if not any(COMPILED_PREFIX in k for k in state):
+        return state
+    return {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}

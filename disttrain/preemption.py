@@ -100,13 +100,28 @@ class StopRequest:
         return self.signals[0] if self.signals else None
 
 
+class Channel:
+    """A per-step flag any rank may raise; every rank learns at the next exchange whether some rank did.
+    `raised` is this rank's since its last exchange; `agreed` is what the latest exchange said (whoever
+    acts on it clears it)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.raised = False
+        self.agreed = False
+
+    def send(self) -> int:
+        value, self.raised = int(self.raised), False  # sent: a later raise is a new one
+        return value
+
+
 class StopAgreement:
     """Turns per-rank flags into decisions all ranks share. `poll` must be called on all ranks, at the
     same boundaries; the first poll that returns a StopRequest returns it on every rank.
 
     Every exchange is one all-reduce (MAX) of a few ints: one flag per stop signal (so every rank learns
-    the union, whichever rank was signalled), the non-finite-loss flag of the guard
-    (`features.guard`), and rank 0's proposal of how many boundaries to pass before the next exchange.
+    the union, whichever rank was signalled), one per named `Channel` (the guard's non-finite loss,
+    `features.guard`), and rank 0's proposal of how many boundaries to pass before the next exchange.
     It is started at one boundary and read at a later one: the loop never waits for a network round
     trip, and all ranks still act after the same step.
 
@@ -127,11 +142,13 @@ class StopAgreement:
         interval_s: float = AGREE_EVERY_S,
         hang_after: float | None = None,
         on_hang: Callable[[str], None] | None = None,
+        channels: tuple[str, ...] = (),
     ):
         self.local, self.interval_s = local, interval_s
         self.watch = HangWatch(hang_after, on_hang) if hang_after else None
-        self.nonfinite = False  # set by the guard: this rank saw a non-finite loss since its last exchange
-        self.nonfinite_agreed = False  # the latest exchange said some rank did; whoever acts on it clears it
+        # Named per-step flags beside the stop signals (the guard's "nonfinite"): fixed at construction,
+        # so every rank's exchange has the same shape.
+        self.channels = {name: Channel(name) for name in channels}
         self.exchanges = 0  # exchanges read so far: the same count on every rank
         self.agreed: StopRequest | None = None
         self._pending: dist.PendingMax | None = None
@@ -139,6 +156,9 @@ class StopAgreement:
         self._kind = "step"
         self._since: float | None = None  # rank 0's clock when the exchange in flight started
         self._boundaries = 0  # boundaries polled since then
+
+    def channel(self, name: str) -> Channel:
+        return self.channels[name]
 
     def arm(self) -> None:
         """Start watching for a hang (the training loop begins)."""
@@ -188,18 +208,20 @@ class StopAgreement:
     def _start(self, proposal: int) -> None:
         from disttrain import dist
 
-        flags = [int(name in self.local.received) for name in STOP_SIGNALS] + [int(self.nonfinite)]
-        self.nonfinite = False  # sent: a later non-finite loss is a new one
+        flags = [int(name in self.local.received) for name in STOP_SIGNALS]
+        flags += [channel.send() for channel in self.channels.values()]
         self._pending = dist.start_max([*flags, proposal])
 
     def _take(self, values: list[int]) -> int:
         """Record an exchange's result; returns the agreed proposal."""
         self._pending = None
-        *flags, nonfinite, proposal = values
-        signals = tuple(name for name, on in zip(STOP_SIGNALS, flags) if on)
+        *flags, proposal = values
+        stops, channels = flags[: len(STOP_SIGNALS)], flags[len(STOP_SIGNALS) :]
+        signals = tuple(name for name, on in zip(STOP_SIGNALS, stops) if on)
         if signals and self.agreed is None:
             self.agreed = StopRequest(signals)
-        self.nonfinite_agreed = bool(nonfinite)
+        for channel, value in zip(self.channels.values(), channels):
+            channel.agreed = bool(value)
         self.exchanges += 1
         return proposal
 

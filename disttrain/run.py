@@ -21,9 +21,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from disttrain import fs
+from disttrain import fs, resume
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, check_batch_divides, resume_conflicts, resume_refusal
+from disttrain.config import Config, ConfigError, check_batch_divides
 from disttrain.preemption import StopSignal, tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
 
@@ -71,7 +71,7 @@ def preflight(cfg: Config, world_size: int, *, restart_count: int = 0, test: boo
     """Refuse whatever can be refused before anything is created or submitted. Raises ConfigError."""
     check_batch_divides(cfg, world_size)
     if restart_count > 0:
-        continue_after_restart(cfg)
+        resume.continue_after_restart(cfg)
     check_run_dir(cfg, test=test)
     check_writers(cfg)
     from disttrain.features.extend import check_features
@@ -79,15 +79,6 @@ def preflight(cfg: Config, world_size: int, *, restart_count: int = 0, test: boo
 
     pipeline = load_pipeline(cfg.pipeline)  # a bad import path or pipeline.args: refused now, not after setup
     check_features(cfg, pipeline)  # hooks that do not import, blocks the pipeline does not name
-
-
-def continue_after_restart(cfg: Config) -> None:
-    """A restarted attempt (a SLURM requeue, a torchrun restart) continues from the run's own newest
-    committed checkpoint, whatever `resume` said for the first attempt: `never` meant "nothing there
-    before this run", and a path is where the run started from, not where it got to. Before its first
-    commit (a save killed half way leaves only a `.tmp-` dir) it starts again as the first attempt did."""
-    if cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps():
-        cfg.resume = "auto"
 
 
 def check_run_dir(cfg: Config, test: bool = False) -> None:
@@ -116,34 +107,12 @@ def _check_run_dir(cfg: Config, test: bool) -> None:
             check_checkpoint_path(key, path)
     if fs.is_local(layout.path):
         check_creatable(layout.path)
-    check_resume_compatible(cfg, committed)
+    resume.preflight(cfg, committed)
     if test and cfg.resume == "auto" and not committed:
         raise ConfigError(
             f"--test: {layout.path} holds no committed checkpoint to evaluate; train first, point "
             "resume=PATH at a checkpoint, or add resume=never to evaluate the untrained initialisation"
         )
-
-
-def check_resume_compatible(cfg: Config, committed: list[int]) -> None:
-    """Refuse a resume whose config changed a key the checkpoint depends on (config.RESUME_CRITICAL_KEYS),
-    from the manifest alone, before anything is built. (The trainer checks the checkpoint it finally
-    loads again: a newest one that fails verification makes it fall back to an older one.)"""
-    if cfg.resume == "auto":
-        source = RunDir(cfg.run_dir).step_dir(committed[0]) if committed else None
-    elif cfg.resume != "never":
-        own = RunDir(cfg.resume).committed_steps()
-        source = cfg.resume if is_committed(cfg.resume) or not own else RunDir(cfg.resume).step_dir(own[0])
-    else:
-        source = None
-    if source is None:
-        return
-    try:
-        manifest = json.loads(fs.read_text(fs.join(source, MANIFEST)))
-    except (OSError, ValueError):
-        return  # unreadable: loading it says so, or falls back to an older one
-    changed = resume_conflicts(dict(manifest.get("fingerprint") or {}), cfg)
-    if changed:
-        raise ConfigError(resume_refusal(source, changed))
 
 
 def check_checkpoint_path(key: str, path: str) -> None:
@@ -231,6 +200,7 @@ def execute(
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
     from disttrain import dist, phases
+    from disttrain.build import build, start_strategy
     from disttrain.features.guard import NonFiniteError
     from disttrain.lease import RunLease
     from disttrain.trainer import Trainer  # heavy (torch, accelerate): only once input is valid
@@ -239,12 +209,12 @@ def execute(
     apply_threads(cfg, env)
     trainer, clean, lease = None, False, RunLease(cfg.run_dir, env)
     try:
-        trainer = Trainer(cfg, env, stop=stop, lease=lease)
+        strategy = start_strategy(cfg)  # the process group: every rank learns the lease's outcome over it
+        lease.acquire()  # one run per run dir, before anything there is read (a second run exits 2)
+        trainer = Trainer(build(cfg, env, strategy, stop=stop))
         if test:
             metrics = trainer.test()
-            trainer.files.say(
-                " | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()])
-            )
+            trainer.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
             result = RunResult(Outcome.TESTED, trainer.step)
         else:
             result = _after_fit(trainer, trainer.fit(), env, max_requeues)
@@ -263,36 +233,36 @@ def execute(
         return _failed(trainer, cfg, env, err)
     finally:
         phases.resume_gc()  # a run that never reached its first step (test, failure) collects again
+        segment = trainer.segment if trainer is not None else None
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
         lease.release()  # also when the trainer was never built (bad input found after the lease)
         dist.destroy(clean=clean)
-        # The segment's end, for goodput; not after storage refused a record (another attempt at a dead
-        # endpoint costs its timeout and a line after the failure's own, for a record goodput can miss).
-        if trainer is not None and trainer.began and not trainer.events.failures:
-            trainer.events.emit("exit", step=trainer.step)
+        if segment is not None:
+            segment.exit(trainer.step if trainer is not None else 0)
 
 
 def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:
     """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
+    files, events = trainer.segment.files, trainer.segment.events
     if env.launcher != "slurm":
-        trainer.files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
+        files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain import preemption
 
     decision = preemption.after_stop(fit.stop, env, max_requeues)
     fields = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
-    if trainer.signal.first_at is not None:
-        fields["signal_time"] = round(trainer.signal.first_at, 3)
+    if trainer.stop.signal.first_at is not None:
+        fields["signal_time"] = round(trainer.stop.signal.first_at, 3)
     if decision.requeued:
-        trainer.events.emit("requeue", budget_left=decision.budget_left, **fields)
+        events.emit("requeue", budget_left=decision.budget_left, **fields)
         note = f"requeued job {env.job_id} at step {fit.step}: {decision.reason}"
     else:
-        trainer.events.emit("requeue_refused", **fields)
+        events.emit("requeue_refused", **fields)
         note = f"not requeued: {decision.reason}; submit the same command again to resume"
-    trainer.files.warn(f"disttrain: {note}")
+    files.warn(f"disttrain: {note}")
     outcome = Outcome.REQUEUED if decision.requeued else Outcome.STOPPED
     return RunResult(outcome, fit.step, decision.signal, decision.reason)
 
@@ -324,7 +294,7 @@ def _interrupted(trainer: Any, env: ClusterEnv) -> RunResult:
     """Ctrl-C twice: out at once, without a save, but the end is recorded (status must not say running)."""
     step = trainer.step if trainer is not None else None
     if trainer is not None:
-        trainer.events.emit("interrupted", step=step, signal="SIGINT", saved=False)
+        trainer.segment.events.emit("interrupted", step=step, signal="SIGINT", saved=False)
     print(f"disttrain: rank {env.rank}: interrupted (Ctrl-C twice) at step {step}, without a checkpoint",
           file=sys.stderr)  # fmt: skip
     return RunResult(Outcome.INTERRUPTED, step, signal="SIGINT")
@@ -335,7 +305,7 @@ def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunRe
     code; disttrain's own failures, a storage or checkpoint problem or a dead peer, need none), and
     record it."""
     from disttrain import dist
-    from disttrain.checkpoint import CheckpointError
+    from disttrain.ckpt_format import CheckpointError
 
     message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
     if _UNUSED_PARAMETERS in str(err):  # DDP's own hint names a keyword the user cannot reach here
@@ -350,7 +320,7 @@ def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunRe
         traceback.print_exc()
     step = trainer.step if trainer is not None else None
     if trainer is not None:
-        trainer.events.emit("error", step=step, error=message)
+        trainer.segment.events.emit("error", step=step, error=message)
     print(f"disttrain: rank {env.rank}: training failed: {message}", file=sys.stderr)
     return RunResult(Outcome.FAILED, step, message=message)
 

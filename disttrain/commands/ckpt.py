@@ -14,7 +14,9 @@ from typing import Any
 import yaml
 
 from disttrain import fs
-from disttrain.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager
+from disttrain.ckpt_format import CheckpointError
+from disttrain.ckpt_read import CheckpointInfo
+from disttrain.ckpt_write import CheckpointManager
 from disttrain.config import CheckpointConfig, ConfigError
 from disttrain.pipelines import pipeline_class
 from disttrain.rundir import RunDir

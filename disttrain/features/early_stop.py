@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from disttrain.config import ConfigError, EarlyStopConfig
-from disttrain.hooks import Hook
+from disttrain.hooks import Hook, Loop
 
 
 class EarlyStopHook(Hook):
@@ -28,7 +28,7 @@ class EarlyStopHook(Hook):
             return value < self.best - self.cfg.min_delta
         return value > self.best + self.cfg.min_delta
 
-    def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
+    def after_eval(self, loop: Loop, metrics: dict[str, float]) -> None:
         name = self.cfg.metric
         if name not in metrics:
             raise ConfigError(
@@ -36,12 +36,14 @@ class EarlyStopHook(Hook):
                 "choose one of them"
             )
         value = metrics[name]
+        if not math.isfinite(value):
+            return  # no result: neither an improvement nor a bad eval (the evaluator reported it)
         if self.improved(value):
-            self.best, self.best_step, self.bad_evals = value, trainer.step, 0
+            self.best, self.best_step, self.bad_evals = value, loop.step, 0
             return
         self.bad_evals += 1
-        if self.bad_evals >= self.cfg.patience and trainer.step < trainer.cfg.trainer.max_steps:
-            trainer.end_early(
+        if self.bad_evals >= self.cfg.patience and loop.step < loop.max_steps:
+            loop.end_early(
                 f"early stop: {name} did not improve by more than {self.cfg.min_delta:g} for {self.bad_evals} "
                 f"evals (best {self.best:.6g} at step {self.best_step})"
             )

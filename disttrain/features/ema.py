@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disttrain.hooks import Hook
+from disttrain.hooks import Hook, Loop
 
 STATE_KEY = "EMAHook"  # where a checkpoint's state.pt keeps it: hooks are saved under their class name
 
@@ -48,7 +48,7 @@ class EMAHook(Hook):
         self.params = [p for _, p in named]
         self.shadow = [p.detach().clone() for p in self.params]
 
-    def before_train(self, trainer: Any) -> None:
+    def before_train(self, loop: Loop) -> None:
         """A run (or a resume from a checkpoint without an EMA) starts the average from its weights."""
         if not self.ready:
             with torch.no_grad():
@@ -60,8 +60,8 @@ class EMAHook(Hook):
             return self.decay * self.updates / self.warmup_steps
         return self.decay
 
-    def after_step(self, trainer: Any) -> None:
-        if not trainer.update_applied:  # a skipped step (non-finite, or fp16 overflow) moved no weight
+    def after_step(self, loop: Loop) -> None:
+        if not loop.update_applied:  # a skipped step (non-finite, or fp16 overflow) moved no weight
             return
         with torch.no_grad():
             torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.current_decay())

@@ -21,9 +21,10 @@ from disttrain.features.early_stop import EarlyStopHook
 from disttrain.features.ema import EMAHook
 from disttrain.features.profiler import ProfilerHook
 from disttrain.hooks import Hook
+from disttrain.writers import EventLog, RunFiles
 
 
-def feature_hooks(cfg: Config) -> list[Hook]:
+def feature_hooks(cfg: Config, cuda: bool, events: EventLog, files: RunFiles) -> list[Hook]:
     """The hooks of the features the config turns on. They run before the stock hooks: the EMA update
     belongs to the step it follows (eval and the checkpoint of that step must see it), and the profiler
     traces the steps, not the eval or save that may follow the last one."""
@@ -31,7 +32,7 @@ def feature_hooks(cfg: Config) -> list[Hook]:
     if cfg.ema.decay > 0:
         hooks.append(EMAHook(cfg.ema.decay, cfg.ema.warmup_steps))
     if cfg.profile.steps:
-        hooks.append(ProfilerHook(cfg.profile.steps[0], cfg.profile.steps[1]))
+        hooks.append(ProfilerHook(cfg.profile.steps[0], cfg.profile.steps[1], cuda, events, files))
     if cfg.early_stop.metric:
         hooks.append(EarlyStopHook(cfg.early_stop))
     return hooks

@@ -8,7 +8,8 @@ gradient (it backpropagates `loss * nan`, so a loss that is NaN while its gradie
 counts), so the global gradient norm, identical on every rank after the reduction, carries the verdict
 into the step itself: the update can be skipped, or the run stopped, before a non-finite value reaches
 the weights. Which quantity it was (some rank's loss, or only the gradient) travels as a flag in the
-overlapped stop agreement (`preemption.StopAgreement`), settled at once when the verdict is bad.
+overlapped stop agreement (`preemption.StopAgreement`, its "nonfinite" channel), settled at once when
+the verdict is bad.
 
 Under fp16 the grad scaler owns non-finite gradients (it skips the step and lowers the scale, which is
 routine), so there the guard watches the loss alone and learns of it from the agreement, a few step
@@ -29,6 +30,9 @@ import torch
 from disttrain import dist
 from disttrain.config import TrainerConfig
 from disttrain.preemption import StopAgreement
+from disttrain.writers import EventLog, RunFiles
+
+CHANNEL = "nonfinite"  # the agreement's flag for "some rank saw a non-finite loss"
 
 NAN = float("nan")
 
@@ -43,10 +47,23 @@ class NonFiniteError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Per-step verdicts and the skip counters a checkpoint keeps (so a resumed run skips alike)."""
+    """Per-step verdicts, what they do (a `nonfinite` event, a line, or the end of the run), the check
+    that no non-finite weights are saved, and the skip counters a checkpoint keeps (so a resumed run
+    skips alike). `settle` waits for a save in flight: a run that fails commits it first."""
 
-    def __init__(self, cfg: TrainerConfig, device: torch.device, scaler: bool, agreement: StopAgreement):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        device: torch.device,
+        scaler: bool,
+        agreement: StopAgreement,
+        events: EventLog,
+        files: RunFiles,
+        settle: Callable[[], None],
+    ):
         self.mode, self.max_skips, self.agreement = cfg.nonfinite, cfg.max_skips, agreement
+        self.flag = agreement.channel(CHANNEL)
+        self.events, self.files, self.settle = events, files, settle
         self.on = cfg.nonfinite != "off"
         self.watch_grad = self.on and not scaler  # fp16: non-finite gradients are the scaler's business
         self.host = device.type == "cpu"  # reading a CPU scalar costs nothing; a GPU one would sync
@@ -63,7 +80,7 @@ class NonFiniteGuard:
         if self.host:
             if math.isfinite(loss.item()):
                 return loss
-            self.agreement.nonfinite = True  # travels in the next exchange
+            self.flag.raised = True  # travels in the next exchange
             return loss * NAN
         ok = torch.isfinite(loss.detach())
         self._bad_dev = ~ok if self._bad_dev is None else self._bad_dev | ~ok
@@ -87,7 +104,7 @@ class NonFiniteGuard:
             return float(norm)
         value, bad = torch.stack([norm.float(), self._bad_dev.float()]).tolist()
         self._bad_dev = None
-        self.agreement.nonfinite = self.agreement.nonfinite or bool(bad)
+        self.flag.raised = self.flag.raised or bool(bad)
         return value
 
     def judge(self) -> tuple[str, str]:
@@ -104,14 +121,14 @@ class NonFiniteGuard:
         if self.watch_grad or not self.on or self.agreement.exchanges == self._exchanges:
             return None
         self._exchanges = self.agreement.exchanges
-        if not self.agreement.nonfinite_agreed:
+        if not self.flag.agreed:
             self.consecutive = 0
             return None
         return self._count()
 
     def _count(self) -> tuple[str, str]:
-        quantity = "loss" if self.agreement.nonfinite_agreed else "gradient norm"
-        self.agreement.nonfinite_agreed = False
+        quantity = "loss" if self.flag.agreed else "gradient norm"
+        self.flag.agreed = False
         self.consecutive += 1
         self.skipped += 1
         stop = self.mode == "stop" or self.consecutive > self.max_skips
@@ -131,6 +148,44 @@ class NonFiniteGuard:
             "committed are intact. Lower optim.lr, check the data, or set trainer.nonfinite=skip"
         )
 
+    def act(self, step: int, quantity: str, action: str) -> None:
+        """Record a non-finite step every rank agreed on: a `nonfinite` event and a line on stderr; on
+        "stop", end the run (raises NonFiniteError on every rank). Must be called on all ranks."""
+        message = self.describe(step, quantity, action)
+        if action == "stop":
+            self._fail(NonFiniteError(step, quantity, message))
+        self.events.emit("nonfinite", step=step, quantity=quantity, action=action, skipped=self.skipped)
+        self.files.warn(f"disttrain: {message}")
+
+    def late_check(self, step: int) -> None:
+        """fp16: a non-finite loss the latest exchange reported, acted on at this step boundary. Must be
+        called on all ranks, after the agreement's poll."""
+        late = self.late_verdict()
+        if late is not None:
+            self.act(step, *late)
+
+    def check_weights(self, module: torch.nn.Module, step: int) -> None:
+        """Refuse to save weights that are not finite: NonFiniteError on every rank, nothing written. Must
+        be called on all ranks (one tiny all-reduce, so that sharded parameters, checked shard by shard,
+        give every rank the same answer)."""
+        bad = _first_bad(module)
+        if dist.any_flag(bad is not None):
+            where = bad or "a parameter shard on another rank"
+            self._fail(NonFiniteError(
+                step,
+                "parameters",
+                f"non-finite parameters at step {step} ({where}): checkpoint not written; the checkpoints "
+                "already committed are intact. Lower optim.lr, or keep trainer.nonfinite=stop to catch it at "
+                "the step",
+            ))  # fmt: skip
+
+    def _fail(self, err: NonFiniteError) -> None:
+        """Every rank at the same point: nothing left in flight, the event, then the error (exit 1)."""
+        self.agreement.drain()
+        self.settle()  # a save of an earlier, finite step still being written is committed first
+        self.events.emit("nonfinite", step=err.step, quantity=err.quantity, action="stop", error=str(err))
+        raise err
+
     def state_dict(self) -> dict[str, Any]:
         return {"consecutive": self.consecutive, "skipped": self.skipped}
 
@@ -138,45 +193,7 @@ class NonFiniteGuard:
         self.consecutive, self.skipped = int(state["consecutive"]), int(state["skipped"])
 
 
-# ------------------------------------------------------------------------- what a verdict does
-
-
-def report(trainer: Any, step: int, quantity: str, action: str) -> None:
-    """Record a non-finite step every rank agreed on: a `nonfinite` event and a line on stderr; on
-    "stop", end the run (raises NonFiniteError on every rank). Must be called on all ranks."""
-    message = trainer.guard.describe(step, quantity, action)
-    if action == "stop":
-        _fail(trainer, NonFiniteError(step, quantity, message))
-    trainer.events.emit(
-        "nonfinite", step=step, quantity=quantity, action=action, skipped=trainer.guard.skipped
-    )
-    trainer.files.warn(f"disttrain: {message}")
-
-
-def _fail(trainer: Any, err: NonFiniteError) -> None:
-    """Every rank at the same point: nothing left in flight, the event, then the error (exit 1)."""
-    trainer.agreement.drain()
-    trainer.ckpt.wait()  # a save of an earlier, finite step still being written is committed first
-    trainer.events.emit("nonfinite", step=err.step, quantity=err.quantity, action="stop", error=str(err))
-    raise err
-
-
 # -------------------------------------------------------------------------------- at save time
-
-
-def check_state(trainer: Any, module: torch.nn.Module) -> None:
-    """Refuse to save weights that are not finite: NonFiniteError on every rank, nothing written. Must be
-    called on all ranks (one tiny all-reduce, so that sharded parameters, checked shard by shard, give
-    every rank the same answer)."""
-    bad = _first_bad(module)
-    if dist.any_flag(bad is not None):
-        step, where = trainer.step, bad or "a parameter shard on another rank"
-        _fail(trainer, NonFiniteError(
-            step,
-            "parameters",
-            f"non-finite parameters at step {step} ({where}): checkpoint not written; the checkpoints already "
-            "committed are intact. Lower optim.lr, or keep trainer.nonfinite=stop to catch it at the step",
-        ))  # fmt: skip
 
 
 def _first_bad(module: torch.nn.Module) -> str | None:

@@ -18,8 +18,14 @@ from typing import Any
 import torch
 
 from disttrain import dist
-from disttrain.config import Config
+from disttrain.config import Config, TrainerConfig
+from disttrain.data import TrainData
+from disttrain.features.guard import NonFiniteGuard
+from disttrain.hooks import Hook, Loop
+from disttrain.optim import Schedule
+from disttrain.parallel import Strategy
 from disttrain.pipelines import Pipeline
+from disttrain.writers import NullWriter, Writer, build_writer
 
 # Dense (no sparsity) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's data sheets, by a fragment of
 # the device name: (bf16, fp16, tf32, fp32). The first fragment found in the name wins.
@@ -62,14 +68,13 @@ def max_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def grad_norm(trainer: Any) -> torch.Tensor | None:
-    """The global gradient norm before clipping, of the reduced gradients (the same on every rank). The
-    clip computes it anyway; without clipping it is computed only when the guard or the log needs it."""
-    cfg = trainer.cfg.trainer
-    step = trainer.step + 1
-    if cfg.grad_clip <= 0 and not (trainer.guard.on or step % cfg.log_every == 0 or step == cfg.max_steps):
+def grad_norm(strategy: Strategy, cfg: TrainerConfig, step: int, guard_on: bool) -> torch.Tensor | None:
+    """The global gradient norm before clipping, of the reduced gradients (the same on every rank), at
+    the optimizer step that ends as `step`. The clip computes it anyway; without clipping it is computed
+    only when the guard or the log needs it."""
+    if cfg.grad_clip <= 0 and not (guard_on or step % cfg.log_every == 0 or step == cfg.max_steps):
         return None
-    return trainer.strategy.grad_norm(cfg.grad_clip)
+    return strategy.grad_norm(cfg.grad_clip)
 
 
 class StepMetrics:
@@ -168,3 +173,55 @@ class StepMetrics:
 def _overrides(pipeline: Any, method: str) -> bool:
     """Whether the pipeline defines `method` itself (the base class's means "not provided")."""
     return getattr(type(pipeline), method, None) is not getattr(Pipeline, method)
+
+
+class TrainLog:
+    """The train/* log: the window's metrics reduced over ranks every `log_every` steps, and the writers
+    (metrics.jsonl, console, TensorBoard, wandb; null writers off rank 0) every metric goes to. Opened
+    when a segment starts training, closed at its end."""
+
+    def __init__(
+        self, cfg: Config, window: StepMetrics, schedule: Schedule, data: TrainData, guard: NonFiniteGuard
+    ):
+        self.cfg, self.window, self.schedule, self.data, self.guard = cfg, window, schedule, data, guard
+        self.writer: Writer = NullWriter()
+        self.last: dict[str, float] = {}  # the latest train window, as logged
+
+    def open(self, step: int, bar: bool) -> None:
+        self.writer = build_writer(self.cfg, self.cfg.run_dir, resumed_step=step, use_tqdm=bar)
+
+    @property
+    def logged_through(self) -> int | None:
+        """The highest step an earlier segment logged (where an interruption happened), if known."""
+        return self.writer.logged_through
+
+    def log_window(self, step: int) -> None:
+        """Reduce the window's metrics over ranks and write them. Must be called on all ranks."""
+        window = self.window.reduce(dist.world_size())
+        lr = self.schedule.last_lr() if step else self.cfg.optim.lr
+        head = {k: window.pop(k) for k in ("train/loss",) if k in window}
+        last = {
+            **head, "train/lr": lr, "train/samples_per_sec": window.pop("train/samples_per_sec"),
+            "train/epoch": self.data.epoch, **window,
+        }  # fmt: skip
+        if self.guard.mode == "skip":
+            last["train/skipped"] = float(self.guard.skipped)
+        self.last = last
+        self.writer.log(step, last)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.writer.log(step, metrics)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class LogHook(Hook):
+    """Logs the train window every `log_every` steps and at the last step."""
+
+    def __init__(self, log: TrainLog, every: int, max_steps: int):
+        self.log, self.every, self.max_steps = log, every, max_steps
+
+    def after_step(self, loop: Loop) -> None:
+        if loop.step % self.every == 0 or loop.step == self.max_steps:
+            self.log.log_window(loop.step)

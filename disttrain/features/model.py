@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from disttrain.config import ConfigError, TrainerConfig
-
-COMPILED_PREFIX = "_orig_mod."
+from disttrain.parallel import uncompiled
 
 
 def before_wrap(model: nn.Module, cfg: TrainerConfig, pipeline: Any) -> nn.Module:
@@ -58,18 +57,3 @@ def checkpoint_activations(block: nn.Module) -> None:
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     block.forward = forward
-
-
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module under any torch.compile wrapper (a pipeline may compile inside build_model)."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod  # type: ignore[assignment]
-    return model
-
-
-def strip_compiled_names(state: dict[str, Any]) -> dict[str, Any]:
-    """Weights saved under a compiled wrapper's names (`_orig_mod.x`, by disttrain before it kept the
-    module's own names) under the module's names, so such checkpoints still load."""
-    if not any(COMPILED_PREFIX in k for k in state):
-        return state
-    return {k.replace(COMPILED_PREFIX, ""): v for k, v in state.items()}

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from disttrain import dist, fs
-from disttrain.hooks import Hook
+from disttrain.hooks import Hook, Loop
 from disttrain.rundir import RunDir
+from disttrain.writers import EventLog, RunFiles
 
 
 def trace_dir(run_dir: str, first: int, last: int) -> str:
@@ -24,30 +25,31 @@ def trace_dir(run_dir: str, first: int, last: int) -> str:
 
 
 class ProfilerHook(Hook):
-    def __init__(self, first: int, last: int):
-        self.first, self.last = first, last
+    def __init__(self, first: int, last: int, cuda: bool, events: EventLog, files: RunFiles):
+        self.first, self.last, self.cuda = first, last, cuda
+        self.events, self.files = events, files
         self.prof: Any = None
 
-    def before_step(self, trainer: Any) -> None:
-        if trainer.step + 1 == self.first:  # the step about to run is the first traced
+    def before_step(self, loop: Loop) -> None:
+        if loop.step + 1 == self.first:  # the step about to run is the first traced
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if trainer.device.type == "cuda":
+            if self.cuda:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities, record_shapes=True, with_stack=False)
             self.prof.__enter__()
 
-    def after_step(self, trainer: Any) -> None:
-        if self.prof is not None and (trainer.step >= self.last or trainer.stopping):
-            self._write(trainer)
+    def after_step(self, loop: Loop) -> None:
+        if self.prof is not None and (loop.step >= self.last or loop.stopping):
+            self._write(loop)
 
-    def after_train(self, trainer: Any) -> None:
+    def after_train(self, loop: Loop) -> None:
         if self.prof is not None:  # ended inside the window (max_steps, a stop)
-            self._write(trainer)
+            self._write(loop)
 
-    def _write(self, trainer: Any) -> None:
+    def _write(self, loop: Loop) -> None:
         prof, self.prof = self.prof, None
         prof.__exit__(None, None, None)
-        target_dir = trace_dir(trainer.run_dir, self.first, self.last)
+        target_dir = trace_dir(loop.run_dir, self.first, self.last)
         target = fs.join(target_dir, f"rank_{dist.rank()}.pt.trace.json")
         with tempfile.TemporaryDirectory(prefix="disttrain-trace-") as tmp:
             local = os.path.join(tmp, "trace.json")
@@ -55,5 +57,5 @@ class ProfilerHook(Hook):
             fs.makedirs(target_dir)
             with open(local, "rb") as fh:
                 fs.write_bytes(target, fh.read())
-        trainer.events.emit("profile", step=trainer.step, first=self.first, last=self.last, path=target_dir)
-        trainer.files.say(f"profiler trace of steps {self.first}-{trainer.step} in {target_dir}")
+        self.events.emit("profile", step=loop.step, first=self.first, last=self.last, path=target_dir)
+        self.files.say(f"profiler trace of steps {self.first}-{loop.step} in {target_dir}")

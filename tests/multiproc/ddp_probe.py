@@ -13,17 +13,17 @@ from disttrain import dist
 from disttrain.cluster import detect
 from disttrain.config import load_config
 from disttrain.data import epoch_order
-from disttrain.trainer import Trainer
+from disttrain.trainer import Trainer, build_trainer
 
 
 def main(out: str, overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, detect())
+    trainer = build_trainer(cfg, detect())
     model = trainer.module
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    trainer.train_step(iter(trainer._train_loader()))
+    trainer.train_step(iter(trainer.data.loader(worker_seed=0)))
     after = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    distributed_eval = trainer.evaluate("eval")
+    distributed_eval = trainer.evaluator.evaluate("eval")
     if dist.is_main():
         report = {"world": dist.world_size(), **_reference_step(trainer, before, after)}
         report["eval_dist"], report["eval_single"] = distributed_eval, _reference_eval(trainer, model)
@@ -35,7 +35,7 @@ def main(out: str, overrides: list[str]) -> None:
 
 def _reference_step(trainer: Trainer, before: dict, after: dict) -> dict:
     """Plain SGD on the whole global batch in one process: w1 = w0 - lr * grad."""
-    cfg, ds = trainer.cfg, trainer.datasets["train"]
+    cfg, ds = trainer.cfg, trainer.data.dataset
     ref = trainer.pipeline.build_model()
     ref.load_state_dict(before)
     ids = epoch_order(len(ds), cfg.seed, 0, cfg.data.shuffle)[: cfg.data.batch_size].tolist()
@@ -50,7 +50,7 @@ def _reference_step(trainer: Trainer, before: dict, after: dict) -> dict:
 
 
 def _reference_eval(trainer: Trainer, model: torch.nn.Module) -> dict:
-    ds = trainer.datasets["eval"]
+    ds = trainer.evaluator.splits["eval"]
     model.eval()
     with torch.no_grad():
         sums = trainer.pipeline.eval_step(model, default_collate([ds[i] for i in range(len(ds))]))

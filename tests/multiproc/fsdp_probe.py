@@ -9,11 +9,11 @@ import sys
 from disttrain import dist
 from disttrain.cluster import detect
 from disttrain.config import load_config
-from disttrain.trainer import Trainer
+from disttrain.trainer import build_trainer
 
 
 def main(overrides: list[str]) -> None:
-    trainer = Trainer(load_config(None, overrides), detect())
+    trainer = build_trainer(load_config(None, overrides), detect())
     trainer.save_checkpoint(reason="roundtrip")
     trainer.close()
     dist.destroy()

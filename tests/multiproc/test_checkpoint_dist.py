@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from disttrain.checkpoint import CheckpointManager, read_checkpoint
+from disttrain.ckpt_format import read_checkpoint
+from disttrain.ckpt_write import CheckpointManager
 from disttrain.config import CheckpointConfig
 from tests.conftest import child_env, free_port
 
@@ -26,7 +27,8 @@ def _worker(run_dir: str) -> None:
     import torch.distributed as tdist
 
     from disttrain import dist
-    from disttrain.checkpoint import CheckpointError, capture_rank_state, restore_rank_state
+    from disttrain.ckpt_format import CheckpointError
+    from disttrain.state import capture_rank_state, restore_rank_state
 
     rank = int(os.environ["RANK"])
     tdist.init_process_group("gloo", rank=rank, world_size=2, timeout=dist.timeout(30))

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import torch
 
-from disttrain.checkpoint import CheckpointManager
+from disttrain.ckpt_write import CheckpointManager
 from disttrain.config import CheckpointConfig
 from tests.conftest import FAST, MEASURED, REPO, child_env, free_port, main_cmd, read_jsonl, run_main
 from tests.multiproc.test_exact_resume import (

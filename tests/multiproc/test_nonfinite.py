@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disttrain.checkpoint import CheckpointManager
+from disttrain.ckpt_write import CheckpointManager
 from disttrain.commands.status import collect
 from disttrain.config import CheckpointConfig
 from disttrain.data import epoch_order

@@ -20,9 +20,11 @@ import fsspec  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
-from disttrain.checkpoint import CheckpointError, CheckpointManager, capture_rank_state  # noqa: E402
+from disttrain.ckpt_format import CheckpointError  # noqa: E402
+from disttrain.ckpt_write import CheckpointManager  # noqa: E402
 from disttrain.commands.ckpt import main as ckpt_main  # noqa: E402
 from disttrain.config import CheckpointConfig  # noqa: E402
+from disttrain.state import capture_rank_state  # noqa: E402
 from tests.conftest import child_env  # noqa: E402
 
 pytestmark = pytest.mark.storage
@@ -111,7 +113,8 @@ def test_cli_on_s3(run_dir, tmp_path, capsys):
 CHILD = textwrap.dedent(
     """
     import sys, torch
-    from disttrain.checkpoint import CheckpointManager, capture_rank_state
+    from disttrain.ckpt_write import CheckpointManager
+    from disttrain.state import capture_rank_state
     from disttrain.config import CheckpointConfig
     mgr = CheckpointManager(sys.argv[1], CheckpointConfig(every_steps=1, keep_last=2, async_save=True))
     model = torch.nn.Linear(256, 256)

@@ -21,14 +21,11 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.memory import MemoryFileSystem
 
-from disttrain.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    capture_rank_state,
-    restore_rank_state,
-)
+from disttrain.ckpt_format import CheckpointError
+from disttrain.ckpt_write import CheckpointManager
 from disttrain.commands.ckpt import main as ckpt_main
 from disttrain.config import CheckpointConfig
+from disttrain.state import capture_rank_state, restore_rank_state
 
 # --------------------------------------------------------------------------------------- helpers
 

@@ -25,8 +25,9 @@ def _child(run_dir: str, async_save: bool) -> None:
     """Train a small MLP forever, saving every step; resume from the newest verified checkpoint."""
     import torch
 
-    from disttrain.checkpoint import CheckpointManager, capture_rank_state
+    from disttrain.ckpt_write import CheckpointManager
     from disttrain.config import CheckpointConfig
+    from disttrain.state import capture_rank_state
 
     torch.manual_seed(os.getpid())
     model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
@@ -76,7 +77,7 @@ def _zygote() -> None:
 
 def _check(run_dir: str) -> int | None:
     """Every committed checkpoint verifies; newest verified == newest committed; returns its step."""
-    from disttrain.checkpoint import CheckpointManager
+    from disttrain.ckpt_write import CheckpointManager
     from disttrain.config import CheckpointConfig
 
     mgr = CheckpointManager(run_dir, CheckpointConfig())

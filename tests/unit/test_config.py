@@ -16,8 +16,8 @@ from disttrain.config import (
     field_docs,
     load_config,
     parse_override,
-    resume_fingerprint,
 )
+from disttrain.resume import fingerprint
 from tests.conftest import REPO
 
 
@@ -84,8 +84,8 @@ def test_secret_looking_keys_are_redacted_in_dump():
 
 def test_resume_fingerprint_tracks_model_and_batch():
     a, b = Config(), load_config(None, ["data.batch_size=32"])
-    assert resume_fingerprint(a) != resume_fingerprint(b)
-    assert resume_fingerprint(a) == resume_fingerprint(load_config(None, ["trainer.max_steps=999"]))
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) == fingerprint(load_config(None, ["trainer.max_steps=999"]))
 
 
 # ------------------------------------------------------------------------------------ bad input

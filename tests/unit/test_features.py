@@ -4,6 +4,7 @@ checkpointing, compiled names, config hooks, parameter groups, and the metrics p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,12 +17,13 @@ from disttrain.config import ConfigError, load_config
 from disttrain.data import epoch_order
 from disttrain.features.guard import NonFiniteError, _first_bad
 from disttrain.features.metrics import peak_for
-from disttrain.features.model import strip_compiled_names
-from disttrain.hooks import Hook, postfix
+from disttrain.features.progress import postfix
+from disttrain.hooks import Hook
+from disttrain.parallel import strip_compiled_names
 from disttrain.pipelines.digits import DigitsPipeline
 from disttrain.preemption import StopSignal
 from disttrain.run import Outcome, execute, preflight
-from disttrain.trainer import Trainer
+from disttrain.trainer import Trainer, build_trainer
 from tests.conftest import REPO, read_jsonl
 
 QUIET = ["trainer.progress=none", "log.console=false", "log.plot=false", "trainer.eval_every=0"]
@@ -35,7 +37,7 @@ def config(run_dir, *overrides: str, path: str | None = None):
 
 
 def build(run_dir, *overrides: str, path: str | None = None, hooks=None) -> Trainer:
-    return Trainer(config(run_dir, *overrides, path=path), detect({}), hooks=hooks)
+    return build_trainer(config(run_dir, *overrides, path=path), detect({}), hooks=hooks)
 
 
 def events(run_dir) -> list[dict]:
@@ -154,21 +156,24 @@ def test_ema_is_the_average_eval_uses_it_and_export_writes_it(tmp_path):
     for i, params in enumerate(seen.params):  # decay 0, 0.4, then 0.8 (warm-up over 2 updates)
         decay = 0.8 * min(1.0, i / 2)
         expected = {n: decay * expected[n] + (1 - decay) * params[n] for n in expected}
-    shadow = dict(zip(trainer.ema.names, trainer.ema.shadow))
+    ema = trainer.evaluator.ema
+    shadow = dict(zip(ema.names, ema.shadow))
     assert all(torch.allclose(shadow[n], expected[n], atol=1e-6) for n in expected)
     assert not torch.equal(shadow["fc2.weight"], trainer.module.fc2.weight)
 
-    with_ema = trainer.evaluate("eval")
+    with_ema = trainer.evaluator.evaluate("eval")
     out = tmp_path / "ema.safetensors"
     assert ckpt_cmd.main(["export", str(run_dir), "--ema", "--out", str(out)]) == 0
     from safetensors.torch import load_file
 
     exported = load_file(out)
     assert all(torch.equal(exported[n], shadow[n]) for n in shadow)
-    trainer.cfg.ema.eval = False
-    trained = trainer.evaluate("eval")
+    trainer.evaluator.spec = dataclasses.replace(trainer.evaluator.spec, use_ema=False)
+    trained = trainer.evaluator.evaluate("eval")
     trainer.module.load_state_dict(exported)
-    assert trainer.evaluate("eval") == with_ema != trained, "eval with ema.eval evaluates the EMA weights"
+    assert trainer.evaluator.evaluate("eval") == with_ema != trained, (
+        "eval with ema.eval evaluates the EMA weights"
+    )
     trainer.close()
     assert ckpt_cmd.main(["export", str(_plain_run(tmp_path)), "--ema", "--out", str(out)]) == 2
 
@@ -259,7 +264,7 @@ class Marker(Hook):
     """A config hook without arguments, named by its path alone."""
 
     def before_train(self, trainer) -> None:
-        trainer.files.say("marker hook ran")
+        trainer.say("marker hook ran")
 
 
 def test_config_hooks_run_after_log_and_eval_before_the_checkpoint_and_resume_exactly(tmp_path, capsys):
@@ -299,11 +304,11 @@ def test_the_pipeline_can_give_parameter_groups_or_its_own_optimizer(tmp_path):
     trainer = build(tmp_path / "a", "pipeline.target=tests.unit.test_features:GroupedDigits", "optim.weight_decay=0.1",
                     "scheduler.name=constant", "trainer.max_steps=2")  # fmt: skip
     trainer.fit()
-    groups = trainer.optimizer.param_groups
+    groups = trainer.strategy.optimizer.param_groups
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(3e-3, 0.1), (3e-4, 0.0)]
     trainer.close()
     own = build(tmp_path / "b", "pipeline.target=tests.unit.test_features:SgdDigits", "trainer.max_steps=2")
-    assert isinstance(own.optimizer, torch.optim.SGD) and own.fit().step == 2
+    assert isinstance(own.strategy.optimizer, torch.optim.SGD) and own.fit().step == 2
     own.close()
 
 

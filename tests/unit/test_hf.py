@@ -11,9 +11,9 @@ import torch
 
 from disttrain.ckpt_format import manifest, publish, read_checkpoint, write_files
 from disttrain.config import ConfigError, PipelineConfig
+from disttrain.parallel import load_whole
 from disttrain.pipelines import load_pipeline
 from disttrain.pipelines.hf import CausalLM
-from disttrain.trainer_state import _load_model
 from tests.conftest import FAST, run_main
 from tests.unit.test_main import assert_refused
 
@@ -71,7 +71,7 @@ def test_tied_weights_stay_tied_through_a_checkpoint(tmp_path):
     assert app["model"]["lm_head.weight"].data_ptr() != app["model"]["transformer.wte.weight"].data_ptr()
     torch.manual_seed(1)
     fresh = pipeline(model=TINY, block_size=32).build_model()
-    _load_model(fresh, app["model"], step_dir)
+    load_whole(fresh, app["model"], step_dir)
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
     assert torch.equal(fresh.transformer.wte.weight, trained.transformer.wte.weight)
 
@@ -118,7 +118,7 @@ def test_token_records_become_fixed_blocks_from_each_data_source(tmp_path):
 
 @pytest.mark.parametrize("config", ["digits", "none"])
 def test_an_hf_export_of_a_run_it_cannot_rebuild_exits_2_with_one_line(tmp_path, capsys, config):
-    from disttrain.checkpoint import CheckpointManager
+    from disttrain.ckpt_write import CheckpointManager
     from disttrain.commands.ckpt import main as ckpt_main
     from disttrain.config import CheckpointConfig, dump_yaml, load_config
 

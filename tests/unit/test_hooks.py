@@ -5,7 +5,7 @@ from __future__ import annotations
 from disttrain.cluster import detect
 from disttrain.config import load_config
 from disttrain.hooks import Hook
-from disttrain.trainer import Trainer
+from disttrain.trainer import build_trainer
 
 
 class Recorder(Hook):
@@ -37,7 +37,7 @@ def test_hook_points_fire_in_order(tmp_path):
                              "checkpoint.every_steps=0", "checkpoint.save_final=false", "trainer.progress=none",
                              "log.console=false", "log.plot=false"])  # fmt: skip
     rec = Recorder()
-    trainer = Trainer(cfg, detect({}), hooks=[rec])
+    trainer = build_trainer(cfg, detect({}), hooks=[rec])
     assert trainer.fit().outcome == "finished"
     names = [c for c in rec.calls if c[0] != "before_step"]
     # User hooks run after the stock ones, so the stock eval hook's after_eval comes first at step 2.
@@ -46,4 +46,4 @@ def test_hook_points_fire_in_order(tmp_path):
         ("after_eval", 4), ("after_step", 4), ("after_train", 4),
     ]  # fmt: skip
     assert [c for c in rec.calls if c[0] == "before_step"] == [("before_step", s) for s in range(4)]
-    assert [i.step for i in trainer.ckpt.list()] == [3]
+    assert [i.step for i in trainer.checkpointing.manager.list()] == [3]

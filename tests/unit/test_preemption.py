@@ -134,10 +134,11 @@ def test_exchanges_come_about_every_interval_and_a_signal_is_still_agreed_at_one
 
 
 def test_settle_exchanges_at_once_with_the_non_finite_flag():
-    agreement = StopAgreement(StopSignal(()), interval_s=0.05)
+    agreement = StopAgreement(StopSignal(()), interval_s=0.05, channels=("nonfinite",))
     agreement.poll()
-    agreement.nonfinite = True  # what the guard sets when this rank's loss is not finite
-    assert agreement.settle() is None and agreement.nonfinite_agreed and not agreement.nonfinite
-    agreement.nonfinite_agreed = False
+    flag = agreement.channel("nonfinite")
+    flag.raised = True  # what the guard sets when this rank's loss is not finite
+    assert agreement.settle() is None and flag.agreed and not flag.raised
+    flag.agreed = False
     agreement.settle()
-    assert not agreement.nonfinite_agreed, "a flag is sent once"
+    assert not flag.agreed, "a flag is sent once"

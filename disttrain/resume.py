@@ -1,0 +1,81 @@
+"""Resume policy, in one place: which checkpoint a run continues from, which config changes a resume
+refuses, and what a restarted attempt does. Torch-free, so that preflight refuses a bad resume before
+anything heavy is imported or anything is created.
+
+The rule itself (which keys) is config schema: `config.RESUME_CRITICAL_KEYS`, the fields marked
+`resume="refuse"`. A checkpoint records their values (its *fingerprint*) in its manifest; a resume whose
+config differs in one is refused, naming the key. Every other key is applied from the resumed step on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from disttrain import fs
+from disttrain.config import RESUME_CRITICAL_KEYS, Config, ConfigError, get_dotted, to_dict
+from disttrain.rundir import MANIFEST, RunDir, is_committed
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """The values of RESUME_CRITICAL_KEYS, compared against a checkpoint's before resuming."""
+    data = to_dict(cfg, redact=True)
+    return {key: get_dotted(data, key) for key in RESUME_CRITICAL_KEYS}
+
+
+def conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """`key: saved -> now` for every refused key whose value differs from the checkpoint's fingerprint.
+    Keys the checkpoint did not record are not compared, and leaving init_from empty on resume is no
+    change: it only ever seeds a run's first segment."""
+    now = fingerprint(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed if not (k == "init_from" and not now[k])]
+
+
+def refusal(source: str, changed: list[str]) -> str:
+    return (
+        f"cannot resume from {source}: {', '.join(changed)} changed since the checkpoint; restore the old "
+        "values, start a new run_dir, or use init_from=PATH to start from its weights only"
+    )
+
+
+def check_compatible(cfg: Config, source: str, manifest: dict[str, Any]) -> None:
+    """Refuse (ConfigError) a checkpoint whose run differs in a key that makes its state meaningless here."""
+    changed = conflicts(dict(manifest.get("fingerprint") or {}), cfg)
+    if changed:
+        raise ConfigError(refusal(source, changed))
+
+
+def continue_after_restart(cfg: Config) -> None:
+    """A restarted attempt (a SLURM requeue, a torchrun restart) continues from the run's own newest
+    committed checkpoint, whatever `resume` said for the first attempt: `never` meant "nothing there
+    before this run", and a path is where the run started from, not where it got to. Before its first
+    commit (a save killed half way leaves only a `.tmp-` dir) it starts again as the first attempt did."""
+    if cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps():
+        cfg.resume = "auto"
+
+
+def source(cfg: Config, committed: list[int]) -> str | None:
+    """The checkpoint directory `resume` points at before anything is verified (the newest committed one
+    of the run dir, or of the run dir `resume=PATH` names); None for a fresh start."""
+    if cfg.resume == "auto":
+        return RunDir(cfg.run_dir).step_dir(committed[0]) if committed else None
+    if cfg.resume == "never":
+        return None
+    own = RunDir(cfg.resume).committed_steps()
+    return cfg.resume if is_committed(cfg.resume) or not own else RunDir(cfg.resume).step_dir(own[0])
+
+
+def preflight(cfg: Config, committed: list[int]) -> None:
+    """Refuse a resume whose config changed a key the checkpoint depends on, from the manifest alone,
+    before anything is built. (The checkpoint finally loaded is checked again: a newest one that fails
+    verification makes the load fall back to an older one.)"""
+    path = source(cfg, committed)
+    if path is None:
+        return
+    try:
+        manifest = json.loads(fs.read_text(fs.join(path, MANIFEST)))
+    except (OSError, ValueError):
+        return  # unreadable: loading it says so, or falls back to an older one
+    if isinstance(manifest, dict):
+        check_compatible(cfg, path, manifest)

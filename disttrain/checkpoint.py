@@ -15,7 +15,10 @@ that the schedule can re-apply the configured optimizer settings over the loaded
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
+
+from torch import nn
 
 from disttrain import dist
 from disttrain.ckpt_read import Loaded
@@ -28,7 +31,8 @@ from disttrain.resume import check_compatible
 from disttrain.state import Progress, StateRegistry, rank_seed, seed_all
 from disttrain.writers import EventLog, RunFiles
 
-WeightsCheck = Any  # Callable[[nn.Module, int], None]: raises (on every rank) instead of saving bad weights
+# Raises (on every rank alike) instead of letting non-finite weights be saved: the guard's check.
+WeightsCheck = Callable[[nn.Module, int], None]
 
 
 class Checkpointing:

@@ -19,13 +19,16 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disttrain import fs, resume
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, ConfigError, check_batch_divides
 from disttrain.preemption import StopSignal, tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
+
+if TYPE_CHECKING:
+    from disttrain.trainer import FitResult, Trainer
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 _UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
@@ -242,7 +245,7 @@ def execute(
             segment.exit(trainer.step if trainer is not None else 0)
 
 
-def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> RunResult:
+def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: int) -> RunResult:
     """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
@@ -253,7 +256,7 @@ def _after_fit(trainer: Any, fit: Any, env: ClusterEnv, max_requeues: int) -> Ru
     from disttrain import preemption
 
     decision = preemption.after_stop(fit.stop, env, max_requeues)
-    fields = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
+    fields: dict[str, Any] = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
     if trainer.stop.signal.first_at is not None:
         fields["signal_time"] = round(trainer.stop.signal.first_at, 3)
     if decision.requeued:
@@ -290,7 +293,7 @@ def _bad_input(env: ClusterEnv, err: ConfigError) -> RunResult:
     return RunResult(Outcome.BAD_INPUT, message=str(err))
 
 
-def _interrupted(trainer: Any, env: ClusterEnv) -> RunResult:
+def _interrupted(trainer: Trainer | None, env: ClusterEnv) -> RunResult:
     """Ctrl-C twice: out at once, without a save, but the end is recorded (status must not say running)."""
     step = trainer.step if trainer is not None else None
     if trainer is not None:
@@ -300,7 +303,7 @@ def _interrupted(trainer: Any, env: ClusterEnv) -> RunResult:
     return RunResult(Outcome.INTERRUPTED, step, signal="SIGINT")
 
 
-def _failed(trainer: Any, cfg: Config, env: ClusterEnv, err: Exception) -> RunResult:
+def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exception) -> RunResult:
     """Report a failure in one `disttrain:` line (last, after the traceback of an error in the user's
     code; disttrain's own failures, a storage or checkpoint problem or a dead peer, need none), and
     record it."""

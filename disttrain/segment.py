@@ -56,10 +56,25 @@ class Segment:
         """Start-up ends here: the first step comes next."""
         self.events.emit("ready", step=step, **phases.CLOCK.ready_fields())
 
-    def finished(self, step: int, reason: str) -> None:
-        self.events.emit("finish", step=step, **({"reason": reason} if reason else {}))
-        if reason:
-            self.files.say(f"finished at step {step}: {reason}")
+    def finished(self, step: int, reason: str, skipped: int = 0) -> None:
+        """The run is done: recorded, and one line that says where its results are. Steps skipped as
+        non-finite (trainer.nonfinite=skip) are said loudly: a run that skipped most of its steps
+        "finishes" with weights that barely trained."""
+        extra = {"reason": reason} if reason else {}
+        self.events.emit("finish", step=step, **extra, **({"skipped": skipped} if skipped else {}))
+        if skipped:
+            share = skipped / max(1, step)
+            loud = " THE WEIGHTS BARELY TRAINED;" if share >= 0.5 else ""
+            self.files.warn(
+                f"disttrain: warning: {skipped} of {step} steps ({share:.0%}) were skipped as non-finite "
+                f"(trainer.nonfinite=skip);{loud} check the data and optim.lr"
+            )
+        why = f": {reason}" if reason else ""
+        run_dir = self.cfg.run_dir
+        self.files.say(
+            f"finished at step {step}{why}; results in {run_dir} (metrics.jsonl, events.jsonl, checkpoints/); "
+            f"`disttrain status {run_dir}` sums it up"
+        )
 
     def stopped(self, step: int, signal: str | None) -> None:
         self.events.emit("stopped", step=step, signal=signal)

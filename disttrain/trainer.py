@@ -116,7 +116,7 @@ class Trainer:
             self.log.close()
         request = self.stop.request
         if request is None:
-            self.segment.finished(progress.step, progress.ended)
+            self.segment.finished(progress.step, progress.ended, self.guard.skipped)
             return FitResult("finished", progress.step, reason=progress.ended)
         self.segment.stopped(progress.step, request.signal)
         return FitResult("stopped", progress.step, request)

@@ -191,3 +191,11 @@ class PoisonDigits(ProbeDigits):
         if self.poison & set(idx.tolist()):
             loss = loss + float("nan") if self.how == "add" else loss * float("nan")
         return loss
+
+
+class NanEvalDigits(DigitsPipeline):
+    """Digits whose eval loss is NaN (training is fine): an eval metric that is no result."""
+
+    def eval_step(self, model, batch):
+        sums = super().eval_step(model, batch)
+        return {**sums, "loss": sums["loss"] * float("nan")}

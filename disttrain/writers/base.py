@@ -108,7 +108,8 @@ def _step_of(line: str) -> int:
 
 
 class ConsoleWriter(Writer):
-    """Plain metric lines on stdout; through tqdm.write when a progress bar owns the terminal."""
+    """Plain metric lines on stdout. With a progress bar on the terminal (`use_tqdm`) the bar shows the
+    train window, so only the other records (eval) print, through tqdm.write above the bar."""
 
     def __init__(self, max_steps: int, use_tqdm: bool):
         self.max_steps = max_steps
@@ -127,8 +128,11 @@ class ConsoleWriter(Writer):
         return f"eta {int(left // 60)}m{int(left % 60):02d}s"
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        parts = [f"step {step}/{self.max_steps}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()]
-        if any(k.startswith("train/") for k in metrics) and (eta := self._eta(step)):
+        train = any(k.startswith("train/") for k in metrics)
+        if train and self.use_tqdm:
+            return  # the bar has these figures
+        parts = [f"step {step}/{self.max_steps}"] + [f"{k} {fmt_number(v)}" for k, v in metrics.items()]
+        if train and (eta := self._eta(step)):
             parts.append(eta)
         line = " | ".join(parts)
         if self.use_tqdm:
@@ -139,10 +143,16 @@ class ConsoleWriter(Writer):
             print(line, flush=True)
 
 
-def _fmt(value: float) -> str:
-    if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 1e-3)):
+def fmt_number(value: float) -> str:
+    """One format for every metric: four decimals for the usual range, one for figures from 100 on
+    (throughput, memory), three significant digits with an exponent for tiny ones (a learning rate)."""
+    if not isinstance(value, float):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if 0 < abs(value) < 1e-3:
         return f"{value:.3e}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, Any]:

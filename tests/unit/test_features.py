@@ -127,6 +127,29 @@ def test_early_stop_ends_as_finished_with_its_reason_and_a_restarted_job_does_no
     again.close()
 
 
+def test_a_nan_eval_metric_is_said_recorded_and_not_taken_for_a_result(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    trainer = build(run_dir, "pipeline.target=tests.pipelines:NanEvalDigits", "trainer.max_steps=12",
+                    "trainer.eval_every=2", "early_stop.metric=eval/loss", "early_stop.patience=2")  # fmt: skip
+    fit = trainer.fit()
+    trainer.close()
+    assert (fit.outcome, fit.step, fit.reason) == ("finished", 12, ""), "no early stop on NaN evals"
+    evals = [e for e in events(run_dir) if e["event"] == "eval"]
+    assert len(evals) == 6 and all(e["nonfinite"] == ["eval/loss"] for e in evals)
+    assert "eval/loss not finite at step 2" in capsys.readouterr().err
+
+
+def test_a_run_that_skipped_most_steps_says_so_when_it_finishes(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    trainer = build(run_dir, "pipeline.target=tests.pipelines:PoisonDigits", poisoned(*range(1, 9)),
+                    "trainer.nonfinite=skip", "trainer.max_skips=100", "trainer.max_steps=10")  # fmt: skip
+    assert trainer.fit().outcome == "finished"
+    trainer.close()
+    assert events(run_dir)[-1] == {**events(run_dir)[-1], "event": "finish", "skipped": 8}
+    err = capsys.readouterr().err
+    assert "8 of 10 steps (80%) were skipped as non-finite" in err and "BARELY TRAINED" in err
+
+
 def test_early_stop_needs_an_eval_metric_and_evals(tmp_path):
     with pytest.raises(ConfigError, match="must be an eval metric"):
         config(tmp_path, "early_stop.metric=train/loss")

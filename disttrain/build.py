@@ -32,11 +32,10 @@ from disttrain.hooks import Hook
 from disttrain.optim import Schedule, build_optimizer, build_scheduler
 from disttrain.parallel import Strategy, build_strategy
 from disttrain.pipelines import Pipeline, load_pipeline
-from disttrain.preemption import StopAgreement, StopSignal
 from disttrain.resume import fingerprint
 from disttrain.segment import Segment
 from disttrain.state import Progress, RankRNG, StateRegistry, rank_seed, seed_all
-from disttrain.stop import StopHook, Stopping
+from disttrain.stop import StopAgreement, StopHook, Stopping, StopSignal
 from disttrain.stream import as_stream
 from disttrain.writers import EventLog, build_run_files
 

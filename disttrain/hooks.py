@@ -11,9 +11,10 @@ The stock hooks live beside the service they drive and hold it (`checkpoint.Chec
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
+if TYPE_CHECKING:  # importing hooks stays cheap: the stop path imports it before torch (stop.py)
+    from torch import nn
 
 
 class Loop(Protocol):

@@ -16,8 +16,9 @@ from typing import NoReturn
 
 from disttrain import cluster, phases, run
 from disttrain.config import ConfigError, load_config
-from disttrain.preemption import StopSignal, max_requeues_from_env
+from disttrain.preemption import max_requeues_from_env
 from disttrain.redact import mask_output, secret_values
+from disttrain.stop import StopSignal
 
 EXIT_BAD_INPUT = 2
 

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 from disttrain import fs, resume
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, ConfigError, check_batch_divides
-from disttrain.preemption import StopSignal, tie_to_launcher
+from disttrain.preemption import tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
+from disttrain.stop import StopSignal
 
 if TYPE_CHECKING:
     from disttrain.trainer import FitResult, Trainer
@@ -253,9 +254,9 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: 
     if env.launcher != "slurm":
         files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
-    from disttrain import preemption
+    from disttrain.stop import after_stop
 
-    decision = preemption.after_stop(fit.stop, env, max_requeues)
+    decision = after_stop(fit.stop, env, max_requeues)
     fields: dict[str, Any] = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
     if trainer.stop.signal.first_at is not None:
         fields["signal_time"] = round(trainer.stop.signal.first_at, 3)

@@ -25,8 +25,8 @@ from disttrain.config import Config
 from disttrain.features.guard import NonFiniteError
 from disttrain.features.metrics import grad_norm
 from disttrain.hooks import Hook
-from disttrain.preemption import StopRequest, StopSignal
 from disttrain.state import worker_seed
+from disttrain.stop import StopRequest, StopSignal
 
 
 @dataclass(frozen=True)

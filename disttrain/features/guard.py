@@ -8,7 +8,7 @@ gradient (it backpropagates `loss * nan`, so a loss that is NaN while its gradie
 counts), so the global gradient norm, identical on every rank after the reduction, carries the verdict
 into the step itself: the update can be skipped, or the run stopped, before a non-finite value reaches
 the weights. Which quantity it was (some rank's loss, or only the gradient) travels as a flag in the
-overlapped stop agreement (`preemption.StopAgreement`, its "nonfinite" channel), settled at once when
+overlapped stop agreement (`stop.StopAgreement`, its "nonfinite" channel), settled at once when
 the verdict is bad.
 
 Under fp16 the grad scaler owns non-finite gradients (it skips the step and lowers the scale, which is
@@ -29,7 +29,7 @@ import torch
 
 from disttrain import dist
 from disttrain.config import TrainerConfig
-from disttrain.preemption import StopAgreement
+from disttrain.stop import StopAgreement
 from disttrain.writers import EventLog, RunFiles
 
 CHANNEL = "nonfinite"  # the agreement's flag for "some rank saw a non-finite loss"

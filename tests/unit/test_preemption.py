@@ -9,14 +9,8 @@ import signal
 import pytest
 
 from disttrain.cluster import ClusterEnv
-from disttrain.preemption import (
-    Requeue,
-    StopAgreement,
-    StopRequest,
-    StopSignal,
-    decide,
-    max_requeues_from_env,
-)
+from disttrain.preemption import Requeue, decide, max_requeues_from_env
+from disttrain.stop import StopAgreement, StopRequest, StopSignal
 
 JOB = ClusterEnv(launcher="slurm", world_size=2, job_id="42")
 

@@ -173,7 +173,10 @@ def weights_sha256(model: Any) -> str:
 
 class NoMetrics:
     """Variant M's stand-in for the Trainer's StepMetrics: the per-step accumulation removed (nothing is
-    logged in a timed run, so `reduce` is never called)."""
+    logged in a timed run, so `reduce` is never called). The section marks stay: they are the loop's."""
+
+    def __init__(self, sections: Any) -> None:
+        self.sections = sections
 
     def micro_batch(self, loss: Any, batch: Any) -> None:
         pass
@@ -184,14 +187,14 @@ class NoMetrics:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def reduce(self, world: int) -> dict[str, float]:  # the end-of-run log line (after the timed steps)
-        return {"train/samples_per_sec": 0.0}
+    def reduce(self, world: int) -> tuple[dict[str, float], list[list[float]]]:  # the end-of-run log line
+        return {"train/samples_per_sec": 0.0}, []
 
 
 def _setup(variant: str, trainer: Any) -> None:
     """What makes G, M and E differ from A, applied to a built Trainer."""
     if variant == "M":
-        trainer.log.window = NoMetrics()
+        trainer.log.window = NoMetrics(trainer.log.window.sections)
     elif variant == "E":
         trainer.stop.agreement.interval_s = 0.0
 

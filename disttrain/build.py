@@ -9,12 +9,13 @@ is loaded last, once every stateful part is registered (`state.StateRegistry`).
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from disttrain import __version__, dist, phases
+from disttrain import __version__, dist, hangs, phases
 from disttrain.checkpoint import CheckpointHook, Checkpointing
 from disttrain.ckpt_write import CheckpointManager
 from disttrain.cluster import ClusterEnv
@@ -28,11 +29,13 @@ from disttrain.features.guard import NonFiniteGuard
 from disttrain.features.metrics import LogHook, StepMetrics, TrainLog
 from disttrain.features.model import after_wrap, before_wrap
 from disttrain.features.progress import ProgressHook
+from disttrain.features.stragglers import Stragglers
 from disttrain.hooks import Hook
 from disttrain.optim import Schedule, build_optimizer, build_scheduler
 from disttrain.parallel import Strategy, build_strategy
 from disttrain.pipelines import Pipeline, load_pipeline
 from disttrain.resume import fingerprint
+from disttrain.sections import Sections
 from disttrain.segment import Segment
 from disttrain.state import Progress, RankRNG, StateRegistry, rank_seed, seed_all
 from disttrain.stop import StopAgreement, StopHook, Stopping, StopSignal
@@ -89,7 +92,8 @@ def build(
     seed_all(rank_seed(cfg.seed, rank))  # per-rank stream for dropout & co
     files, progress = build_run_files(cfg.run_dir), Progress(cfg.data.batch_size)
     events = EventLog(cfg.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
-    stopping = _stopping(cfg, stop, events, progress, world)
+    window = StepMetrics(cfg, strategy.device, pipeline)
+    stopping = _stopping(cfg, stop, events, progress, window.sections, world)
     manager = _manager(cfg)
     cuda = strategy.device.type == "cuda"
     guard = NonFiniteGuard(
@@ -101,8 +105,9 @@ def build(
         files,
         manager.wait,
     )
-    window = StepMetrics(cfg, strategy.device, pipeline)
-    log = TrainLog(cfg, window, schedule, data, guard)
+    hosts = dist.all_gather_objects(socket.gethostname())  # once: attribution names hosts, not only ranks
+    stragglers = Stragglers(hosts, cfg.trainer.straggler_ratio, cfg.trainer.straggler_windows, events)
+    log = TrainLog(cfg, window, schedule, data, guard, stragglers)
     features = feature_hooks(cfg, cuda, events, files)
     spec = EvalSpec(cfg.data.eval_batch_size, cfg.data.num_workers, cfg.ema.eval)
     ema = EMAHook.find(features, strategy.module)
@@ -165,16 +170,27 @@ def _distributed_model(cfg: Config, pipeline: Pipeline, strategy: Strategy) -> t
 
 
 def _stopping(
-    cfg: Config, stop: StopSignal | None, events: EventLog, progress: Progress, world: int
+    cfg: Config, stop: StopSignal | None, events: EventLog, progress: Progress, sections: Sections, world: int
 ) -> Stopping:
+    """The stop path, with the hang watch of a multi-rank run: a stalled rank writes where it is (its
+    peers' line then names it), and a rank hung past the timeout records a `hang` and fails."""
     signal = stop or StopSignal()
     hang_after = cfg.trainer.collective_timeout_s if world > 1 else None
+    rank = dist.rank()
+
+    def on_stall(idle: float) -> None:
+        hangs.write_stack(cfg.run_dir, rank, progress.step, sections.current, idle)
 
     def on_hang(why: str) -> None:
+        stack = hangs.main_thread_stack()
+        where = {"rank": rank, "host": socket.gethostname(), "frame": hangs.frame_of(stack)}
+        events.emit("hang", step=progress.step, section=sections.current, **where, ranks=[where])
         events.emit("error", step=progress.step, error=why)
 
     channels = (guard_feature.CHANNEL,)
-    agreement = StopAgreement(signal, hang_after=hang_after, on_hang=on_hang, channels=channels)
+    agreement = StopAgreement(
+        signal, hang_after=hang_after, on_hang=on_hang, channels=channels, on_stall=on_stall
+    )
     return Stopping(signal, agreement, events)
 
 
@@ -222,8 +238,8 @@ def _stock_hooks(
         ProgressHook(log, bar, t.max_steps),
         EvalHook(evaluator, log, t.eval_every, t.max_steps),
         *user,
-        CheckpointHook(checkpointing),
-        StopHook(stopping, checkpointing, guard.late_check),
+        CheckpointHook(checkpointing, log.window.sections),
+        StopHook(stopping, checkpointing, guard.late_check, log.window.sections),
     ]
 
 

@@ -28,6 +28,7 @@ from disttrain.data import TrainData
 from disttrain.hooks import Hook, Loop
 from disttrain.parallel import ModelState, Strategy
 from disttrain.resume import check_compatible
+from disttrain.sections import CHECKPOINT, Sections
 from disttrain.state import Progress, StateRegistry, rank_seed, seed_all
 from disttrain.writers import EventLog, RunFiles
 
@@ -135,11 +136,12 @@ class Checkpointing:
 class CheckpointHook(Hook):
     """Periodic saves (the manager decides when), and the final save."""
 
-    def __init__(self, checkpointing: Checkpointing):
-        self.checkpointing = checkpointing
+    def __init__(self, checkpointing: Checkpointing, sections: Sections):
+        self.checkpointing, self.sections = checkpointing, sections
 
     def after_step(self, loop: Loop) -> None:
-        self.checkpointing.maybe_save()
+        with self.sections.section(CHECKPOINT):
+            self.checkpointing.maybe_save()
 
     def after_train(self, loop: Loop) -> None:
         if not loop.stopping:

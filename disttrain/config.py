@@ -85,6 +85,14 @@ class TrainerConfig:
     compile_backend: str = _f("inductor", "torch.compile backend (aot_eager: trace only, for debugging)")
     activation_checkpointing: bool = _f(False, "recompute the pipeline's blocks() in backward to save memory")
     find_unused_parameters: bool = _f(False, "DDP: allow parameters that get no gradient in a step (slower)")
+    straggler_ratio: float = _f(
+        1.2,
+        "a rank this many times slower than the others' median (busy time per log window) is slow",
+        min=1.0,
+    )
+    straggler_windows: int = _f(
+        3, "log windows in a row a rank must be slow before a straggler event names it", min=1
+    )
 
 
 @dataclass

@@ -21,6 +21,7 @@ from disttrain.features.metrics import TrainLog
 from disttrain.hooks import Hook, Loop
 from disttrain.parallel import Strategy
 from disttrain.pipelines import Pipeline
+from disttrain.sections import EVAL
 from disttrain.stop import Stopping
 from disttrain.writers import EventLog, RunFiles
 
@@ -132,6 +133,7 @@ class EvalHook(Hook):
     def __init__(self, evaluator: Evaluator, log: TrainLog, every: int, max_steps: int) -> None:
         self.evaluator, self.log, self.every, self.max_steps = evaluator, log, every, max_steps
         self.last_eval_step = -1
+        self.sections = log.window.sections
 
     def _due(self, step: int) -> bool:
         return (self.every > 0 and step % self.every == 0) or step == self.max_steps
@@ -145,7 +147,8 @@ class EvalHook(Hook):
             self._run(loop)
 
     def _run(self, loop: Loop) -> None:
-        metrics = self.evaluator.run("eval", loop.step)
+        with self.sections.section(EVAL):
+            metrics = self.evaluator.run("eval", loop.step)
         if metrics is not None:
             self.last_eval_step = loop.step
             self.log.write(loop.step, metrics)

@@ -316,10 +316,7 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
         traceback.print_exc()
         message = f"{message} (some parameters got no gradient): set trainer.find_unused_parameters=true"
     elif dist.is_collective_failure(err):
-        message = (
-            f"a collective failed ({message}): another rank died or hangs "
-            f"(trainer.collective_timeout_s={cfg.trainer.collective_timeout_s}); see the other ranks' logs"
-        )
+        message = _collective_failure(trainer, cfg, message)
     elif not isinstance(err, (CheckpointError, fs.StorageError)):
         traceback.print_exc()
     step = trainer.step if trainer is not None else None
@@ -327,6 +324,33 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
         trainer.segment.events.emit("error", step=step, error=message)
     print(f"disttrain: rank {env.rank}: training failed: {message}", file=sys.stderr)
     return RunResult(Outcome.FAILED, step, message=message)
+
+
+def _collective_failure(trainer: Trainer | None, cfg: Config, cause: str) -> str:
+    """The line for a collective that gave up: which rank did not arrive, on which host, and where it
+    was (from the stack files stalled ranks write, `hangs`); rank 0 records it as a `hang` event."""
+    import time
+
+    from disttrain import dist, hangs
+
+    timeout = cfg.trainer.collective_timeout_s
+    generic = (
+        f"a collective failed ({cause}): another rank died or hangs "
+        f"(trainer.collective_timeout_s={timeout}); see the other ranks' logs"
+    )
+    if trainer is None:
+        return generic
+    section = trainer.log.window.sections.current
+    since = time.time() - timeout - 10  # the stall that ended in this failure, not an older one
+    found = hangs.culprits(cfg.run_dir, dist.world_size(), dist.rank(), since, trainer.log.stragglers.hosts)
+    if not found:
+        return generic
+    what, waited = hangs.waiting_for(section), time.monotonic() - trainer.log.window.sections.entered
+    named = "; ".join(c.describe(what, waited) for c in found)
+    stacks = RunDir(cfg.run_dir).stacks
+    ranks = [{"rank": c.rank, "host": c.host, "frame": c.frame, "section": c.section} for c in found]
+    trainer.segment.events.emit("hang", step=trainer.step, waited_in=section, ranks=ranks)
+    return f"a collective failed: {named} (stacks in {stacks}; trainer.collective_timeout_s={timeout})"
 
 
 def tell_torchrun(result: RunResult) -> None:

@@ -14,6 +14,7 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       checkpoints/latest          the newest committed step's directory name
       lease.json                  the run now holding the run dir (host, pid, job id); gone when it ends
       profile/step_A-B/           torch.profiler traces, one per rank (`profile.steps`)
+      stacks/rank_R.json          where rank R was when it stalled (a hang, or waiting for a hung peer)
       wandb/ tb/ slurm/           writer and launcher output
 
 A sweep dir (`disttrain submit --sweep`) holds `sweep.json` (its tasks, their overrides and job ids),
@@ -45,6 +46,7 @@ TENSORBOARD = "tb"
 SLURM = "slurm"
 SWEEP = "sweep.json"  # in a sweep dir, never in a run dir
 PROFILE = "profile"
+STACKS = "stacks"  # stacks/rank_R.json: where a rank was when it stalled (a hang, a peer that hangs)
 
 # A committed step directory's name: `step_` and at least eight digits, nothing after. A save in
 # progress writes to `step_N.tmp-XXXX` (local disks), which this pattern does not match.
@@ -94,6 +96,10 @@ class RunDir:
     @property
     def profile(self) -> str:
         return self.file(PROFILE)
+
+    @property
+    def stacks(self) -> str:
+        return self.file(STACKS)
 
     def step_dir(self, step: int) -> str:
         return fs.join(self.checkpoints, step_name(step))

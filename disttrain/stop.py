@@ -17,19 +17,19 @@ is imported only where a collective runs.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from disttrain.hangs import frame_of, main_thread_stack
 from disttrain.hooks import Hook, Loop
+from disttrain.sections import AGREEMENT, CHECKPOINT, Sections
 
 if TYPE_CHECKING:
     from disttrain import dist
@@ -139,9 +139,10 @@ class StopAgreement:
         hang_after: float | None = None,
         on_hang: Callable[[str], None] | None = None,
         channels: tuple[str, ...] = (),
+        on_stall: Callable[[float], None] | None = None,
     ):
         self.local, self.interval_s = local, interval_s
-        self.watch = HangWatch(hang_after, on_hang) if hang_after else None
+        self.watch = HangWatch(hang_after, on_hang, on_stall) if hang_after else None
         # Named per-step flags beside the stop signals (the guard's "nonfinite"): fixed at construction,
         # so every rank's exchange has the same shape.
         self.channels = {name: Channel(name) for name in channels}
@@ -234,19 +235,29 @@ class StopAgreement:
 
 
 class HangWatch:
-    """Ends a rank that hangs outside any collective (in the user's loss, a data loader, a stuck file).
+    """Ends a rank that hangs outside any collective (in the user's loss, a data loader, a stuck file),
+    and makes sure the ranks waiting for it can say where it is.
 
     Its peers notice nothing until their next collective gives up after trainer.collective_timeout_s,
     and then exit; the hung rank would stay: under SLURM until the time limit, under torchrun until the
     agent's SIGKILL 30 s after its SIGTERM, which a hung rank only notes as a flag. So a thread watches
-    the step boundaries (every `StopAgreement.poll`, also between eval batches): after `after_s` without
-    one, plus a margin, the rank says where its main thread is, records it (`on_hang`) and exits 1.
-    The margin (a tenth, at least 5 s) lets a rank that is merely waiting in a collective for the hung
-    one fail by that collective's own timeout first, with the message that says another rank hangs."""
+    the step boundaries (every `StopAgreement.poll`, also between eval batches). After half the timeout
+    without one it calls `on_stall` once (build: write this rank's stack file, `hangs`), so that when the
+    waiting ranks' collective gives up their line can name the rank that did not arrive and its frame.
+    After the timeout and a margin, the rank says where its main thread is, records it (`on_hang`) and
+    exits 1. The margin (a tenth, at least 5 s) lets a rank that is merely waiting in a collective for the
+    hung one fail by that collective's own timeout first, with the line that names the hung one."""
 
-    def __init__(self, after_s: float, on_hang: Callable[[str], None] | None = None):
-        self.after_s, self.on_hang = after_s + max(5.0, after_s / 10), on_hang
+    def __init__(
+        self,
+        after_s: float,
+        on_hang: Callable[[str], None] | None = None,
+        on_stall: Callable[[float], None] | None = None,
+    ):
+        self.stall_s, self.after_s = after_s / 2, after_s + max(5.0, after_s / 10)
+        self.on_hang, self.on_stall = on_hang, on_stall
         self._last = time.monotonic()
+        self._stalled = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -257,14 +268,18 @@ class HangWatch:
             self._thread.start()
 
     def beat(self) -> None:
-        self._last = time.monotonic()
+        self._last, self._stalled = time.monotonic(), False
 
     def stop(self) -> None:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.after_s / 10)):
-            if time.monotonic() - self._last > self.after_s:
+        while not self._stop.wait(min(1.0, self.stall_s / 5)):
+            idle = time.monotonic() - self._last
+            if idle > self.stall_s and not self._stalled:
+                self._stalled = True
+                _bounded(self.on_stall, idle)  # the storage it writes to may be what hangs
+            if idle > self.after_s:
                 self._give_up()
 
     def _give_up(self) -> None:
@@ -272,28 +287,29 @@ class HangWatch:
 
         message = (
             f"rank {dist.rank()} reached no step boundary for {self.after_s:g} s (trainer.collective_timeout_s "
-            f"and a margin): it hangs in {_main_thread_at()}; exiting so that the job does not wait for it"
+            f"and a margin): it hangs at {frame_of(main_thread_stack())}; exiting so that the job does not "
+            "wait for it"
         )
         print(f"disttrain: {message}", file=sys.stderr, flush=True)
-        if self.on_hang is not None:  # on a thread of its own: the storage it writes to may be what hangs
-            record = threading.Thread(target=self._record, args=(message,), daemon=True)
-            record.start()
-            record.join(timeout=10)
+        _bounded(self.on_hang, message)
         sys.stdout.flush()
         os._exit(1)
 
-    def _record(self, message: str) -> None:
-        with contextlib.suppress(Exception):
-            if self.on_hang is not None:
-                self.on_hang(message)
 
+def _bounded(fn: Callable[[Any], None] | None, arg: Any) -> None:
+    """fn(arg) on a thread of its own, waited for at most 10 s; a failure there is said, not raised."""
+    if fn is None:
+        return
 
-def _main_thread_at() -> str:
-    frame = sys._current_frames().get(threading.main_thread().ident or 0)
-    if frame is None:
-        return "an unknown place"
-    last = traceback.extract_stack(frame)[-1]
-    return f"{last.name} ({last.filename}:{last.lineno})"
+    def call() -> None:
+        try:
+            fn(arg)
+        except Exception as err:  # a record is best effort: the hang itself is what matters
+            print(f"disttrain: could not record the stall: {err}", file=sys.stderr, flush=True)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
 
 
 class Stopping:
@@ -359,14 +375,19 @@ class StopHook(Hook):
     runs between the poll and the save: a verdict learned from the exchange (fp16's non-finite loss) may
     end the run there, and then nothing is saved."""
 
-    def __init__(self, stopping: Stopping, checkpoints: Saver, late_check: Callable[[int], None]):
+    def __init__(
+        self, stopping: Stopping, checkpoints: Saver, late_check: Callable[[int], None], sections: Sections
+    ):
         self.stopping, self.checkpoints, self.late_check = stopping, checkpoints, late_check
+        self.sections = sections
 
     def after_step(self, loop: Loop) -> None:
-        agreed = self.stopping.poll(loop.step)
-        self.late_check(loop.step)
+        with self.sections.section(AGREEMENT):  # reading an exchange waits for the slowest rank's part
+            agreed = self.stopping.poll(loop.step)
+            self.late_check(loop.step)
         if agreed:
-            self.checkpoints.save(reason="stop")
+            with self.sections.section(CHECKPOINT):
+                self.checkpoints.save(reason="stop")
 
 
 # --------------------------------------------------------------------------------- after a stop

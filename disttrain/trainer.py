@@ -25,6 +25,7 @@ from disttrain.config import Config
 from disttrain.features.guard import NonFiniteError
 from disttrain.features.metrics import grad_norm
 from disttrain.hooks import Hook
+from disttrain.sections import BACKWARD, DATA, FORWARD, OPTIMIZER, OTHER
 from disttrain.state import worker_seed
 from disttrain.stop import StopRequest, StopSignal
 
@@ -113,7 +114,7 @@ class Trainer:
             self.checkpointing.wait()
         finally:
             self.stop.end()
-            self.log.close()
+            self.log.close(progress.step)
         request = self.stop.request
         if request is None:
             self.segment.finished(progress.step, progress.ended, self.guard.skipped)
@@ -122,21 +123,28 @@ class Trainer:
         return FitResult("stopped", progress.step, request)
 
     def train_step(self, batches: Any) -> None:
-        """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only)."""
+        """One optimizer step over grad_accum micro-batches (gradients all-reduced on the last only).
+        Each part is a section of this rank's time (`sections`: which rank is slow, and at what)."""
         if not self.module.training:  # eval restores the mode; walking every module each step costs
             self.model.train()
-        accum = self.cfg.trainer.grad_accum
+        accum, window = self.cfg.trainer.grad_accum, self.log.window
+        at = window.sections.enter
         for micro in range(accum):
+            at(DATA)
             batch = self.strategy.to_device(next(batches))
             with self.strategy.accumulate(last=micro == accum - 1):
+                at(FORWARD)
                 loss = self.pipeline.loss(self.model, batch)
+                at(BACKWARD)  # holds the gradient all-reduce on the last micro-batch: waiting for peers
                 self.strategy.backward(self.guard.fold(loss))
-            self.log.window.micro_batch(loss, batch)
+            window.micro_batch(loss, batch)
+        at(OPTIMIZER)
         applied, norm = self._optimizer_step()
-        self.log.window.step_done(applied, norm)
+        window.step_done(applied, norm)
         self.schedule.step()
         self.progress.step += 1
         self.data.advance()
+        at(OTHER)
 
     def _optimizer_step(self) -> tuple[bool, torch.Tensor | None]:
         """Clip (or only measure), check, step and zero, on the micro-batch that ends an optimizer step.

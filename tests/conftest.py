@@ -73,7 +73,10 @@ def read_jsonl(path: Path | str) -> list[dict]:
 FAST = ("trainer.progress=plain", "log.plot=false")
 # Logged numbers that measure the machine (time, memory), not the computation: everything else a resumed
 # run logs must equal what an uninterrupted run logs (DESIGN §6).
-MEASURED = ("train/samples_per_sec", "train/tokens_per_sec", "train/mfu", "train/max_mem_mb")
+MEASURED = (
+    "train/samples_per_sec", "train/tokens_per_sec", "train/mfu", "train/max_mem_mb",
+    "train/slowest_rank", "train/slowest_ratio", "train/slowest_wait_s",
+)  # fmt: skip
 
 
 def computed(records: list[dict]) -> list[dict]:

@@ -199,3 +199,49 @@ class NanEvalDigits(DigitsPipeline):
     def eval_step(self, model, batch):
         sums = super().eval_step(model, batch)
         return {**sums, "loss": sums["loss"] * float("nan")}
+
+
+class SlowRank(DigitsPipeline):
+    """Digits where one rank (`rank`, from $RANK) is slow or stuck: it sleeps `delay` s in every loss()
+    (every rank sleeps `base` s there: an even workload), sleeps for ever in its loss() of optimizer step
+    `hang_at` (1-based), or, with `stall_data_at`, for ever when its data loader fetches that step's
+    batch (num_workers=0: in the main thread)."""
+
+    def __init__(self, rank: int = 1, delay: float = 0.0, base: float = 0.0, hang_at: int = 0,
+                 stall_data_at: int = 0, **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        self.slow = int(os.environ.get("RANK", "0")) == rank
+        self.delay, self.base, self.hang_at, self.stall_data_at = delay, base, hang_at, stall_data_at
+        self.steps = 0
+
+    def datasets(self):
+        splits = super().datasets()
+        if self.slow and self.stall_data_at:
+            splits["train"] = _StallAt(splits["train"], self.stall_data_at)
+        return splits
+
+    def loss(self, model, batch):
+        self.steps += 1
+        time.sleep(self.base + (self.delay if self.slow else 0.0))
+        while self.slow and self.steps == self.hang_at:
+            time.sleep(1.0)  # stuck in the user's code
+        return super().loss(model, batch)
+
+
+class _StallAt(Dataset):
+    """A train split whose fetch of the `at`-th batch never returns (a stuck read)."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.fetches = inner, at, 0
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]
+
+    def __getitems__(self, ids):
+        self.fetches += 1
+        while self.fetches == self.at:
+            time.sleep(1.0)
+        return [self.inner[i] for i in ids]

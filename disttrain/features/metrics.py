@@ -21,10 +21,12 @@ from disttrain import dist
 from disttrain.config import Config, TrainerConfig
 from disttrain.data import TrainData
 from disttrain.features.guard import NonFiniteGuard
+from disttrain.features.stragglers import Stragglers
 from disttrain.hooks import Hook, Loop
 from disttrain.optim import Schedule
 from disttrain.parallel import Strategy
 from disttrain.pipelines import Pipeline
+from disttrain.sections import SECTIONS, Sections
 from disttrain.writers import NullWriter, Writer, build_writer
 
 # Dense (no sparsity) tensor-core peaks, TFLOP/s per GPU, from NVIDIA's data sheets, by a fragment of
@@ -83,6 +85,7 @@ class StepMetrics:
 
     def __init__(self, cfg: Config, device: torch.device, pipeline: Any):
         self.device, self.pipeline = device, pipeline
+        self.sections = Sections()  # this rank's time per section, carried by the window's all-reduce
         self.grad_accum, self.batch_size = cfg.trainer.grad_accum, cfg.data.batch_size
         self.names = tuple(getattr(pipeline, "train_metrics", ()))
         self.peak = peak_flops(device, cfg.trainer.mixed_precision)
@@ -121,24 +124,29 @@ class StepMetrics:
                 entry[0], entry[1] = entry[0] + value, entry[1] + count
         self._step_loss = None
 
-    def reduce(self, world: int) -> dict[str, float]:
-        """train/* of the window, reduced over ranks (one all-reduce), then a new window. Must be called
-        on all ranks."""
+    def reduce(self, world: int) -> tuple[dict[str, float], list[list[float]]]:
+        """train/* of the window, reduced over ranks (one all-reduce), then a new window; and every
+        rank's seconds per section in the window (rows in `sections.SECTIONS` order). Must be called on
+        all ranks."""
         elapsed = max(1e-9, time.perf_counter() - self.start)
+        rank, width = dist.rank(), len(SECTIONS)
         mine = [0.0] * world
-        mine[dist.rank()] = max_memory_mb(self.device)
+        mine[rank] = max_memory_mb(self.device)
+        timings = [0.0] * (world * width)  # each rank fills its own row: a sum hands every row to all
+        timings[rank * width : (rank + 1) * width] = self.sections.take()
         sums = [float(self.user[n][0]) if n in self.user else 0.0 for n in self.names]
         counts = [float(self.user[n][1]) if n in self.user else 0.0 for n in self.names]
         loss = self.loss.item() / max(1, self.applied * self.grad_accum)
-        totals = dist.all_reduce_sum([loss, float(self.tokens), *sums, *counts, *mine])
+        totals = dist.all_reduce_sum([loss, float(self.tokens), *sums, *counts, *mine, *timings])
         out = self._derived(totals[0] / world, totals[1], elapsed)
         k = len(self.names)
         for name, total, count in zip(self.names, totals[2 : 2 + k], totals[2 + k : 2 + 2 * k]):
             if count:
                 out[f"train/{name}"] = total / count
-        out["train/max_mem_mb"] = max(totals[2 + 2 * k :])
+        out["train/max_mem_mb"] = max(totals[2 + 2 * k : 2 + 2 * k + world])
+        flat = totals[2 + 2 * k + world :]
         self.reset()
-        return out
+        return out, [flat[r * width : (r + 1) * width] for r in range(world)]
 
     def _derived(self, loss: float, tokens: float, elapsed: float) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -181,9 +189,16 @@ class TrainLog:
     when a segment starts training, closed at its end."""
 
     def __init__(
-        self, cfg: Config, window: StepMetrics, schedule: Schedule, data: TrainData, guard: NonFiniteGuard
+        self,
+        cfg: Config,
+        window: StepMetrics,
+        schedule: Schedule,
+        data: TrainData,
+        guard: NonFiniteGuard,
+        stragglers: Stragglers,
     ):
         self.cfg, self.window, self.schedule, self.data, self.guard = cfg, window, schedule, data, guard
+        self.stragglers = stragglers
         self.writer: Writer = NullWriter()
         self.last: dict[str, float] = {}  # the latest train window, as logged
 
@@ -197,7 +212,8 @@ class TrainLog:
 
     def log_window(self, step: int) -> None:
         """Reduce the window's metrics over ranks and write them. Must be called on all ranks."""
-        window = self.window.reduce(dist.world_size())
+        window, per_rank = self.window.reduce(dist.world_size())
+        window.update(self.stragglers.window(step, per_rank))
         lr = self.schedule.last_lr() if step else self.cfg.optim.lr
         head = {k: window.pop(k) for k in ("train/loss",) if k in window}
         last = {
@@ -212,7 +228,8 @@ class TrainLog:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.writer.log(step, metrics)
 
-    def close(self) -> None:
+    def close(self, step: int) -> None:
+        self.stragglers.flush(step)  # what a straggler cost since its last record
         self.writer.close()
 
 

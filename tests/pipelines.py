@@ -191,3 +191,20 @@ class PoisonDigits(ProbeDigits):
         if self.poison & set(idx.tolist()):
             loss = loss + float("nan") if self.how == "add" else loss * float("nan")
         return loss
+
+
+class UserGPT2(Pipeline):
+    """A user's own HF pipeline (not disttrain's CausalLM) that defines no export_pretrained: its
+    model is a transformers GPT-2, from a config or a local `pretrained` folder."""
+
+    def __init__(self, n_embd: int = 16, pretrained: str = ""):
+        self.n_embd, self.pretrained = n_embd, pretrained
+
+    def build_model(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if self.pretrained:
+            return GPT2LMHeadModel.from_pretrained(self.pretrained, local_files_only=True)
+        config = GPT2Config(n_layer=1, n_head=2, n_embd=self.n_embd, n_positions=32, vocab_size=256,
+                            bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return GPT2LMHeadModel(config)

@@ -193,6 +193,40 @@ class PoisonDigits(ProbeDigits):
         return loss
 
 
+class _IndexedWindows(Dataset):
+    """Token windows with their index, so a test can see exactly which samples were consumed."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.inner[i], "index": torch.tensor(i)}
+
+
+class ProbeCausalLM(SlowCausalLM):
+    """The built-in HF pipeline on the shipped corpus (map-style windows: resumable at another world
+    size) with a per-step delay and, with `record_dir`, a file per process with a line per micro-batch
+    of the windows trained on."""
+
+    def __init__(self, record_dir: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.record_dir = record_dir
+
+    def datasets(self):
+        splits = super().datasets()
+        return {**splits, "train": _IndexedWindows(splits["train"])}
+
+    def loss(self, model, batch):
+        index = batch.pop("index")
+        if self.record_dir:
+            with open(os.path.join(self.record_dir, f"samples_{os.getpid()}.txt"), "a") as fh:
+                fh.write(" ".join(map(str, index.tolist())) + "\n")
+        return super().loss(model, batch)
+
+
 class UserGPT2(Pipeline):
     """A user's own HF pipeline (not disttrain's CausalLM) that defines no export_pretrained: its
     model is a transformers GPT-2, from a config or a local `pretrained` folder."""

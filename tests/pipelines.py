@@ -242,3 +242,16 @@ class UserGPT2(Pipeline):
         config = GPT2Config(n_layer=1, n_head=2, n_embd=self.n_embd, n_positions=32, vocab_size=256,
                             bos_token_id=0, eos_token_id=0)  # fmt: skip
         return GPT2LMHeadModel(config)
+
+
+class BatchNormProbe(ProbeDigits):
+    """ProbeDigits through a CNN with BatchNorm (buffers, unsharded under fsdp, that drift apart between
+    ranks) and dropout (each rank's RNG must resume exactly)."""
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+            nn.Linear(8 * 64, 10),
+        )  # fmt: skip

@@ -140,6 +140,9 @@ def _manifest_problem(m: Any) -> str | None:
     required = _required_files(m)
     if any(name not in m["files"] for name in required):
         return f"does not list all of {', '.join(required)}"
+    tie = _bad_tie(m)
+    if tie is not None:
+        return tie
     for name, meta in m["files"].items():
         if "/" in name or name.startswith(".") or not isinstance(meta, dict):
             return f"bad file entry {name!r}"
@@ -156,6 +159,21 @@ def _required_files(m: State) -> list[str]:
     entries = layout.values() if isinstance(layout, dict) else []
     shards = {s["file"] for e in entries if isinstance(e, dict) for s in e.get("shards", [])}
     return ["state.pt", "ranks.pt", *sorted(shards)]
+
+
+def _bad_tie(m: State) -> str | None:
+    """A sharded layout's tie record (alias -> the tensor it is saved as, ckpt_sharded) must name a
+    model tensor the layout holds."""
+    layout = m.get("layout")
+    if int(m.get("format", 1)) < 2 or not isinstance(layout, dict):
+        return None
+    for alias, entry in layout.items():
+        if not (isinstance(entry, dict) and "tied_to" in entry):
+            continue
+        target = layout.get(entry["tied_to"]) if isinstance(entry["tied_to"], str) else None
+        if not (str(alias).startswith("model/") and isinstance(target, dict) and "shards" in target):
+            return f"layout entry {alias!r} is tied to {entry['tied_to']!r}, which the layout does not hold"
+    return None
 
 
 def problem(path: str, full: bool) -> str | None:

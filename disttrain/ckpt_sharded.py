@@ -6,13 +6,25 @@ A sharded step directory holds, besides `state.pt` and `ranks.pt` (as in the rep
                                   `model/<name>` and `optim/<param name>/<state>` (exp_avg, ...)
 
 and its `manifest.json` (format 2) records the layout as JSON: for every sharded tensor its global
-shape, dtype and each rank's rows of dim 0. Nothing in it is pickled; `state.pt` (optimizer
-hyper-parameters by parameter name, scheduler, trainer, hooks, unsharded buffers) is loaded only with
-`torch.load(weights_only=True)` after its sha256 matched, like every other file.
+shape, dtype and each rank's rows of dim 0, and for every tied name (two state_dict keys of one
+Parameter: GPT-2's `lm_head.weight` is `transformer.wte.weight`) the name it is saved under,
+`{"tied_to": "model/transformer.wte.weight"}`: a tied tensor is saved once (safetensors refuses two
+names for one memory) and loads back into the one shared Parameter. Nothing in it is pickled;
+`state.pt` (optimizer hyper-parameters by parameter name, scheduler, trainer, hooks, unsharded
+buffers) is loaded only with `torch.load(weights_only=True)` after its sha256 matched, like every
+other file.
 
 `SavedState` reads either format and hands out rows of any tensor, so a checkpoint loads into the
 same layout (each rank reads only its own shard file), another world size (rows are cut from the
 saved shards that overlap), or the other strategy (a replicated checkpoint into fsdp and back).
+
+Ties, in both formats: a reader gets every state_dict key (an alias reads its canonical tensor), and
+per-parameter optimizer state is keyed by the canonical name, the first name `named_parameters()`
+gives the Parameter (torch's distributed checkpoint keys it so too, and transformers'
+`save_pretrained` keeps GPT-2's under `transformer.wte.weight`). The replicated format's
+model.safetensors stores a tied key as a copy of its own (its writer sees host copies only, which no
+longer share memory after an async snapshot); loading copies both into the one Parameter, so the tie
+holds there too. Checkpoints written before tie records existed have none and load as before.
 """
 
 from __future__ import annotations
@@ -49,8 +61,13 @@ def split_state(
     rows: dict[str, torch.Tensor] = {}
     layout: State = {}
     plain_model: State = {}
+    ties = tied_names(module)
     for name, t in module.state_dict().items():
-        _put(f"model/{name}", t, rows, layout, plain_model, name)
+        canonical = ties.get(name)
+        if canonical is not None and f"model/{canonical}" in layout:  # a sharded tensor saved once
+            layout[f"model/{name}"] = {"tied_to": f"model/{canonical}"}
+        else:  # an unsharded tie (a shared buffer) stays in state.pt, where torch.save keeps it one storage
+            _put(f"model/{name}", t, rows, layout, plain_model, name)
     by_name = named_optimizer_state(optimizer.state_dict(), parameter_names(module, optimizer))
     plain_state: State = {}
     for pname, entries in by_name["state"].items():
@@ -72,9 +89,25 @@ def _put(key: str, t: Any, rows: dict, layout: State, plain: State, plain_key: s
         plain[plain_key] = t
 
 
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """{alias: canonical} of the module's state_dict keys that are one tensor object (tied weights, a
+    shared buffer); the canonical name is the first key of the object. FSDP2 keeps a Parameter shared
+    by two modules of one shard unit as one DTensor, so the ties read the same sharded or not."""
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if isinstance(t, torch.Tensor):
+            canonical = first.setdefault(id(t), name)
+            if canonical != name:
+                ties[name] = canonical
+    return ties
+
+
 def write_shard(work: str, rank: int, rows: dict[str, torch.Tensor]) -> tuple[str, State]:
     """Write this rank's rows to its shard file; returns (file name, {bytes, sha256})."""
-    data = safetensors.torch.save({k: v.contiguous() for k, v in rows.items()})
+    # Ties are saved once already (split_state); own_storage still copies any other two keys on one
+    # storage (views of one buffer), which safetensors would refuse.
+    data = safetensors.torch.save(fmt.own_storage(rows))
     name = shard_name(rank)
     return name, fmt.put(fs.join(work, name), data)
 
@@ -84,6 +117,9 @@ def merge_layouts(per_rank: list[State]) -> State:
     merged: State = {}
     for rank, layout in enumerate(per_rank):
         for key, entry in layout.items():
+            if "tied_to" in entry:  # the module's ties, the same on every rank
+                merged[key] = {"tied_to": entry["tied_to"]}
+                continue
             into = merged.setdefault(key, {"shape": entry["shape"], "dtype": entry["dtype"], "shards": []})
             into["shards"].append({"file": shard_name(rank), "rows": entry["rows"]})
     return merged
@@ -101,7 +137,9 @@ class SavedState:
     def __init__(self, path: str, manifest: State, plain: State, names: list[str] | None):
         self.path, self.manifest = path, manifest
         self.sharded = int(manifest.get("format", 1)) >= FORMAT
-        self.layout: State = manifest.get("layout") or {}
+        layout: State = manifest.get("layout") or {}
+        self.ties = _ties(layout)  # {alias: canonical} of tensors saved once
+        self.layout: State = {k: e for k, e in layout.items() if k not in self.ties}
         self._files: dict[str, dict[str, torch.Tensor]] = {}
         if self.sharded:
             self.plain = plain
@@ -113,18 +151,22 @@ class SavedState:
             self.plain = {**plain, "model": {}, "optimizer": optim}
 
     def shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
-        """{name: global shape} of the saved tensors under `prefix` (e.g. "model/"), plain ones too."""
-        out = {
-            k.removeprefix(prefix): tuple(e["shape"]) for k, e in self.layout.items() if k.startswith(prefix)
-        }
+        """{name: global shape} of the saved tensors under `prefix` (e.g. "model/"), tied and plain too."""
+        keys = [k for k in [*self.layout, *self.ties] if k.startswith(prefix)]
+        out = {k.removeprefix(prefix): tuple(self.layout[self._key(k)]["shape"]) for k in keys}
         plain = self.plain.get(prefix.rstrip("/")) or {}
         return {**out, **{k: tuple(v.shape) for k, v in plain.items() if isinstance(v, torch.Tensor)}}
 
     def has(self, key: str) -> bool:
-        return key in self.layout
+        return key in self.layout or key in self.ties
+
+    def _key(self, key: str) -> str:
+        """The key a tensor is saved under: a tied alias's canonical key, else `key` itself."""
+        return self.ties.get(key, key)
 
     def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the saved tensor `key`, cut from the shards that hold them."""
+        key = self._key(key)
         entry = self.layout[key]
         pieces = []
         for shard in entry["shards"]:
@@ -138,6 +180,7 @@ class SavedState:
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def full(self, key: str) -> torch.Tensor:
+        key = self._key(key)
         entry = self.layout[key]
         if len(entry["shards"]) == 1:  # whole in one file (a replicated checkpoint, or one rank)
             return self._file(entry["shards"][0]["file"])[key]
@@ -153,6 +196,12 @@ class SavedState:
         return self._files[name]
 
 
+def _ties(layout: State) -> dict[str, str]:
+    """{alias: canonical} from a sharded layout's tie records (none in checkpoints from before them;
+    read_manifest checked that each names a tensor the layout holds)."""
+    return {k: e["tied_to"] for k, e in layout.items() if isinstance(e, dict) and "tied_to" in e}
+
+
 def _whole(file: str, key: str, t: torch.Tensor) -> State:
     rows = t.shape[0] if t.dim() else 1
     return {
@@ -163,11 +212,15 @@ def _whole(file: str, key: str, t: torch.Tensor) -> State:
 
 
 def load_model(module: nn.Module, saved: SavedState, source: str) -> None:
-    """Fill the model's tensors (sharded or whole) from `saved`, in this rank's layout."""
+    """Fill the model's tensors (sharded or whole) from `saved`, in this rank's layout. A tied Parameter
+    is loaded in place, so it stays one Parameter; its names all get the canonical one's saved value."""
+    ties = tied_names(module)
     out: State = {}
     for name, t in module.state_dict().items():
         key = f"model/{name}"
-        if saved.has(key):
+        if name in ties and ties[name] in out:
+            out[name] = out[ties[name]]  # the same Parameter: one read, one value
+        elif saved.has(key):
             out[name] = _cut(saved, key, t)
         elif name in saved.plain.get("model", {}):
             out[name] = saved.plain["model"][name]
@@ -177,18 +230,27 @@ def load_model(module: nn.Module, saved: SavedState, source: str) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, saved: SavedState) -> None:
-    """Give the optimizer its saved state, matched by parameter name and cut to this rank's layout."""
+    """Give the optimizer its saved state, matched by parameter name and cut to this rank's layout.
+
+    A tied Parameter's state is found under any of its names (saved under the canonical one)."""
     names = parameter_names(module, optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    ties = tied_names(module)
     by_name = saved.plain["optimizer"]
+    plain = {ties.get(n, n): entries for n, entries in by_name["state"].items()}
+    sharded: dict[str, dict[str, str]] = {}
+    for key in (k for k in saved.layout if k.startswith("optim/")):
+        pname, entry = key.removeprefix("optim/").rsplit("/", 1)
+        sharded.setdefault(ties.get(pname, pname), {})[entry] = key
     state: dict[int, State] = {}
     for index, (name, param) in enumerate(zip(names, params)):
-        entries = {k: _cut_plain(v, param) for k, v in by_name["state"].get(name, {}).items()}
-        for key in [k for k in saved.layout if k.startswith(f"optim/{name}/")]:
-            entries[key.rsplit("/", 1)[1]] = _cut(saved, key, param)
+        entries = {k: _cut_plain(v, param) for k, v in plain.get(name, {}).items()}
+        entries.update({entry: _cut(saved, key, param) for entry, key in sharded.get(name, {}).items()})
         if entries:
             state[index] = entries
-    groups = [{**g, "params": [names.index(n) for n in g["params"]]} for g in by_name["param_groups"]]
+    groups = [
+        {**g, "params": [names.index(ties.get(n, n)) for n in g["params"]]} for g in by_name["param_groups"]
+    ]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -210,7 +272,8 @@ def _cut_plain(value: Any, param: torch.Tensor) -> Any:
 
 def parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """The module's name of every optimizer parameter, in the optimizer's order (its state's indices)."""
-    names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    # named_parameters() gives a tied Parameter once, under its first (canonical) name.
+    names = {id(p): n for n, p in module.named_parameters()}
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -226,4 +289,7 @@ def consolidate(path: str, manifest: State) -> dict[str, torch.Tensor]:
     plain = fmt.read_state(path, manifest)
     saved = SavedState(path, manifest, plain, names=None)
     model = {k.removeprefix("model/"): saved.full(k) for k in saved.layout if k.startswith("model/")}
+    # Every state_dict key, as the replicated format holds them: a tied alias is its canonical tensor
+    # (one object: `ckpt export` writes it as a copy, `export_pretrained` ties it again).
+    model.update({a.removeprefix("model/"): model[c.removeprefix("model/")] for a, c in saved.ties.items()})
     return {**model, **plain.get("model", {})}

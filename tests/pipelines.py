@@ -245,3 +245,67 @@ class _StallAt(Dataset):
         while self.fetches == self.at:
             time.sleep(1.0)
         return [self.inner[i] for i in ids]
+
+
+class _IndexedWindows(Dataset):
+    """Token windows with their index, so a test can see exactly which samples were consumed."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.inner[i], "index": torch.tensor(i)}
+
+
+class ProbeCausalLM(SlowCausalLM):
+    """The built-in HF pipeline on the shipped corpus (map-style windows: resumable at another world
+    size) with a per-step delay and, with `record_dir`, a file per process with a line per micro-batch
+    of the windows trained on."""
+
+    def __init__(self, record_dir: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.record_dir = record_dir
+
+    def datasets(self):
+        splits = super().datasets()
+        return {**splits, "train": _IndexedWindows(splits["train"])}
+
+    def loss(self, model, batch):
+        index = batch.pop("index")
+        if self.record_dir:
+            with open(os.path.join(self.record_dir, f"samples_{os.getpid()}.txt"), "a") as fh:
+                fh.write(" ".join(map(str, index.tolist())) + "\n")
+        return super().loss(model, batch)
+
+
+class UserGPT2(Pipeline):
+    """A user's own HF pipeline (not disttrain's CausalLM) that defines no export_pretrained: its
+    model is a transformers GPT-2, from a config or a local `pretrained` folder."""
+
+    def __init__(self, n_embd: int = 16, pretrained: str = ""):
+        self.n_embd, self.pretrained = n_embd, pretrained
+
+    def build_model(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        if self.pretrained:
+            return GPT2LMHeadModel.from_pretrained(self.pretrained, local_files_only=True)
+        config = GPT2Config(n_layer=1, n_head=2, n_embd=self.n_embd, n_positions=32, vocab_size=256,
+                            bos_token_id=0, eos_token_id=0)  # fmt: skip
+        return GPT2LMHeadModel(config)
+
+
+class BatchNormProbe(ProbeDigits):
+    """ProbeDigits through a CNN with BatchNorm (buffers, unsharded under fsdp, that drift apart between
+    ranks) and dropout (each rank's RNG must resume exactly)."""
+
+    def build_model(self):
+        from torch import nn
+
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+            nn.Linear(8 * 64, 10),
+        )  # fmt: skip

@@ -128,16 +128,13 @@ def _export(manager: CheckpointManager, args: argparse.Namespace) -> int:
 
 
 def _export_hf(manager: CheckpointManager, args: argparse.Namespace) -> int:
-    """The run's pipeline writes the folder: only it knows the model's config and its tied weights."""
+    """The run's pipeline writes the folder (`Pipeline.export_pretrained`): only it knows the model's
+    config and its tied weights. By default, a pipeline whose model is a transformers PreTrainedModel."""
     target, pipe_args = _run_pipeline(manager.run_dir)
     if not fs.is_local(args.out) or fs.isfile(args.out):
         raise BadInput(f"--hf --out {args.out}: give a local folder (from_pretrained reads a folder)")
     try:
-        export = getattr(pipeline_class(target), "export_pretrained", None)
-        if export is None:
-            raise BadInput(
-                f"the run's pipeline {target} has no HuggingFace export; drop --hf to export safetensors"
-            )
+        export = pipeline_class(target).export_pretrained
         step, weights = manager.read_weights(args.step)
         export(pipe_args, weights, args.out)
     except ConfigError as err:

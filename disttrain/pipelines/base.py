@@ -112,18 +112,42 @@ class Pipeline:
         lr). None: disttrain builds optim.name over param_groups()."""
         return None
 
+    @classmethod
+    def export_pretrained(cls, args: dict[str, Any], weights: dict[str, torch.Tensor], out: str) -> None:
+        """`disttrain ckpt export RUN --hf --out DIR`: write a checkpoint's `weights` (every state_dict
+        key) as a folder transformers' `from_pretrained` loads; `args` are the run's pipeline.args.
+
+        The default builds this pipeline from `args` and its model on the meta device (no memory, no
+        init; a normal build if the model refuses the meta device, as `from_pretrained` does). A model
+        that is a transformers `PreTrainedModel` gets the weights, its ties made again, and is written
+        with `save_pretrained`; any other model is refused (ConfigError: exit 2). Override it when the
+        model wraps a transformers model (write the inner one's weights, without your prefix)."""
+        from disttrain.pipelines.hf import save_pretrained
+
+        pipeline = _construct(cls, args)
+        try:
+            with torch.device("meta"):
+                model = pipeline.build_model()
+        except Exception:  # e.g. from_pretrained refuses a meta device: build it for real instead
+            model = _built(pipeline)
+        save_pretrained(model, weights, out, cls.__name__)
+
 
 def load_pipeline(cfg: PipelineConfig) -> Pipeline:
     """Import `package.module:ClassName` and construct it with `cfg.args`. Raises ConfigError, also for
     a module that does not import and a constructor that raises: both are input the run cannot start
     from, so they get one line naming the file and line, not a traceback."""
-    cls = pipeline_class(cfg.target)
-    _check_args(cls, cfg.args)
+    return _construct(pipeline_class(cfg.target), cfg.args)
+
+
+def _construct(cls: type[Pipeline], args: dict[str, Any]) -> Pipeline:
+    """cls(**args), its arguments checked first; ConfigError for what the constructor refuses."""
+    _check_args(cls, args)
     try:
-        return cls(**cfg.args)
+        return cls(**args)
     except Exception as err:
         raise ConfigError(
-            f"pipeline.args: {cls.__name__}({', '.join(cfg.args)}) raised {_described(err)}; fix the "
+            f"pipeline.args: {cls.__name__}({', '.join(args)}) raised {_described(err)}; fix the "
             "arguments or the constructor"
         ) from None
 
@@ -158,6 +182,13 @@ def _import(module_name: str) -> Any:
         raise ConfigError(
             f"pipeline.target: importing {module_name} raised {_described(err)}; fix the module"
         ) from None
+
+
+def _built(pipeline: Pipeline) -> nn.Module:
+    try:
+        return pipeline.build_model()
+    except Exception as err:
+        raise ConfigError(f"{type(pipeline).__name__}.build_model() raised {_described(err)}") from None
 
 
 def _described(err: BaseException) -> str:

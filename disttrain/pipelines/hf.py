@@ -62,8 +62,10 @@ class CausalLM(Pipeline):
         from transformers import AutoModelForCausalLM
 
         if self.pretrained:
-            return AutoModelForCausalLM.from_pretrained(self.pretrained, local_files_only=True)
-        return AutoModelForCausalLM.from_config(self.config)  # random init from the seeded torch RNG
+            model = AutoModelForCausalLM.from_pretrained(self.pretrained, local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_config(self.config)  # random init from the seeded torch RNG
+        return with_causal_lm_loss(model)
 
     def datasets(self) -> dict[str, Dataset]:
         if not (self.train or self.train_hf):
@@ -86,23 +88,77 @@ class CausalLM(Pipeline):
         )
         return {"loss": loss, "accuracy": ((logits.argmax(-1) == labels) & valid).sum(), "count": valid.sum()}
 
+    def num_tokens(self, batch: Batch) -> torch.Tensor:
+        """Tokens the model reads, padding excluded (train/tokens_per_sec); a tensor: no host sync."""
+        return batch["attention_mask"].sum()
+
+    def flops_per_sample(self) -> float | None:
+        """Training FLOPs per sample of block_size tokens (train/mfu): 6 per matmul weight per token
+        (forward 2, backward 4), the output head included, plus attention's scores and weighted sum,
+        12 x layers x block_size x hidden per token (PaLM, appendix B; as tiny_gpt counts). Embedding
+        lookups are no FLOPs; padding is computed, so it counts. Dense models: an MoE's experts all
+        count. None when the config does not say its layers and width."""
+        layers = getattr(self.config, "num_hidden_layers", None)
+        hidden = getattr(self.config, "hidden_size", None)
+        if not (isinstance(layers, int) and isinstance(hidden, int)):
+            return None
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):  # shapes only: no memory, no init
+            weights = matmul_weights(AutoModelForCausalLM.from_config(self.config))
+        t = self.block_size
+        return float(t * (6 * weights + 12 * layers * t * hidden))
+
     @classmethod
     def export_pretrained(cls, args: dict[str, Any], weights: dict[str, torch.Tensor], out: str) -> None:
-        """Write a checkpoint's weights as a `from_pretrained` folder (config.json, model.safetensors).
-
-        Checkpoints store every state_dict key, a tied one as a copy of its own (safetensors cannot
-        share memory). The model is built on the meta device (no memory, no init), the weights are
-        assigned, which gives each key its own tensor again, so the tie is made again before
-        save_pretrained, which then writes the shared tensor once, as transformers expects."""
+        """Write a checkpoint's weights as a `from_pretrained` folder (config.json, model.safetensors),
+        from the config alone (no data path needs to exist where the export runs)."""
         from transformers import AutoModelForCausalLM
 
         config = hf_config(args.get("model"), str(args.get("pretrained") or ""))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        _check_ties(model, weights)
-        model.load_state_dict(weights, assign=True)
-        model.tie_weights()
-        model.save_pretrained(out)
+        save_pretrained(model, weights, out, cls.__name__)
+
+
+def with_causal_lm_loss(model: Any) -> nn.Module:
+    """transformers 5 picks a model's loss from its class name (`...ForCausalLM`); a class named
+    otherwise (GPT2LMHeadModel) gets `loss_type=None`, warns on every rank at the first forward and
+    falls back to the causal LM loss. Name that loss on the model: the same loss, no warning."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def matmul_weights(model: nn.Module) -> int:
+    """Weights used in a matrix product per token: every module's own weights of 2+ dims except an
+    embedding's (a lookup). A tied output head counts as the matmul it is."""
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if not isinstance(m, nn.Embedding)
+        for p in m.parameters(recurse=False)
+        if p.dim() >= 2
+    )
+
+
+def save_pretrained(model: Any, weights: dict[str, torch.Tensor], out: str, owner: str) -> None:
+    """A checkpoint's `weights` (every state_dict key, a tied one as a copy or the same tensor) into
+    `model` (a transformers PreTrainedModel, built on the meta device or not), written as a folder
+    `from_pretrained` loads. Assigning gives each key its own tensor, so the ties are made again
+    before save_pretrained, which then writes each shared tensor once, as transformers expects.
+    Raises ConfigError for a model that is not a PreTrainedModel, ValueError for tied tensors that
+    differ in the checkpoint."""
+    if not _is_pretrained(model):
+        raise ConfigError(
+            f"the run's pipeline {owner} builds a {type(model).__name__}, not a transformers PreTrainedModel, "
+            "and defines no export_pretrained; drop --hf to export safetensors (or define it: README, "
+            "HuggingFace models)"
+        )
+    _check_ties(model, weights)
+    model.load_state_dict(weights, assign=True)
+    model.tie_weights()
+    model.save_pretrained(out)
 
 
 def hf_config(model: dict[str, Any] | None, pretrained: str) -> Any:
@@ -116,8 +172,6 @@ def hf_config(model: dict[str, Any] | None, pretrained: str) -> Any:
     config = (
         _pretrained_config(transformers, pretrained) if pretrained else _new_config(transformers, model or {})
     )
-    if getattr(config, "loss_type", None) is None:
-        config.loss_type = "ForCausalLM"  # what transformers picks anyway, without a warning on every rank
     return config
 
 
@@ -182,6 +236,14 @@ def _check_data(config: Any, train: str, eval: str, train_hf: Any, block_size: i
         raise ConfigError(
             "pipeline.args: the built-in corpus has 256 byte tokens; give the model vocab_size >= 256"
         )
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ModuleNotFoundError:  # without transformers no model is one of its classes
+        return False
+    return isinstance(model, PreTrainedModel)
 
 
 def _check_ties(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:

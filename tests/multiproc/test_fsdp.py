@@ -1,5 +1,6 @@
-"""Sharded training (trainer.strategy=fsdp) on 2 ranks over gloo: the same numbers as DDP, exact
-resume, resharding to other world sizes and strategies, and checkpoints that survive what DDP's do."""
+"""Sharded training (trainer.strategy=fsdp) on 2 ranks over gloo: DDP's numbers to float rounding, exact
+resume, resharding to other world sizes and strategies, and checkpoints that survive what DDP's do.
+Tied weights: test_fsdp_tied.py."""
 
 from __future__ import annotations
 
@@ -96,10 +97,12 @@ def test_fsdp_trains_exactly_like_ddp_and_exports_the_same_weights(tmp_path):
     [
         ("mid_epoch_async_save", ["checkpoint.async_save=true"], logged_step(6)),
         ("right_after_save_grad_accum", ["trainer.grad_accum=2"], after_checkpoint(8)),
+        # BatchNorm's buffers are not sharded and drift apart between ranks; dropout needs each rank's RNG.
+        ("batchnorm_and_dropout", ["pipeline.target=tests.pipelines:BatchNormProbe"], logged_step(6)),
     ],
 )
 def test_interrupted_fsdp_run_is_bitwise_identical(tmp_path, tmp_path_factory, case, extra, ready):
-    expected = reference(tmp_path_factory, (FSDP, *(e for e in extra if "grad_accum" in e)))
+    expected = reference(tmp_path_factory, (FSDP, *(e for e in extra if "grad_accum" in e or "target" in e)))
     run_dir = tmp_path / case
     interrupt(run_dir, [FSDP, *extra], ready)
     resume(run_dir, [FSDP, *extra])
@@ -173,7 +176,8 @@ def test_a_pure_load_and_save_round_trip_preserves_every_tensor_exactly(tmp_path
 
 def test_ddp_checkpoint_continues_under_fsdp_and_back(tmp_path, tmp_path_factory):
     """Switching strategy mid-run keeps every number: ddp stopped after step 8, resumed under fsdp (and the
-    other way) logs what an uninterrupted ddp run logs (the strategies compute identically on 2 CPU ranks)."""
+    other way) logs what an uninterrupted ddp run logs. Over these 24 steps of digits the two strategies
+    log the same losses on 2 CPU ranks; the grad norm differs in the last bits (README: what is exact)."""
     expected = reference(tmp_path_factory, ())
     for first, then in (("ddp", "fsdp"), ("fsdp", "ddp")):
         run_dir = tmp_path / f"{first}_{then}"

@@ -1,6 +1,7 @@
 """The HuggingFace CausalLM pipeline in one process: bad arguments are refused with one line before
-anything is built, tied weights stay one tensor through a checkpoint's save and load, and an export
-refuses a checkpoint whose tied tensors differ."""
+anything is built, tied weights stay one tensor through a checkpoint's save and load, an export
+refuses a checkpoint whose tied tensors differ, a user's own pipeline of a transformers model exports
+without code of its own, and the pipeline reports tokens and FLOPs without transformers' warning."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from disttrain.config import ConfigError, PipelineConfig
 from disttrain.parallel import load_whole
 from disttrain.pipelines import load_pipeline
 from disttrain.pipelines.hf import CausalLM
-from tests.conftest import FAST, run_main
+from tests.conftest import FAST, read_jsonl, run_main
 from tests.unit.test_main import assert_refused
 
 TINY = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32, "vocab_size": 256}
@@ -130,6 +131,61 @@ def test_an_hf_export_of_a_run_it_cannot_rebuild_exits_2_with_one_line(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert (
-        "DigitsPipeline has no HuggingFace export" if config == "digits" else "no readable config.yaml"
+        "DigitsPipeline builds a DigitsCNN, not a transformers PreTrainedModel"
+        if config == "digits"
+        else "no readable config.yaml"
     ) in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("built_from", ["config", "pretrained"])
+def test_a_users_own_hf_pipeline_exports_without_export_pretrained(tmp_path, built_from):
+    """`ckpt export --hf` of a pipeline that only builds a transformers model: built on the meta device,
+    or for real where from_pretrained refuses the meta device; loads strictly, tied."""
+    from transformers import GPT2LMHeadModel
+
+    from disttrain.ckpt_write import CheckpointManager
+    from disttrain.commands.ckpt import main as ckpt_main
+    from disttrain.config import CheckpointConfig, dump_yaml, load_config
+    from tests.pipelines import UserGPT2
+
+    args = {"pretrained": str(tmp_path / "base")} if built_from == "pretrained" else {}
+    UserGPT2().build_model().save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    trained = UserGPT2().build_model()
+    run = tmp_path / "run"
+    CheckpointManager(str(run), CheckpointConfig()).save(1, {"model": trained.state_dict()}, {})
+    pipe = ["pipeline.target=tests.pipelines:UserGPT2", *(f"pipeline.args.{k}={v}" for k, v in args.items())]
+    (run / "config.yaml").write_text(dump_yaml(load_config(None, pipe)))
+    assert ckpt_main(["export", str(run), "--hf", "--out", str(tmp_path / "out")]) == 0
+    model, info = GPT2LMHeadModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_tokens_and_flops_are_counted_from_the_batch_and_the_config():
+    p = pipeline(model={**TINY, "n_layer": 2, "n_embd": 32}, block_size=32)
+    batch = p.datasets()["train"][0]
+    padded = {k: torch.stack([v, v]) for k, v in batch.items()}
+    padded["attention_mask"][1, 20:] = 0
+    assert int(p.num_tokens(padded)) == 32 + 20
+    # Per token: 12 d^2 of matmul weights a block, the d x vocab head, attention's 12 x layers x T x d.
+    d, layers, vocab, t = 32, 2, 256, 32
+    assert p.flops_per_sample() == t * (6 * (layers * 12 * d * d + d * vocab) + 12 * layers * t * d)
+
+
+def test_a_run_logs_tokens_per_sec_without_transformers_loss_type_warning(tmp_path):
+    run_dir = tmp_path / "run"
+    model = [
+        f"pipeline.args.model.{k}={v}" for k, v in {**TINY, "bos_token_id": 0, "eos_token_id": 0}.items()
+    ]
+    proc = run_main(f"run_dir={run_dir}", "pipeline.target=disttrain.pipelines.hf:CausalLM", *model,
+                    "pipeline.args.block_size=32", "data.batch_size=4", "trainer.max_steps=2", "trainer.log_every=1",
+                    "trainer.eval_every=0", "scheduler.warmup_steps=0", *FAST)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss_type" not in proc.stdout + proc.stderr
+    logged = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert len(logged) == 2
+    for r in logged:  # the shipped corpus has no padding: 32 tokens a sample
+        assert r["train/tokens_per_sec"] == pytest.approx(32 * r["train/samples_per_sec"], rel=1e-9)

@@ -21,18 +21,11 @@ from typing import Any
 
 import yaml
 
+from disttrain.errors import ConfigError  # raised here; importable from config until every caller uses errors
+from disttrain.secrets import redact_tree
+
 DEFAULT_PIPELINE = "disttrain.pipelines.digits:DigitsPipeline"
-# "token" names credentials (HF_TOKEN, api_token) but also model vocabulary ids and counts (bos_token_id,
-# tokenizer, max_new_tokens): those are model config a from_pretrained export needs, never secrets.
-SECRET_KEY_PATTERN = re.compile(
-    r"(secret|token(?!s|izer|_?ids?\b|_type)|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I
-)
-REDACTED = "***REDACTED***"
 _SCI_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """Bad user input; the entry point prints the message on one line and exits with code 2."""
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
@@ -283,6 +276,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = text  # not YAML: take it as the literal string the user typed
     return key.strip(), value
+
+
+def plain_value(value: Any) -> Any:
+    """A YAML value as config keys read it: YAML 1.1 leaves `1e-3` (no dot) a string, which a number
+    key takes as the number (_as_float); so does this, in lists and mappings too."""
+    if isinstance(value, str) and _SCI_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    return value
 
 
 def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
@@ -577,20 +582,10 @@ def _walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dict[st
 
 
 def to_dict(cfg: Config, redact: bool = True) -> dict[str, Any]:
-    """The config as plain data; with `redact`, values under secret-looking keys are replaced."""
+    """The config as plain data; with `redact`, values under secret-looking keys are replaced
+    (disttrain.secrets)."""
     data = dataclasses.asdict(cfg)
-    return _redact(data) if redact else data
-
-
-def _redact(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: (REDACTED if SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") else _redact(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_redact(v) for v in node]
-    return node
+    return redact_tree(data) if redact else data
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -8,11 +8,8 @@ after the same step, saves, and exits.
 Why these signals: SLURM sends `--signal=USR2@N` before the time limit (USR1 is claimed by NCCL), and
 SIGTERM on preemption or `scancel`; torchrun forwards SIGTERM to its workers; SIGINT is Ctrl-C.
 
-Requeue (tests/cluster/NOTES.md has the experiments behind each rule): a job that exits cleanly inside
-its preemption grace time is COMPLETED, not requeued, so a stopped SLURM job requeues itself. USR2 is the
-time-limit warning: requeue. SIGTERM is either preemption (`scontrol show job` then shows PreemptTime)
-or a user's `scancel` / the time limit itself (PreemptTime=None): only the first is requeued, so that
-scancel still cancels. Rank 0 alone runs `scontrol requeue`, once, after the checkpoint is committed.
+Requeue: the policy (which signal requeues, the budget) is disttrain.slurm's; `after_stop` runs it on
+rank 0 alone, once, after the stop checkpoint is committed, and tells every rank the outcome.
 
 `disttrain.dist` (torch) is imported only where a collective runs, so that a SLURM task can install
 its handlers before any heavy import: USR2's default action would kill the process.
@@ -23,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,15 +29,13 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from disttrain.cluster import ClusterEnv, parse_scontrol
+from disttrain import slurm
+from disttrain.cluster import ClusterEnv
 
 if TYPE_CHECKING:
     from disttrain import dist
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
-MAX_REQUEUES_ENV = "DISTTRAIN_MAX_REQUEUES"
-DEFAULT_MAX_REQUEUES = 10
-SCONTROL_TIMEOUT_S = 30
 AGREE_EVERY_S = 0.1  # how often ranks exchange their flags when steps are shorter than this
 MAX_SKIP = 256  # boundaries between two exchanges, at most
 
@@ -299,101 +293,16 @@ def tie_to_launcher(cluster: ClusterEnv) -> None:
 # --------------------------------------------------------------------------------------- requeue
 
 
-@dataclass(frozen=True)
-class Requeue:
-    """What a stopped SLURM job does next: decided by rank 0, the same on every rank."""
-
-    requeued: bool
-    reason: str  # why, in words, for events.jsonl and the log
-    signal: str | None  # the stop signal, as any rank received it
-    budget_left: int  # requeues still allowed after this one
-
-
-def max_requeues_from_env(environ: dict[str, str] | None = None) -> int:
-    """The requeue budget of a job launched without `disttrain submit` (srun python -m disttrain.main)."""
-    value = (os.environ if environ is None else environ).get(MAX_REQUEUES_ENV, "")
-    return int(value) if value.strip().isdigit() else DEFAULT_MAX_REQUEUES
-
-
-def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> Requeue:
-    """Decide whether a stopped SLURM job requeues, and requeue it. Must be called on all ranks, after the
-    stop checkpoint is committed: rank 0 decides and runs `scontrol requeue` once, then every rank learns
-    the outcome, so all ranks exit the same way. The signals are the agreed union (StopAgreement)."""
+def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> slurm.Requeue:
+    """Decide whether a stopped SLURM job requeues (the policy: disttrain.slurm), and requeue it. Must be
+    called on all ranks, after the stop checkpoint is committed: rank 0 decides and runs `scontrol
+    requeue` once, then every rank learns the outcome, so all ranks exit the same way. The signals are
+    the agreed union (StopAgreement)."""
     from disttrain import dist
 
     decision = None
     if dist.is_main():
-        decision = decide(_deciding_signal(stop.signals), cluster, max_requeues)
+        decision = slurm.decide(slurm.deciding_signal(stop.signals), cluster, max_requeues)
         if decision.requeued:
-            decision = requeue(cluster.job_id, decision)
+            decision = slurm.requeue(cluster.job_id, decision)
     return dist.broadcast_from_main(decision)
-
-
-def decide(sig: str | None, cluster: ClusterEnv, max_requeues: int, show_job=None) -> Requeue:
-    """The requeue policy, on rank 0. `show_job(job_id) -> {Key: value}` reads `scontrol show job`."""
-    used = cluster.restart_count  # SLURM_RESTART_COUNT: every requeue so far, ours or SLURM's own
-    left = max(0, max_requeues - used - 1)
-
-    def no(reason: str) -> Requeue:
-        return Requeue(False, reason, sig, max(0, max_requeues - used))
-
-    if not cluster.job_id:
-        return no("not a SLURM job")
-    if sig == "SIGUSR2":
-        cause = "time limit warning (SIGUSR2)"
-    elif sig == "SIGTERM":
-        info = (show_job or show_slurm_job)(cluster.job_id)
-        preempt_time = info.get("PreemptTime", "None")
-        if preempt_time in ("None", "Unknown", ""):
-            state = info.get("JobState", "unknown")
-            return no(
-                f"stopped by scancel or the time limit (SIGTERM, JobState={state}, no PreemptTime): not requeued"
-            )
-        cause = f"preempted (SIGTERM, PreemptTime={preempt_time})"
-    else:
-        return no(f"stopped by {sig or 'a stop request'}: not a scheduler signal, not requeued")
-    if used >= max_requeues:
-        return no(f"{cause}, but the requeue budget is spent ({used} of --max-requeues {max_requeues} used)")
-    return Requeue(True, cause, sig, left)
-
-
-def requeue(job_id: str, decision: Requeue) -> Requeue:
-    """`scontrol requeue JOB` on rank 0. SLURM kills the job's tasks right after (KillWait later SIGKILL),
-    keeps the job id, and starts it again once eligible; the tasks then resume from the checkpoint."""
-    try:
-        res = _scontrol("requeue", job_id)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return Requeue(
-            False, f"{decision.reason}; scontrol requeue failed: {err}", decision.signal, decision.budget_left
-        )
-    if res.returncode == 0:
-        return decision
-    detail = (res.stderr or res.stdout).strip()
-    if "pending" in detail.lower():  # SLURM (or a previous attempt) already requeued it: that is the goal
-        return Requeue(
-            True, f"{decision.reason}; already requeued by SLURM", decision.signal, decision.budget_left
-        )
-    return Requeue(
-        False, f"{decision.reason}; scontrol requeue failed: {detail}", decision.signal, decision.budget_left
-    )
-
-
-def show_slurm_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job -o JOB` as {Key: value}; empty when scontrol fails."""
-    try:
-        res = _scontrol("show", "job", "-o", job_id)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    if res.returncode != 0:
-        return {}
-    return parse_scontrol(res.stdout)
-
-
-def _scontrol(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
-
-
-def _deciding_signal(signals: tuple[str, ...]) -> str | None:
-    """One signal for the job from every rank's. SIGTERM first: if it came from a scancel, the user
-    wants the job gone even if the time-limit warning came before; if from preemption, it requeues too."""
-    return next((name for name in ("SIGTERM", "SIGUSR2", "SIGINT") if name in signals), None)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError, PipelineConfig
+from disttrain.config import PipelineConfig
+from disttrain.errors import ConfigError
 
 Batch = Any  # whatever the datasets' default collate produces: tensors, tuples or dicts of tensors
 

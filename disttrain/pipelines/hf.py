@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 from disttrain.pipelines.base import Batch, Pipeline
 from disttrain.stream import HFStream, JsonlStream, Stream
 
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "corpus.txt")
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus.txt")
 IGNORE = -100  # label of padding: cross_entropy's ignore_index, and what transformers' losses skip
 
 

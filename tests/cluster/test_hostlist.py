@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from disttrain.cluster import expand_hostlist
+from disttrain.slurm import expand_hostlist
 
 FORMS = ["node[01-03,07]", "a[1-2]b[3-4]", "gpu-[1-2]-[7-8]", "node[01-02],a[1-2]b[3-4],login1", "x"]
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from disttrain.cluster import detect, expand_hostlist, port_for_job
+from disttrain.cluster import detect
+from disttrain.slurm import expand_hostlist, port_for_job
 
 
 def test_single_process_defaults():

@@ -11,7 +11,7 @@ import torch
 
 from disttrain.cluster import ClusterEnv, detect
 from disttrain.commands import ckpt as ckpt_cmd
-from disttrain.commands.status import collect
+from disttrain.commands.run_status import collect
 from disttrain.config import ConfigError, load_config
 from disttrain.data import epoch_order
 from disttrain.features.guard import NonFiniteError, _first_bad

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from disttrain import cli
-from disttrain.commands.status import collect
+from disttrain.commands.run_status import collect
 from tests.unit.writers_support import MAX_STEPS, shared_run
 
 

@@ -47,6 +47,7 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
         (["--sweep", "optim.lr"], "--sweep 'optim.lr': write KEY=VALUE1,VALUE2"),
         (["--sweep", "optim.lr=1e-3,,3e-4"], "an empty value"),
         (["--sweep", "optim.lr=1e-3,1e-3"], "a value is given twice"),
+        (["--sweep", "optim.lr=1e-3,0.001,1.0e-3"], "'1e-3' and '0.001' are the same value"),
         (["--sweep", "seed=1,2", "--sweep", "seed=3"], "seed is swept twice"),
         (["--sweep", "seed=1,2", "seed=5"], "seed is both swept and given as an override"),
         (

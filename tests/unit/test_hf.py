@@ -67,7 +67,9 @@ def test_tied_weights_stay_tied_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     trained = pipeline(model=TINY, block_size=32).build_model()
     work, step_dir = str(tmp_path / "work"), str(tmp_path / "step")
-    publish(work, step_dir, build_manifest(1, 1, write_files(work, {"model": trained.state_dict()}, [{}]), {}))
+    publish(
+        work, step_dir, build_manifest(1, 1, write_files(work, {"model": trained.state_dict()}, [{}]), {})
+    )
     app, _ = read_checkpoint(step_dir)
     assert app["model"]["lm_head.weight"].data_ptr() != app["model"]["transformer.wte.weight"].data_ptr()
     torch.manual_seed(1)

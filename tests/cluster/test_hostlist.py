@@ -27,10 +27,10 @@ def test_a_range_scontrol_refuses_is_refused(slurm):
 def test_show_job_tells_a_job_an_unknown_job_and_no_answer_apart(slurm, monkeypatch):
     """The requeue policy, `submit --wait` and the sweep view act differently on each: a job's fields;
     {} for a job the controller does not know (never, or gone after MinJobAge); None when SLURM could
-    not be asked (here: no configuration), which must never read as "gone" or "cancelled"."""
+    not be asked (here: no scontrol on the PATH), which must never read as "gone" or "cancelled"."""
     job = slurm.sbatch("--nodes=1", wrap="sleep 30")
     info = show_job(str(job))
     assert info is not None and info["JobId"] == str(job) and info["JobState"] in ("PENDING", "RUNNING")
     assert show_job("987654") == {}
-    monkeypatch.setenv("SLURM_CONF", "/nonexistent/slurm.conf")
+    monkeypatch.setenv("PATH", "/nonexistent")
     assert show_job(str(job)) is None

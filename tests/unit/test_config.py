@@ -10,7 +10,6 @@ import yaml
 
 from disttrain.config import (
     Config,
-    ConfigError,
     check_batch_divides,
     dump_yaml,
     field_docs,
@@ -18,6 +17,7 @@ from disttrain.config import (
     parse_override,
     resume_fingerprint,
 )
+from disttrain.errors import ConfigError
 from tests.conftest import REPO
 
 

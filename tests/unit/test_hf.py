@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from disttrain.ckpt_format import publish, read_checkpoint, write_files
-from disttrain.config import ConfigError, PipelineConfig
+from disttrain.config import PipelineConfig
+from disttrain.errors import ConfigError
 from disttrain.manifest import build as build_manifest
 from disttrain.pipelines import load_pipeline
 from disttrain.pipelines.hf import CausalLM

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO / "tests" / "cluster"))
 from launch_support import WHOLE_CLUSTER, Reference, outcome, release, submit  # noqa: E402
 from slurm_cluster import SlurmCluster, _pids_with_env  # noqa: E402
 
+from disttrain import events as ev  # noqa: E402
 from disttrain import goodput  # noqa: E402
 
 STEP_DELAY = 0.1  # seconds of sleep per step; a step takes a little more
@@ -209,7 +210,7 @@ def summarize(v: Variant, run_dir: Path, tracker: Tracker, seen: list[dict[str, 
     ]
     g = goodput.compute(events)
     held = tracker.held()
-    for i, (seg, evs) in enumerate(zip(g.segments, goodput.split_segments(events))):
+    for i, (seg, evs) in enumerate(zip(g.segments, ev.split_segments(events))):
         restart = int(evs[0].get("restart_count", i))
         slurm = held.get(restart)
         v.cycles.append({
@@ -230,7 +231,7 @@ def summarize(v: Variant, run_dir: Path, tracker: Tracker, seen: list[dict[str, 
         "redone_steps_per_interruption": (sum(c["redone_steps"] for c in interrupted) / len(interrupted)
                                           if interrupted else None),
         "committed_steps_lost": sum(c["redone_steps"] for c in interrupted if c["ended"] == "requeue"),
-        "saves": sum(1 for e in events if e.get("event") == "checkpoint" and e.get("reason") == "periodic"),
+        "saves": sum(1 for e in events if ev.kind(e) == ev.CHECKPOINT and e.get("reason") == "periodic"),
         "last_interval": g.interval,
     }  # fmt: skip
     return v

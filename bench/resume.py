@@ -34,6 +34,7 @@ from typing import Any
 
 from bench.ckpt import drop_cache, manager
 from bench.common import REPO, Row, Section, child_env, median, ratio_row, run_worker, spread, worker_main
+from disttrain import events as ev
 
 MODEL = [
     "--config", "configs/tiny_gpt.yaml", "pipeline.args.n_layer=6", "pipeline.args.d_model=384",
@@ -147,8 +148,8 @@ def _preempt_once(run_dir: str, wait_steps: int = 3) -> dict[str, float]:
            "step": median([b - a for a, b in zip(stamps, stamps[1:])])}  # fmt: skip
     with open(os.path.join(run_dir, "events.jsonl"), encoding="utf-8") as fh:
         events = [json.loads(line) for line in fh if line.strip()]
-    saves = [e["seconds"] for e in events if e.get("event") == "checkpoint"]
-    agreed = [e["time"] for e in events if e.get("event") == "signal"]  # written before the save
+    saves = [e["seconds"] for e in events if ev.kind(e) == ev.CHECKPOINT]
+    agreed = [e["time"] for e in events if ev.kind(e) == ev.SIGNAL]  # written before the save
     out["save"] = float(saves[-1]) if saves else float("nan")
     out["agreed_after"] = agreed[-1] - wall0 if agreed else float("nan")
     shutil.rmtree(run_dir)

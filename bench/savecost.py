@@ -25,6 +25,7 @@ from typing import Any
 from bench.common import REPO, child_env, free_port, machine_info, median, spread
 from bench.resume import MODEL
 from bench.sections import replace_section
+from disttrain import events as ev
 
 STEPS, EVERY = 40, 5
 VARIANTS = {
@@ -43,9 +44,9 @@ def one_run(run_dir: Path, variant: str) -> dict[str, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-    at = {e["event"]: e["time"] for e in events if e["event"] in ("ready", "finish")}
-    blocked = [e["seconds"] for e in events if e["event"] == "checkpoint"]
-    return {"loop_s": at["finish"] - at["ready"], "blocked_s": sum(blocked), "saves": len(blocked)}
+    at = {e["event"]: e["time"] for e in events if ev.kind(e) in (ev.READY, ev.FINISH)}
+    blocked = [e["seconds"] for e in events if ev.kind(e) == ev.CHECKPOINT]
+    return {"loop_s": at[ev.FINISH] - at[ev.READY], "blocked_s": sum(blocked), "saves": len(blocked)}
 
 
 def report(runs: dict[str, list[dict[str, float]]], info: dict[str, Any], command: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 from bench.common import REPO, child_env, free_port, machine_info, median, spread
 from bench.sections import replace_section
+from disttrain import events as ev
 
 PROBE = '''
 import os, time
@@ -88,7 +89,7 @@ def one_run(tree: Path, probe_dir: Path, run_dir: Path, steps: int, nproc: int) 
 def _ready_split(run_dir: Path) -> dict[str, float]:
     """The start-up split of the run's last segment, where its disttrain records one."""
     path = run_dir / "events.jsonl"
-    ready = [e for e in map(json.loads, path.read_text().splitlines()) if e.get("event") == "ready"]
+    ready = [e for e in map(json.loads, path.read_text().splitlines()) if ev.kind(e) == ev.READY]
     return {f"split_{k}": v for k, v in ready[-1]["startup"].items()} if ready else {}
 
 

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 
 from disttrain import __version__, dist, hangs, phases
+from disttrain import events as ev
 from disttrain.checkpoint import CheckpointHook, Checkpointing
 from disttrain.ckpt_write import CheckpointManager
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, config_hash
+from disttrain.config import Config, config_hash
 from disttrain.data import StreamBatches, TrainData, TrainSpec, dataset_size
+from disttrain.errors import ConfigError
 from disttrain.evaluation import EvalHook, EvalSpec, Evaluator
 from disttrain.features import guard as guard_feature
 from disttrain.features.ema import EMAHook
@@ -184,8 +186,8 @@ def _stopping(
     def on_hang(why: str) -> None:
         stack = hangs.main_thread_stack()
         where = {"rank": rank, "host": socket.gethostname(), "frame": hangs.frame_of(stack)}
-        events.emit("hang", step=progress.step, section=sections.current, **where, ranks=[where])
-        events.emit("error", step=progress.step, error=why)
+        events.emit(ev.HANG, step=progress.step, section=sections.current, **where, ranks=[where])
+        events.emit(ev.ERROR, step=progress.step, error=why)
 
     channels = (guard_feature.CHANNEL,)
     agreement = StopAgreement(

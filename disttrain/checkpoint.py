@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from disttrain import dist
+from disttrain import events as ev
 from disttrain.ckpt_read import Loaded
 from disttrain.ckpt_write import CheckpointManager, SaveResult, Shards
 from disttrain.config import Config
@@ -97,7 +98,7 @@ class Checkpointing:
 
     def _record(self, result: SaveResult | None) -> None:
         if result is not None:
-            self.events.emit("checkpoint", **result.fields())
+            self.events.emit(ev.CHECKPOINT, **result.fields())
 
     # ---------------------------------------------------------------------------------------- load
 

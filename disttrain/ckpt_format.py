@@ -1,5 +1,5 @@
-"""The on-disk checkpoint format: writing a step directory, its manifest, and reading it back only
-after every file matched the manifest.
+"""The on-disk checkpoint format: writing a step directory, publishing its manifest (whose shape and
+reader are disttrain.manifest's), and reading it back only after every file matched the manifest.
 
 `model.safetensors` holds the weights; `state.pt` and `ranks.pt` hold tensors and plain data and are
 loaded only with `torch.load(weights_only=True)`, after their sha256 matched: a replaced file is
@@ -13,22 +13,18 @@ import io
 import json
 import os
 import threading
-import time
 from typing import Any
 
 import safetensors.torch
 import torch
 
 from disttrain import fs
+from disttrain.errors import CheckpointError
+from disttrain.manifest import FILES
+from disttrain.manifest import read as read_manifest
 from disttrain.rundir import MANIFEST
 
 State = dict[str, Any]
-FILES = ("model.safetensors", "state.pt", "ranks.pt")
-FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, read or trusted; the message names the file and the problem."""
 
 
 def write_files(work: str, host: State, ranks: list[Any], model: bool = True) -> dict[str, State]:
@@ -96,84 +92,12 @@ class _Sha256:
         return self._hash.hexdigest()
 
 
-def manifest(step: int, world_size: int, files: dict[str, State], meta: State) -> State:
-    """The manifest of a step directory: what it is (step, time, world size, config hash, versions,
-    thread count) and the size and sha256 of every file. Written last; it is the commit."""
-    return {
-        "format": FORMAT,
-        "step": step,
-        "time": time.time(),
-        "world_size": world_size,
-        **meta,
-        "files": files,
-    }
-
-
 def publish(work: str, final: str, m: State) -> None:
     _put(fs.join(work, MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
     if work != final:
         fs.fsync_dir(work)
         fs.remove(final, recursive=True)  # an earlier save of this step, e.g. a corrupt one skipped
         fs.rename(work, final)  # atomic on one filesystem; fs.rename fsyncs the parent
-
-
-def read_manifest(path: str) -> State:
-    """The manifest of the checkpoint at `path`, checked for shape; raises CheckpointError."""
-    where = fs.join(path, MANIFEST)
-    try:
-        m = json.loads(fs.read_text(where))
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: missing, so {path} is not a committed checkpoint") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{where}: unreadable ({err})") from None
-    problem = _manifest_problem(m)
-    if problem is not None:
-        raise CheckpointError(f"{where}: {problem}")
-    return m
-
-
-def _manifest_problem(m: Any) -> str | None:
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
-        return "not a disttrain manifest (no files table)"
-    if not all(isinstance(m.get(key), (int, float)) for key in ("step", "time", "world_size")):
-        return "step, time or world_size is missing or not a number"
-    required = _required_files(m)
-    if any(name not in m["files"] for name in required):
-        return f"does not list all of {', '.join(required)}"
-    tie = _bad_tie(m)
-    if tie is not None:
-        return tie
-    for name, meta in m["files"].items():
-        if "/" in name or name.startswith(".") or not isinstance(meta, dict):
-            return f"bad file entry {name!r}"
-        if not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
-            return f"file entry {name!r} lacks bytes or sha256"
-    return None
-
-
-def _required_files(m: State) -> list[str]:
-    """The files a manifest must list: the replicated format's three, or state, ranks and every shard."""
-    if int(m.get("format", 1)) < 2:
-        return list(FILES)
-    layout = m.get("layout")
-    entries = layout.values() if isinstance(layout, dict) else []
-    shards = {s["file"] for e in entries if isinstance(e, dict) for s in e.get("shards", [])}
-    return ["state.pt", "ranks.pt", *sorted(shards)]
-
-
-def _bad_tie(m: State) -> str | None:
-    """A sharded layout's tie record (alias -> the tensor it is saved as, ckpt_sharded) must name a
-    model tensor the layout holds."""
-    layout = m.get("layout")
-    if int(m.get("format", 1)) < 2 or not isinstance(layout, dict):
-        return None
-    for alias, entry in layout.items():
-        if not (isinstance(entry, dict) and "tied_to" in entry):
-            continue
-        target = layout.get(entry["tied_to"]) if isinstance(entry["tied_to"], str) else None
-        if not (str(alias).startswith("model/") and isinstance(target, dict) and "shards" in target):
-            return f"layout entry {alias!r} is tied to {entry['tied_to']!r}, which the layout does not hold"
-    return None
 
 
 def problem(path: str, full: bool) -> str | None:

@@ -15,9 +15,9 @@ from typing import Any
 import safetensors.torch
 
 from disttrain import ckpt_format as fmt
-from disttrain import ckpt_sharded, dist, fs
-from disttrain.ckpt_format import CheckpointError
+from disttrain import ckpt_sharded, dist, fs, manifest
 from disttrain.config import CheckpointConfig
+from disttrain.errors import CheckpointError
 from disttrain.rundir import MANIFEST, RunDir
 
 log = logging.getLogger("disttrain.checkpoint")
@@ -78,7 +78,7 @@ class CheckpointReader:
     def _info(self, step: int, full: bool) -> CheckpointInfo | None:
         path = self._path(step)
         try:
-            m = fmt.read_manifest(path)
+            m = manifest.read(path)
         except CheckpointError as err:
             if not fs.exists(fs.join(path, MANIFEST)):
                 return None  # deleted since it was listed: does not exist for readers
@@ -128,7 +128,7 @@ class CheckpointReader:
     def saved_fingerprint(self, info: CheckpointInfo | str) -> State:
         """The resume fingerprint recorded in a checkpoint's manifest."""
         path = info.path if isinstance(info, CheckpointInfo) else info
-        return dict(fmt.read_manifest(path).get("fingerprint") or {})
+        return manifest.fingerprint(manifest.read(path))
 
     def read(self, path_or_step: str | int | None = None) -> Loaded:
         """Read and verify a checkpoint. Must be called on all ranks.
@@ -152,7 +152,7 @@ class CheckpointReader:
     def export(self, out: str, step: int | None = None) -> int:
         """Write the model weights alone (a verified safetensors file) to `out`; returns the step."""
         path = self._resolve(step)
-        m = fmt.read_manifest(path)
+        m = manifest.read(path)
         if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
             tensors = ckpt_sharded.consolidate(path, m)
             fs.atomic_write(out, bytes(safetensors.torch.save(fmt.own_storage(tensors))))
@@ -163,7 +163,7 @@ class CheckpointReader:
     def read_weights(self, step: int | None = None) -> tuple[int, State]:
         """(step, the model's tensors) of a checkpoint (the newest verified by default), verified first."""
         path = self._resolve(step)
-        m = fmt.read_manifest(path)
+        m = manifest.read(path)
         if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:  # shards of any world size, put together
             return int(m["step"]), ckpt_sharded.consolidate(path, m)
         return int(m["step"]), fmt.parse_weights(path, fmt.read_verified(path, "model.safetensors", m))
@@ -188,7 +188,7 @@ class CheckpointReader:
 def _read(path: str) -> tuple[State, State, list[Any]]:
     """(manifest, shared state, per-rank states) of either format, every file verified before use.
     Shard files of a sharded checkpoint are read later, by the rank that needs their rows."""
-    m = fmt.read_manifest(path)
+    m = manifest.read(path)
     if int(m.get("format", 1)) >= ckpt_sharded.FORMAT:
         return m, fmt.read_state(path, m), fmt.read_ranks(path, m)
     return (m, *fmt.read_checkpoint(path))

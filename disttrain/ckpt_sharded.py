@@ -37,7 +37,7 @@ from torch import nn
 
 from disttrain import ckpt_format as fmt
 from disttrain import dist, fs
-from disttrain.ckpt_format import CheckpointError
+from disttrain.errors import CheckpointError
 
 State = dict[str, Any]
 FORMAT = 2

@@ -25,10 +25,11 @@ import torch
 
 from disttrain import __version__, ckpt_sharded, dist, fs
 from disttrain import ckpt_format as fmt
-from disttrain.ckpt_format import CheckpointError
 from disttrain.ckpt_read import CheckpointInfo, CheckpointReader, agreed, from_main
 from disttrain.config import CheckpointConfig
+from disttrain.errors import CheckpointError
 from disttrain.interval import for_run
+from disttrain.manifest import build as build_manifest
 from disttrain.rundir import LATEST, MANIFEST, step_of
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class CheckpointManager(CheckpointReader):
         files.update({r[0]: r[1] for r in reports})
         layout = ckpt_sharded.merge_layouts([r[2] for r in reports])
         meta = {**self._meta, "format": ckpt_sharded.FORMAT, "strategy": "fsdp", "layout": layout}
-        self._publish(step, work, fmt.manifest(step, len(reports), files, meta))
+        self._publish(step, work, build_manifest(step, len(reports), files, meta))
 
     def check(self) -> None:
         """Raise the failure of a background save, if one failed (rank 0). No collective, no I/O."""
@@ -249,7 +250,7 @@ class CheckpointManager(CheckpointReader):
                 fs.remove(work, recursive=True)
             msg = f"writing checkpoint step {step} to {self.dir} failed: {err}; {self._intact()}"
             raise CheckpointError(msg) from err
-        self._publish(step, work, fmt.manifest(step, len(ranks), files, self._meta))
+        self._publish(step, work, build_manifest(step, len(ranks), files, self._meta))
 
     def _publish(self, step: int, work: str, manifest: State) -> None:
         """Rank 0: the manifest (the commit), then `latest`, then retention."""

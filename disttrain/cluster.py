@@ -1,7 +1,8 @@
 """Who am I: rank, local rank, world size, node, job id and rendezvous address, read from the
 environment that torchrun, SLURM (srun / submitit) or nothing at all left for this process.
 
-Stdlib only, so the launcher can use it on a login node without importing torch.
+Stdlib only, so the launcher can use it on a login node without importing torch. What SLURM's values
+mean (hostlists, the port of an attempt) is disttrain.slurm's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from disttrain.slurm import expand_hostlist, port_for_job
 
 
 @dataclass(frozen=True)
@@ -127,35 +130,3 @@ def _tasks_on_this_node(env: Mapping[str, str], world: int, num_nodes: int) -> i
     per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
     match = re.match(r"(\d+)", per_node)
     return int(match.group(1)) if match else max(1, world // max(1, num_nodes))
-
-
-def port_for_job(job_id: str, attempt: int = 0) -> int:
-    """A rendezvous port every task of a job's attempt derives alike, spread so that two jobs sharing a
-    node rarely collide; kept clear of the ephemeral range Linux hands out (32768+). Each attempt of a
-    requeued job (SLURM_RESTART_COUNT) gets another: it may start on the same node while the previous
-    attempt's rank 0 is still exiting and holding its store's port (EADDRINUSE, seen after a requeue)."""
-    digits = re.sub(r"\D", "", job_id) or "0"
-    return 15000 + (int(digits) + 7919 * attempt) % 15000
-
-
-def expand_hostlist(text: str) -> list[str]:
-    """Expand a SLURM hostlist: `gpu[01-03,07],a[1-2]b[3-4]` -> gpu01, gpu02, gpu03, gpu07, a1b3, a1b4,
-    a2b3, a2b4. Uses submitit's parser (maintained, and already a dependency; imported here so this
-    module stays importable without it). Like `scontrol show hostnames`, a range SLURM would not accept
-    (`gpu-[a-b]`: ranges are numeric) raises ValueError."""
-    from submitit.slurm.slurm import SlurmParseException, _parse_node_list
-
-    try:
-        return list(_parse_node_list(text.strip()))
-    except SlurmParseException as err:
-        raise ValueError(f"invalid SLURM hostlist {text!r} ({err.args[-1]})") from None
-
-
-def parse_scontrol(text: str) -> dict[str, str]:
-    """`scontrol show job -o` output as {Key: value}; the first occurrence of a key wins."""
-    fields: dict[str, str] = {}
-    for token in text.split():
-        key, sep, value = token.partition("=")
-        if sep and key not in fields:
-            fields[key] = value
-    return fields

@@ -21,18 +21,11 @@ from typing import Any
 
 import yaml
 
+from disttrain.errors import ConfigError
+from disttrain.secrets import redact_tree
+
 DEFAULT_PIPELINE = "disttrain.pipelines.digits:DigitsPipeline"
-# "token" names credentials (HF_TOKEN, api_token) but also model vocabulary ids and counts (bos_token_id,
-# tokenizer, max_new_tokens): those are model config a from_pretrained export needs, never secrets.
-SECRET_KEY_PATTERN = re.compile(
-    r"(secret|token(?!s|izer|_?ids?\b|_type)|password|passwd|api[_-]?key|credential|private[_-]?key)", re.I
-)
-REDACTED = "***REDACTED***"
 _SCI_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """Bad user input; the entry point prints the message on one line and exits with code 2."""
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
@@ -272,13 +265,33 @@ RESUME_CRITICAL_KEYS = _resume_refused()
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read `path` (following `base:`), apply `key=value` overrides and validate. Raises ConfigError."""
     raw = _read_with_bases(path, seen=()) if path else {}
+    overridden = []
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
-    source = path or "the built-in default"
+        overridden.append(key)
+    source = Source(path or "the built-in default", frozenset(overridden))
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg, source)
     return cfg
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a key's value came from, for the `[...]` an error ends with: the command line for a key an
+    override set (or a section one replaced), else the file given to --config, or the built-in default."""
+
+    base: str
+    overridden: frozenset[str] = frozenset()
+
+    def of(self, *keys: str) -> str:
+        """The source of the first of `keys` an override set, else the base (a cross-field rule names
+        every key it compares)."""
+        for key in keys:
+            parts = re.sub(r"\[\d+\]", "", key).split(".")  # optim.betas[0] was set as optim.betas
+            if any(".".join(parts[:n]) in self.overridden for n in range(1, len(parts) + 1)):
+                return "command line"
+        return self.base
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -291,6 +304,18 @@ def parse_override(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = text  # not YAML: take it as the literal string the user typed
     return key.strip(), value
+
+
+def plain_value(value: Any) -> Any:
+    """A YAML value as config keys read it: YAML 1.1 leaves `1e-3` (no dot) a string, which a number
+    key takes as the number (_as_float); so does this, in lists and mappings too."""
+    if isinstance(value, str) and _SCI_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    return value
 
 
 def _read_with_bases(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
@@ -361,9 +386,11 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 # ----------------------------------------------------------------------------------------- build
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: Source) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.')}: expected a section (mapping), got {_tname(raw)} [{source}]")
+        raise ConfigError(
+            f"{prefix.rstrip('.')}: expected a section (mapping), got {_tname(raw)} [{source.of(prefix)}]"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -393,13 +420,13 @@ def _yaml_word(value: Any, choices: tuple[Any, ...] | None) -> Any:
     return value
 
 
-def _unknown_key_message(prefix: str, key: str, names: list[str], source: str) -> str:
+def _unknown_key_message(prefix: str, key: str, names: list[str], source: Source) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys here: {', '.join(names)}"
-    return f"unknown config key {prefix}{key}: {hint} [{source}]"
+    return f"unknown config key {prefix}{key}: {hint} [{source.of(prefix + key)}]"
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, source: Source) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -456,8 +483,8 @@ _SCALARS: dict[Any, tuple[Any, str]] = {
 }
 
 
-def _type_error(key: str, value: Any, expected: str, source: str) -> ConfigError:
-    return ConfigError(f"{key}: expected {expected}, got {value!r} ({_tname(value)}) [{source}]")
+def _type_error(key: str, value: Any, expected: str, source: Source) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r} ({_tname(value)}) [{source.of(key)}]")
 
 
 def _tname(value: Any) -> str:
@@ -469,30 +496,34 @@ def _tname(value: Any) -> str:
 # ------------------------------------------------------------------------------------- validate
 
 
-def validate(cfg: Config, source: str = "config") -> None:
+def validate(cfg: Config, source: Source | None = None) -> None:
     """Range and choice checks from field metadata, then cross-field rules. Raises ConfigError."""
+    source = source or Source("config")
     for key, value, meta in _walk(cfg):
-        _check_field(key, value, meta, source)
+        _check_field(key, value, meta, source.of(key))
     if not cfg.run_dir.strip():
-        raise ConfigError(f"run_dir: must not be empty; write run_dir=runs/my_run [{source}]")
+        raise ConfigError(f"run_dir: must not be empty; write run_dir=runs/my_run [{source.of('run_dir')}]")
     if not cfg.resume.strip():
-        raise ConfigError(f"resume: must be auto, never or a checkpoint path [{source}]")
+        raise ConfigError(f"resume: must be auto, never or a checkpoint path [{source.of('resume')}]")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999] [{source}]")
+        raise ConfigError(
+            f"optim.betas: expected two numbers in [0, 1), e.g. [0.9, 0.999] [{source.of('optim.betas')}]"
+        )
     if cfg.scheduler.warmup_steps > cfg.trainer.max_steps:
         raise ConfigError(
             f"scheduler.warmup_steps: {cfg.scheduler.warmup_steps} exceeds trainer.max_steps "
-            f"{cfg.trainer.max_steps}; lower the warmup [{source}]"
+            f"{cfg.trainer.max_steps}; lower the warmup [{source.of('scheduler.warmup_steps', 'trainer.max_steps')}]"
         )
     if ":" not in cfg.pipeline.target or cfg.pipeline.target.endswith(":"):
         raise ConfigError(
-            f"pipeline.target: {cfg.pipeline.target!r} must look like package.module:ClassName [{source}]"
+            f"pipeline.target: {cfg.pipeline.target!r} must look like package.module:ClassName "
+            f"[{source.of('pipeline.target')}]"
         )
     _validate_features(cfg, source)
     _validate_fsdp(cfg, source)
 
 
-def _validate_fsdp(cfg: Config, source: str) -> None:
+def _validate_fsdp(cfg: Config, source: Source) -> None:
     """What sharded training does not combine with yet: each refused up front, with the way out."""
     if cfg.trainer.strategy != "fsdp":
         return
@@ -512,45 +543,48 @@ def _validate_fsdp(cfg: Config, source: str) -> None:
     }
     for what, (bad, fix) in refused.items():
         if bad:
+            where = source.of(what.split("=")[0].split(" ")[0], "trainer.strategy")
             raise ConfigError(
-                f"{what} with trainer.strategy=fsdp: {fix}, or use trainer.strategy=ddp [{source}]"
+                f"{what} with trainer.strategy=fsdp: {fix}, or use trainer.strategy=ddp [{where}]"
             )
 
 
-def _validate_features(cfg: Config, source: str) -> None:
+def _validate_features(cfg: Config, source: Source) -> None:
     """Cross-field rules of the training features (hooks, profile window, early stopping)."""
     for i, hook in enumerate(cfg.hooks):
         if ":" not in hook.target or hook.target.endswith(":"):
             raise ConfigError(
-                f"hooks[{i}].target: {hook.target!r} must look like package.module:ClassName [{source}]"
+                f"hooks[{i}].target: {hook.target!r} must look like package.module:ClassName [{source.of('hooks')}]"
             )
     steps = cfg.profile.steps
     if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
         raise ConfigError(
-            f"profile.steps: {steps} must be [first, last] with 1 <= first <= last, e.g. [20, 25] [{source}]"
+            f"profile.steps: {steps} must be [first, last] with 1 <= first <= last, e.g. [20, 25] "
+            f"[{source.of('profile.steps')}]"
         )
     metric = cfg.early_stop.metric
     if metric and not metric.startswith("eval/"):
         raise ConfigError(
-            f"early_stop.metric: {metric!r} must be an eval metric such as eval/loss [{source}]"
+            f"early_stop.metric: {metric!r} must be an eval metric such as eval/loss [{source.of('early_stop.metric')}]"
         )
     if metric and cfg.trainer.eval_every == 0:
         raise ConfigError(
-            f"early_stop.metric is set but trainer.eval_every=0 evaluates only at the end; set trainer.eval_every=N [{source}]"
+            "early_stop.metric is set but trainer.eval_every=0 evaluates only at the end; set trainer.eval_every=N "
+            f"[{source.of('early_stop.metric', 'trainer.eval_every')}]"
         )
 
 
-def _check_field(key: str, value: Any, meta: dict[str, Any], source: str) -> None:
+def _check_field(key: str, value: Any, meta: dict[str, Any], where: str) -> None:
     # NaN passes every comparison and inf every minimum: a run would train to a NaN model and exit 0.
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value} is not a finite number; write a number like 3e-4 [{source}]")
+        raise ConfigError(f"{key}: {value} is not a finite number; write a number like 3e-4 [{where}]")
     if "choices" in meta and value not in meta["choices"]:
         options = " | ".join(map(str, meta["choices"]))
-        raise ConfigError(f"{key}: {value!r} is not one of {options} [{source}]")
+        raise ConfigError(f"{key}: {value!r} is not one of {options} [{where}]")
     if "min" in meta and value is not None and value < meta["min"]:
-        raise ConfigError(f"{key}: {value} is below the minimum {meta['min']} [{source}]")
+        raise ConfigError(f"{key}: {value} is below the minimum {meta['min']} [{where}]")
     if "max" in meta and value is not None and value > meta["max"]:
-        raise ConfigError(f"{key}: {value} is above the maximum {meta['max']} [{source}]")
+        raise ConfigError(f"{key}: {value} is above the maximum {meta['max']} [{where}]")
 
 
 def check_batch_divides(cfg: Config, world_size: int) -> None:
@@ -585,20 +619,10 @@ def _walk(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dict[st
 
 
 def to_dict(cfg: Config, redact: bool = True) -> dict[str, Any]:
-    """The config as plain data; with `redact`, values under secret-looking keys are replaced."""
+    """The config as plain data; with `redact`, values under secret-looking keys are replaced
+    (disttrain.secrets)."""
     data = dataclasses.asdict(cfg)
-    return _redact(data) if redact else data
-
-
-def _redact(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: (REDACTED if SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") else _redact(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_redact(v) for v in node]
-    return node
+    return redact_tree(data) if redact else data
 
 
 def dump_yaml(cfg: Config) -> str:

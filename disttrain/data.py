@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 from disttrain.stream import Position, Stream
 
 # Signals the preemption protocol handles in the main process. A DataLoader worker that received one

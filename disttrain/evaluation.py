@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from disttrain import dist, phases
+from disttrain import events as ev
 from disttrain.data import ShardedEvalBatches, collate_or_empty, dataset_size, make_loader
 from disttrain.features.ema import EMAHook
 from disttrain.features.metrics import TrainLog
@@ -68,7 +69,7 @@ class Evaluator:
                 f"disttrain: warning: {', '.join(bad)} not finite at step {step} (the model's outputs on the "
                 f"{split} split overflow or are NaN); early stopping does not count this eval"
             )
-        self.events.emit("eval", **fields)
+        self.events.emit(ev.EVAL, **fields)
         return metrics
 
     def evaluate(self, split: str, stoppable: bool = False) -> dict[str, float] | None:

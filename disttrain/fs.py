@@ -126,6 +126,15 @@ def size(path: str) -> int:
     return storage_call("checking", path, lambda: int(fs.size(inner)))
 
 
+def human_size(n: float) -> str:
+    """A size for people, in powers of 1024: 512 B, 3.4 KB, 120.5 MB, 1.2 TB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def open_file(path: str, mode: str = "rb") -> IO[Any] | _BoundedFile:
     if is_local(path):
         return open(_local(path), mode)  # noqa: SIM115 - returned to the caller's `with`

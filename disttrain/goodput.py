@@ -8,8 +8,8 @@ A run is a list of segments (one process lifetime each, opening with `start`):
 
 - begin: the job's start (SLURM_JOB_START_TIME) or the process's start, both in the `ready` event;
   the `start` event for run dirs written before `ready` existed (their start-up is then unknown).
-- end: the `exit` event; else the last lifecycle event (finish, stopped, requeue, error); else, after a
-  kill -9 or a lost node, the last event extended by the steps the next segment says were reached.
+- end: the `exit` event; else the last event that ends a segment (events.ENDS); else, after a kill -9
+  or a lost node, the last event extended by the steps the next segment says were reached.
 - pace: the median, over the intervals between a segment's markers (ready, saves, evals, the end of
   its loop), of (time - saves - evals) / steps. Steps at that pace are training; what the loop spent
   beyond it is `unexplained` (a slow batch, a slow rank, a busy machine).
@@ -28,13 +28,14 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-Event = dict[str, Any]
-LIFECYCLE_ENDS = ("finish", "stopped", "requeue", "requeue_refused", "error")
+from disttrain import events as ev
+from disttrain.events import Event
+
 PHASES = ("launch", "imports", "process_group", "build", "checkpoint", "other")  # start-up, in order
 CAUSES = ("startup", "checkpoint", "eval", "stop", "teardown", "redone", "unexplained")
 CAUSE_WORDS = {"startup": "start-up", "stop": "signal-to-exit", "checkpoint": "checkpoint saves"}
 PHASE_WORDS = {"process_group": "process group", "checkpoint": "checkpoint load"}
-_KEEPS_ALL = ("finish", "running", "stopped", "requeue", "requeue_refused")
+_KEEPS_ALL = (ev.FINISH, "running", ev.STOPPED, ev.REQUEUE, ev.REQUEUE_REFUSED)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SegmentTime:
     begin: float
     ready: float
     end: float
-    ended: str  # finish | stopped | requeue | requeue_refused | error | killed | running
+    ended: str  # the ending event (events.ENDS), exit (none recorded), killed (no exit either) or running
     start_step: int
     reached: int
     kept: int
@@ -88,22 +89,12 @@ class Goodput:
 # ---------------------------------------------------------------------------------------- compute
 
 
-def split_segments(events: list[Event]) -> list[list[Event]]:
-    """Events split into segments, each opening with its `start` (status splits the same way)."""
-    out: list[list[Event]] = [[]]
-    for event in events:
-        if event.get("event") == "start" and out[-1]:
-            out.append([])
-        out[-1].append(event)
-    return [seg for seg in out if seg]
-
-
 def compute(events: list[Event], open_until: float | None = None, open_step: int | None = None) -> Goodput:
     """Goodput over every segment of `events` (those with a numeric `time`). A last segment with no
     recorded end is still running up to `open_until` at step `open_step` when the caller knows it is
     alive (status does); without `open_until` it counts as killed at its last event."""
     events = [e for e in events if isinstance(e.get("time"), (int, float))]
-    segments = split_segments(events)
+    segments = ev.split_segments(events)
     timed: list[SegmentTime] = []
     for i, seg in enumerate(segments):
         after = segments[i + 1] if i + 1 < len(segments) else None
@@ -148,20 +139,17 @@ class _Parsed:
     @classmethod
     def of(cls, seg: list[Event]) -> _Parsed:
         def first(kind: str) -> Event | None:
-            return next((e for e in seg if e.get("event") == kind), None)
+            return next((e for e in seg if ev.kind(e) == kind), None)
 
-        ends = [e for e in seg if e.get("event") in LIFECYCLE_ENDS]
         busy = [e for e in seg if _is_busy(e)]
-        return cls(
-            seg[0], first("ready"), first("exit"), ends[-1] if ends else None, first("signal"), busy, seg[-1]
-        )
+        end = ev.last_end(seg)
+        return cls(seg[0], first(ev.READY), first(ev.EXIT), end, first(ev.SIGNAL), busy, seg[-1])
 
 
 def _is_busy(event: Event) -> bool:
-    kind = event.get("event")
-    return (kind == "eval" or (kind == "checkpoint" and event.get("reason") != "stop")) and _num(
-        event.get("seconds")
-    ) > 0
+    kind = ev.kind(event)
+    blocking = kind == ev.EVAL or (kind == ev.CHECKPOINT and event.get("reason") != "stop")
+    return blocking and _num(event.get("seconds")) > 0
 
 
 def _segment(
@@ -172,8 +160,8 @@ def _segment(
     end, ended = _end(p, alive)
     loop_end = p.signal["time"] if p.signal else (p.end_event["time"] if p.end_event else end)
     start_step = _int(p.start.get("step"))
-    seen = max(_int(e.get("step")) for e in seg)
-    reached = _reached(seen, after, open_step if ended == "running" else None)
+    seen = max(ev.step(e) for e in seg)
+    reached = max(seen, open_step) if ended == "running" and open_step is not None else ev.reached(seg, after)
     busy = [e for e in p.busy if ready < e["time"] <= loop_end]
     loop_s = max(0.0, loop_end - ready - sum(_num(e["seconds"]) for e in busy))
     pace = _pace(ready, start_step, busy, loop_end, reached if ended == "running" else seen)
@@ -187,8 +175,8 @@ def _segment(
     redone = (reached - kept) * pace if pace else 0.0
     lost = {
         "startup": ready - begin,
-        "checkpoint": sum(_num(e["seconds"]) for e in busy if e.get("event") == "checkpoint"),
-        "eval": sum(_num(e["seconds"]) for e in busy if e.get("event") == "eval"),
+        "checkpoint": sum(_num(e["seconds"]) for e in busy if ev.kind(e) == ev.CHECKPOINT),
+        "eval": sum(_num(e["seconds"]) for e in busy if ev.kind(e) == ev.EVAL),
         "stop": end - p.signal["time"] if p.signal else 0.0,
         "teardown": end - p.end_event["time"] if (p.exit and p.end_event and not p.signal) else 0.0,
         "redone": redone,
@@ -228,21 +216,11 @@ def _startup(p: _Parsed) -> tuple[float, float, dict[str, float]]:
 
 def _end(p: _Parsed, alive: float | None) -> tuple[float, str]:
     if p.exit is not None or p.end_event is not None:
-        ended = p.end_event.get("event", "exit") if p.end_event else "exit"
-        return (p.exit or p.end_event or {})["time"], str(ended)
+        ended = ev.kind(p.end_event) if p.end_event else ev.EXIT
+        return (p.exit or p.end_event or {})["time"], ended
     if alive is not None:
         return max(alive, p.last["time"]), "running"
     return p.last["time"], "killed"
-
-
-def _reached(seen: int, after: list[Event] | None, open_step: int | None) -> int:
-    """The last step the segment trained: what its events say, or what the next segment's resume says
-    it logged (interrupted_at), or, while it runs, the step the metrics show."""
-    if open_step is not None:
-        return max(seen, open_step)
-    resume = next((e for e in after or [] if e.get("event") == "resume"), None)
-    at = resume.get("interrupted_at") if resume else None
-    return max(seen, _int(at)) if at is not None else seen
 
 
 def _kept(p: _Parsed, ended: str, start: int, reached: int, after: list[Event] | None) -> int:
@@ -252,7 +230,7 @@ def _kept(p: _Parsed, ended: str, start: int, reached: int, after: list[Event] |
         return min(max(_int(after[0].get("step")), start), reached)
     if ended in _KEEPS_ALL:
         return reached
-    saved = [_int(e.get("step")) for e in p.busy if e.get("event") == "checkpoint"]
+    saved = [ev.step(e) for e in p.busy if ev.kind(e) == ev.CHECKPOINT]
     return min(max([start, *saved]), reached)
 
 
@@ -274,7 +252,7 @@ def _pace(ready: float, start: int, busy: list[Event], loop_end: float, last_ste
 def _interval(events: list[Event]) -> dict[str, Any] | None:
     """The checkpoint interval the newest save recorded (checkpoint.interval=auto), if any."""
     for event in reversed(events):
-        if event.get("event") == "checkpoint" and isinstance(event.get("interval"), dict):
+        if ev.kind(event) == ev.CHECKPOINT and isinstance(event.get("interval"), dict):
             return dict(event["interval"])
     return None
 
@@ -294,8 +272,8 @@ class History:
 def history(events: list[Event]) -> History:
     """A run's interruption and save history (every segment here has ended: call it before `start`)."""
     g = compute(events)
-    unclean = sum(1 for s in g.segments if s.ended in ("killed", "error"))
-    saves = [_num(e.get("seconds")) for e in events if e.get("event") == "checkpoint" and e.get("seconds")]
+    unclean = sum(1 for s in g.segments if s.ended in ("killed", ev.ERROR))
+    saves = [_num(e.get("seconds")) for e in events if ev.kind(e) == ev.CHECKPOINT and e.get("seconds")]
     return History(g.running_s, unclean, saves)
 
 

@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from disttrain import goodput
+from disttrain import events, goodput
 from disttrain.config import CheckpointConfig
 from disttrain.goodput import History
-from disttrain.rundir import RunDir, read_jsonl
+from disttrain.rundir import RunDir
 
 DEFAULT_SAVE_S = 1.0  # what the rule assumes before a save was measured (it saves at once to measure)
 RECENT_SAVES = 5  # the save time is the median of this many latest saves
@@ -121,5 +121,5 @@ def for_run(layout: RunDir, cfg: CheckpointConfig) -> AutoInterval | None:
         return None
     from disttrain import dist
 
-    past = dist.on_main(lambda: goodput.history(read_jsonl(layout.events)))
+    past = dist.on_main(lambda: goodput.history(events.read(layout.path)))
     return AutoInterval(past, cfg.mtbi_prior_minutes * 60)

@@ -37,7 +37,7 @@ from typing import Any
 
 from disttrain import dist, fs
 from disttrain.cluster import ClusterEnv
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 from disttrain.rundir import LEASE, RunDir
 
 TTL_ENV = "DISTTRAIN_LEASE_TTL_S"

@@ -15,12 +15,11 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from disttrain import cluster, phases, run
-from disttrain.config import ConfigError, load_config
-from disttrain.preemption import max_requeues_from_env
-from disttrain.redact import mask_output, secret_values
+from disttrain.config import load_config
+from disttrain.errors import ConfigError
+from disttrain.secrets import mask_output, secret_values
+from disttrain.slurm import max_requeues_from_env
 from disttrain.stop import StopSignal
-
-EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,7 +24,8 @@ from torch import nn
 from disttrain import dist
 from disttrain.ckpt_read import Loaded
 from disttrain.ckpt_sharded import load_model, load_optimizer, parameter_names, split_state
-from disttrain.config import Config, ConfigError
+from disttrain.config import Config
+from disttrain.errors import ConfigError
 
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 State = dict[str, Any]

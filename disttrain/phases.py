@@ -25,7 +25,6 @@ PROCESS_GROUP = "process_group"  # torch.distributed init: the rendezvous waits 
 BUILD = "build"  # the pipeline's data and model, the optimizer, the DDP wrapper
 CHECKPOINT = "checkpoint"  # finding, verifying and loading the checkpoint resumed from
 OTHER = "other"
-LAUNCH = "launch"  # job start to process start (SLURM_JOB_START_TIME known only)
 
 
 def process_start_time() -> float | None:

@@ -9,12 +9,12 @@ config differs in one is refused, naming the key. Every other key is applied fro
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from disttrain import fs
-from disttrain.config import RESUME_CRITICAL_KEYS, Config, ConfigError, get_dotted, to_dict
-from disttrain.rundir import MANIFEST, RunDir, is_committed
+from disttrain import manifest
+from disttrain.config import RESUME_CRITICAL_KEYS, Config, get_dotted, to_dict
+from disttrain.errors import CheckpointError, ConfigError
+from disttrain.rundir import RunDir, is_committed
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
@@ -39,9 +39,9 @@ def refusal(source: str, changed: list[str]) -> str:
     )
 
 
-def check_compatible(cfg: Config, source: str, manifest: dict[str, Any]) -> None:
+def check_compatible(cfg: Config, source: str, found: manifest.Manifest) -> None:
     """Refuse (ConfigError) a checkpoint whose run differs in a key that makes its state meaningless here."""
-    changed = conflicts(dict(manifest.get("fingerprint") or {}), cfg)
+    changed = conflicts(manifest.fingerprint(found), cfg)
     if changed:
         raise ConfigError(refusal(source, changed))
 
@@ -74,8 +74,7 @@ def preflight(cfg: Config, committed: list[int]) -> None:
     if path is None:
         return
     try:
-        manifest = json.loads(fs.read_text(fs.join(path, MANIFEST)))
-    except (OSError, ValueError):
-        return  # unreadable: loading it says so, or falls back to an older one
-    if isinstance(manifest, dict):
-        check_compatible(cfg, path, manifest)
+        found = manifest.read(path)
+    except CheckpointError:
+        return  # unreadable or malformed: loading it says so, or falls back to an older one
+    check_compatible(cfg, path, found)

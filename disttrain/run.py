@@ -21,9 +21,11 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from disttrain import fs, resume
+from disttrain import events as ev
+from disttrain import fs, resume, slurm
 from disttrain.cluster import ClusterEnv
-from disttrain.config import Config, ConfigError, check_batch_divides
+from disttrain.config import Config, check_batch_divides
+from disttrain.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ConfigError
 from disttrain.preemption import tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
 from disttrain.stop import StopSignal
@@ -31,7 +33,6 @@ from disttrain.stop import StopSignal
 if TYPE_CHECKING:
     from disttrain.trainer import FitResult, Trainer
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 _UNUSED_PARAMETERS = "Expected to have finished reduction in the prior iteration"
 # Writers that need an optional package: config key -> (module, pip extra).
 _WRITER_PACKAGES = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard")}
@@ -182,7 +183,7 @@ def start(
     cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
 ) -> RunResult:
     """Preflight, then train (or test) on this rank. Must be called on all ranks."""
-    from disttrain.redact import mask_output, secret_values
+    from disttrain.secrets import mask_output, secret_values
 
     tie_to_launcher(env)  # a torchrun worker must not outlive its agent
     mask_output(secret_values(cfg))  # before anything is printed: tracebacks can quote a credential
@@ -261,10 +262,10 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: 
     if trainer.stop.signal.first_at is not None:
         fields["signal_time"] = round(trainer.stop.signal.first_at, 3)
     if decision.requeued:
-        events.emit("requeue", budget_left=decision.budget_left, **fields)
+        events.emit(ev.REQUEUE, budget_left=decision.budget_left, **fields)
         note = f"requeued job {env.job_id} at step {fit.step}: {decision.reason}"
     else:
-        events.emit("requeue_refused", **fields)
+        events.emit(ev.REQUEUE_REFUSED, **fields)
         note = f"not requeued: {decision.reason}; submit the same command again to resume"
     files.warn(f"disttrain: {note}")
     outcome = Outcome.REQUEUED if decision.requeued else Outcome.STOPPED
@@ -298,7 +299,7 @@ def _interrupted(trainer: Trainer | None, env: ClusterEnv) -> RunResult:
     """Ctrl-C twice: out at once, without a save, but the end is recorded (status must not say running)."""
     step = trainer.step if trainer is not None else None
     if trainer is not None:
-        trainer.segment.events.emit("interrupted", step=step, signal="SIGINT", saved=False)
+        trainer.segment.events.emit(ev.INTERRUPTED, step=step, signal="SIGINT", saved=False)
     print(f"disttrain: rank {env.rank}: interrupted (Ctrl-C twice) at step {step}, without a checkpoint",
           file=sys.stderr)  # fmt: skip
     return RunResult(Outcome.INTERRUPTED, step, signal="SIGINT")
@@ -309,7 +310,7 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
     code; disttrain's own failures, a storage or checkpoint problem or a dead peer, need none), and
     record it."""
     from disttrain import dist
-    from disttrain.ckpt_format import CheckpointError
+    from disttrain.errors import CheckpointError
 
     message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
     if _UNUSED_PARAMETERS in str(err):  # DDP's own hint names a keyword the user cannot reach here
@@ -321,7 +322,7 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
         traceback.print_exc()
     step = trainer.step if trainer is not None else None
     if trainer is not None:
-        trainer.segment.events.emit("error", step=step, error=message)
+        trainer.segment.events.emit(ev.ERROR, step=step, error=message)
     print(f"disttrain: rank {env.rank}: training failed: {message}", file=sys.stderr)
     return RunResult(Outcome.FAILED, step, message=message)
 
@@ -349,7 +350,7 @@ def _collective_failure(trainer: Trainer | None, cfg: Config, cause: str) -> str
     named = "; ".join(c.describe(what, waited) for c in found)
     stacks = RunDir(cfg.run_dir).stacks
     ranks = [{"rank": c.rank, "host": c.host, "frame": c.frame, "section": c.section} for c in found]
-    trainer.segment.events.emit("hang", step=trainer.step, waited_in=section, ranks=ranks)
+    trainer.segment.events.emit(ev.HANG, step=trainer.step, waited_in=section, ranks=ranks)
     return f"a collective failed: {named} (stacks in {stacks}; trainer.collective_timeout_s={timeout})"
 
 
@@ -370,12 +371,13 @@ def _fresh_store_after_torchrun_restart(environ: Any) -> None:
     """torchrun's static rendezvous hands every restart the same TCPStore, still holding the previous
     attempt's process-group keys (`default_pg/...`): a restarted rank can read a dead peer's address and
     hang or fail in gloo/NCCL setup (seen with torch 2.13 and `--max-restarts`). From the first restart on,
-    rank 0 hosts a fresh store instead, on a port every rank derives from the agent's port and the count."""
+    rank 0 hosts a fresh store instead, on a port every rank derives from the agent's port and the count
+    (the same rule as a requeued SLURM attempt's)."""
     restart = int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if restart > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
         port = int(environ.get("MASTER_PORT") or 29500)
-        environ["MASTER_PORT"] = str(15000 + (port + 7919 * restart) % 15000)  # below the ephemeral range
+        environ["MASTER_PORT"] = str(slurm.attempt_port(port, restart))
 
 
 def _setup_logging(rank: int) -> None:

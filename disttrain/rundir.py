@@ -10,6 +10,7 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       events.jsonl                lifecycle events
       test_metrics.json           from `--test`
       curves.png                  drawn at the end of a segment
+      timeline.png                `disttrain plot --timeline`: where the time went
       checkpoints/step_00000120/  one committed checkpoint: manifest.json is written last
       checkpoints/latest          the newest committed step's directory name
       lease.json                  the run now holding the run dir (host, pid, job id); gone when it ends
@@ -18,7 +19,9 @@ from here, so the layout is spelled once. Torch-free: `disttrain status` imports
       wandb/ tb/ slurm/           writer and launcher output
 
 A sweep dir (`disttrain submit --sweep`) holds `sweep.json` (its tasks, their overrides and job ids),
-`slurm/` (the job array's files) and one run dir per task, named from the task's overrides.
+`slurm/` (the job array's files) and one run dir per task, named from the task's overrides (the
+contract: disttrain.sweepdir). Event names and record shapes: disttrain.events; the manifest:
+disttrain.manifest.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 TEST_METRICS = "test_metrics.json"
 CURVES = "curves.png"
+TIMELINE = "timeline.png"  # `disttrain plot --timeline`
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from disttrain import dist, phases
+from disttrain import events as ev
 from disttrain.ckpt_read import Loaded
 from disttrain.cluster import ClusterEnv
 from disttrain.features.metrics import TrainLog
@@ -37,31 +38,33 @@ class Segment:
         dist.barrier()  # nobody writes into run_dir before it exists
         self.log.open(step, self.bar)
         self.events.emit(
-            "start", step=step, world_size=dist.world_size(), max_steps=self.cfg.trainer.max_steps
+            ev.START, step=step, world_size=dist.world_size(), max_steps=self.cfg.trainer.max_steps
         )
         self.began = True
         if changed:
             self.files.say(
                 f"note: config changed since the checkpoint, applied from step {step}: {'; '.join(changed)}"
             )
-            self.events.emit("config_changed", step=step, changes=changed)
+            self.events.emit(ev.CONFIG_CHANGED, step=step, changes=changed)
         if resumed is not None:
             self._note_threads(resumed.manifest.get("num_threads"))
             # interrupted_at: the last step logged before the interruption, so `disttrain status` and the
             # curves can say exactly how many steps a kill -9 cost.
-            self.events.emit("resume", step=step, cause=self._cause(), interrupted_at=self.log.logged_through)
+            self.events.emit(
+                ev.RESUME, step=step, cause=self._cause(), interrupted_at=self.log.logged_through
+            )
             self.files.say(f"resumed from step {step}")
 
     def ready(self, step: int) -> None:
         """Start-up ends here: the first step comes next."""
-        self.events.emit("ready", step=step, **phases.CLOCK.ready_fields())
+        self.events.emit(ev.READY, step=step, **phases.CLOCK.ready_fields())
 
     def finished(self, step: int, reason: str, skipped: int = 0) -> None:
         """The run is done: recorded, and one line that says where its results are. Steps skipped as
         non-finite (trainer.nonfinite=skip) are said loudly: a run that skipped most of its steps
         "finishes" with weights that barely trained."""
         extra = {"reason": reason} if reason else {}
-        self.events.emit("finish", step=step, **extra, **({"skipped": skipped} if skipped else {}))
+        self.events.emit(ev.FINISH, step=step, **extra, **({"skipped": skipped} if skipped else {}))
         if skipped:
             share = skipped / max(1, step)
             loud = " THE WEIGHTS BARELY TRAINED;" if share >= 0.5 else ""
@@ -77,13 +80,13 @@ class Segment:
         )
 
     def stopped(self, step: int, signal: str | None) -> None:
-        self.events.emit("stopped", step=step, signal=signal)
+        self.events.emit(ev.STOPPED, step=step, signal=signal)
 
     def exit(self, step: int) -> None:
         """The segment's end, for goodput; not after storage refused a record (another attempt at a dead
         endpoint costs its timeout and a line after the failure's own, for a record goodput can miss)."""
         if self.began and not self.events.failures:
-            self.events.emit("exit", step=step)
+            self.events.emit(ev.EXIT, step=step)
 
     def say(self, text: str) -> None:
         self.files.say(text)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from disttrain import events as ev
 from disttrain.hangs import frame_of, main_thread_stack
 from disttrain.hooks import Hook, Loop
 from disttrain.sections import AGREEMENT, CHECKPOINT, Sections
@@ -34,7 +35,7 @@ from disttrain.sections import AGREEMENT, CHECKPOINT, Sections
 if TYPE_CHECKING:
     from disttrain import dist
     from disttrain.cluster import ClusterEnv
-    from disttrain.preemption import Requeue
+    from disttrain.slurm import Requeue
     from disttrain.writers import EventLog
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
@@ -348,7 +349,7 @@ class Stopping:
         self.request = request
         received = {} if self.signal.first_at is None else {"received": round(self.signal.first_at, 3)}
         self.events.emit(
-            "signal", step=step, signal=request.signal, signals=list(request.signals), **received
+            ev.SIGNAL, step=step, signal=request.signal, signals=list(request.signals), **received
         )
         return True
 
@@ -394,21 +395,15 @@ class StopHook(Hook):
 
 
 def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> Requeue:
-    """Decide whether a stopped SLURM job requeues, and requeue it. Must be called on all ranks, after the
-    stop checkpoint is committed: rank 0 decides and runs `scontrol requeue` once, then every rank learns
-    the outcome, so all ranks exit the same way. The signals are the agreed union (StopAgreement)."""
-    from disttrain import dist
-    from disttrain.preemption import decide, requeue
+    """Decide whether a stopped SLURM job requeues (the policy: disttrain.slurm), and requeue it. Must be
+    called on all ranks, after the stop checkpoint is committed: rank 0 decides and runs `scontrol
+    requeue` once, then every rank learns the outcome, so all ranks exit the same way. The signals are
+    the agreed union (StopAgreement)."""
+    from disttrain import dist, slurm
 
     decision = None
     if dist.is_main():
-        decision = decide(_deciding_signal(stop.signals), cluster, max_requeues)
+        decision = slurm.decide(slurm.deciding_signal(stop.signals), cluster, max_requeues)
         if decision.requeued:
-            decision = requeue(cluster.job_id, decision)
+            decision = slurm.requeue(cluster.job_id, decision)
     return dist.broadcast_from_main(decision)
-
-
-def _deciding_signal(signals: tuple[str, ...]) -> str | None:
-    """One signal for the job from every rank's. SIGTERM first: if it came from a scancel, the user
-    wants the job gone even if the time-limit warning came before; if from preemption, it requeues too."""
-    return next((name for name in ("SIGTERM", "SIGUSR2", "SIGINT") if name in signals), None)

@@ -23,7 +23,7 @@ from typing import Any
 from torch.utils.data import IterableDataset
 
 from disttrain import fs
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 
 Position = dict[str, Any]
 Transform = Callable[[Any], Any]

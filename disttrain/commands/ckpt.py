@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 
 from disttrain import fs
-from disttrain.ckpt_format import CheckpointError
 from disttrain.ckpt_read import CheckpointInfo
 from disttrain.ckpt_write import CheckpointManager
-from disttrain.config import CheckpointConfig, ConfigError
+from disttrain.config import CheckpointConfig
+from disttrain.errors import CheckpointError, ConfigError
 from disttrain.pipelines import pipeline_class
 from disttrain.rundir import RunDir
 
@@ -98,7 +98,7 @@ def _ls(manager: CheckpointManager, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.time)) if info.time else "?"
         status = "yes" if info.verified else f"NO: {info.problem}"
         layout = f"fsdp, {info.world_size} shards" if info.strategy == "fsdp" else "whole"
-        print(f"{info.step:>10}  {_human(info.bytes):>10}  {when:<19}  {layout:<14}  {status}")
+        print(f"{info.step:>10}  {fs.human_size(info.bytes):>10}  {when:<19}  {layout:<14}  {status}")
     return 0
 
 
@@ -165,11 +165,3 @@ def _export_ema(manager: CheckpointManager, out: str, step: int | None) -> int:
         raise BadInput(f"{loaded.path} holds no EMA (the run had ema.decay=0); export without --ema")
     fs.atomic_write(out, safetensors.torch.save({k: v.contiguous() for k, v in weights.items()}))
     return loaded.step
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

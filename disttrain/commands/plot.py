@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from disttrain import fs
+from disttrain import fs, sweepdir
 from disttrain.rundir import CURVES, RunDir
 
 
@@ -25,15 +25,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--metrics", help="comma-separated metric names (default: every metric logged)")
     parser.add_argument(
         "--timeline", action="store_true", help="draw where the time went instead: segments, lost time by "
-        "cause, queue (one run; default out: RUN_DIR/timeline.png)",
+        "cause, queue (one run, or one lane per task of a sweep dir; default out: RUN_DIR/timeline.png)",
     )  # fmt: skip
     args = parser.parse_args(list(argv))
     if args.timeline:
         if len(args.run_dir) > 1:
-            print("disttrain plot: error: --timeline draws one run; give one run_dir", file=sys.stderr)
+            print(
+                "disttrain plot: error: --timeline draws one run or one sweep; give one dir", file=sys.stderr
+            )
             return 2
         return _timeline(args.run_dir[0], args.out)
-    if len(args.run_dir) > 1 or _is_sweep(args.run_dir[0]):
+    if len(args.run_dir) > 1 or sweepdir.is_sweep_dir(args.run_dir[0]):
         return _overlay(args)
     args.run_dir = args.run_dir[0]
     if not fs.exists(RunDir(args.run_dir).metrics):
@@ -76,15 +78,9 @@ def _timeline(run_dir: str, out: str | None) -> int:
     try:
         print(timeline.write(run_dir, out))
     except ValueError as err:
-        print(f"disttrain plot: error: {err}; give the run_dir of a run that has started", file=sys.stderr)
+        print(f"disttrain plot: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def _is_sweep(path: str) -> bool:
-    from disttrain.launch.sweep import is_sweep_dir
-
-    return is_sweep_dir(path)
 
 
 def _overlay(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from disttrain import fs
-from disttrain.launch.sweep import is_sweep_dir, task_dirs
 from disttrain.rundir import RunDir, read_jsonl
+from disttrain.sweepdir import is_sweep_dir, task_dirs
 
 # Throughput is wall-clock noise between runs of a sweep, not a curve to compare.
 SKIPPED_BY_DEFAULT = ("train/samples_per_sec",)
@@ -48,21 +48,43 @@ def write_overlay(runs: list[tuple[str, str]], out: str, metrics: list[str] | No
     if missing:
         raise ValueError(f"no run logged {', '.join(missing)}; they have {', '.join(present)}")
     keys = metrics or [k for k in present if k not in SKIPPED_BY_DEFAULT]
-    fs.atomic_write(out, _draw(keys, rows))
+    buffer = io.BytesIO()
+    figure(keys, rows).savefig(buffer, format="png", dpi=100)
+    fs.atomic_write(out, buffer.getvalue())
     return out
 
 
-def _draw(keys: list[str], rows: dict[str, list[dict[str, Any]]]) -> bytes:
+def colors(labels: list[str]) -> dict[str, Any]:
+    """One colour per run, the same in every panel (a panel where some run logged nothing must not
+    shift the others' colours): matplotlib's ten, then a 20-colour map, then a continuous one."""
+    from matplotlib import colormaps
+
+    n = len(labels)
+    if n <= 10:
+        return {label: f"C{i}" for i, label in enumerate(labels)}
+    cmap = colormaps["tab20"] if n <= 20 else colormaps["viridis"]
+    return {label: cmap(i if n <= 20 else i / (n - 1)) for i, label in enumerate(labels)}
+
+
+def figure(keys: list[str], rows: dict[str, list[dict[str, Any]]]) -> Any:
+    """The overlay as a matplotlib Figure: one panel per metric, one line per run."""
     from matplotlib.figure import Figure  # lazy; a bare Figure renders with Agg, no pyplot or display
 
     cols = 1 if len(keys) == 1 else 2
     fig = Figure(figsize=(6 * cols, 3 * -(-len(keys) // cols) + 0.3 * len(rows)), layout="constrained")
     axes = fig.subplots(-(-len(keys) // cols), cols, squeeze=False).ravel()
+    color = colors(list(rows))
     for ax, key in zip(axes, keys):
         for label, records in rows.items():
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), lw=1.2, marker="." if len(points) < 40 else None, label=label)
+                ax.plot(
+                    *zip(*points),
+                    lw=1.2,
+                    marker="." if len(points) < 40 else None,
+                    label=label,
+                    color=color[label],
+                )
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -77,6 +99,4 @@ def _draw(keys: list[str], rows: dict[str, list[dict[str, Any]]]) -> bytes:
         list(legend.values()), labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8
     )
     fig.suptitle(f"{len(rows)} runs")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return fig

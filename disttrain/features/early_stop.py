@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from disttrain.config import ConfigError, EarlyStopConfig
+from disttrain.config import EarlyStopConfig
+from disttrain.errors import ConfigError
 from disttrain.hooks import Hook, Loop
 
 

@@ -16,7 +16,8 @@ import importlib
 import inspect
 from typing import Any
 
-from disttrain.config import Config, ConfigError, HookSpec
+from disttrain.config import Config, HookSpec
+from disttrain.errors import ConfigError
 from disttrain.features.early_stop import EarlyStopHook
 from disttrain.features.ema import EMAHook
 from disttrain.features.profiler import ProfilerHook

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from disttrain import dist
+from disttrain import events as ev
 from disttrain.config import TrainerConfig
 from disttrain.stop import StopAgreement
 from disttrain.writers import EventLog, RunFiles
@@ -154,7 +155,7 @@ class NonFiniteGuard:
         message = self.describe(step, quantity, action)
         if action == "stop":
             self._fail(NonFiniteError(step, quantity, message))
-        self.events.emit("nonfinite", step=step, quantity=quantity, action=action, skipped=self.skipped)
+        self.events.emit(ev.NONFINITE, step=step, quantity=quantity, action=action, skipped=self.skipped)
         self.files.warn(f"disttrain: {message}")
 
     def late_check(self, step: int) -> None:
@@ -183,7 +184,7 @@ class NonFiniteGuard:
         """Every rank at the same point: nothing left in flight, the event, then the error (exit 1)."""
         self.agreement.drain()
         self.settle()  # a save of an earlier, finite step still being written is committed first
-        self.events.emit("nonfinite", step=err.step, quantity=err.quantity, action="stop", error=str(err))
+        self.events.emit(ev.NONFINITE, step=err.step, quantity=err.quantity, action="stop", error=str(err))
         raise err
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from disttrain.config import ConfigError, TrainerConfig
+from disttrain.config import TrainerConfig
+from disttrain.errors import ConfigError
 from disttrain.parallel import uncompiled
 
 

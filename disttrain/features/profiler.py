@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from disttrain import dist, fs
+from disttrain import events as ev
 from disttrain.hooks import Hook, Loop
 from disttrain.rundir import RunDir
 from disttrain.writers import EventLog, RunFiles
@@ -57,5 +58,5 @@ class ProfilerHook(Hook):
             fs.makedirs(target_dir)
             with open(local, "rb") as fh:
                 fs.write_bytes(target, fh.read())
-        self.events.emit("profile", step=loop.step, first=self.first, last=self.last, path=target_dir)
+        self.events.emit(ev.PROFILE, step=loop.step, first=self.first, last=self.last, path=target_dir)
         self.files.say(f"profiler trace of steps {self.first}-{loop.step} in {target_dir}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from disttrain import events as ev
 from disttrain.sections import BUSY, SECTIONS
 from disttrain.writers import EventLog
 
@@ -106,7 +107,7 @@ class Stragglers:
     def _record(self, step: int, streak: _Streak) -> None:
         section = max(streak.sections, key=streak.sections.__getitem__)
         self.events.emit(
-            "straggler",
+            ev.STRAGGLER,
             step=step,
             rank=streak.rank,
             host=self.hosts[streak.rank] if streak.rank < len(self.hosts) else "",

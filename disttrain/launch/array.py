@@ -17,11 +17,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from disttrain import fs
-from disttrain.config import Config, ConfigError, get_dotted, load_config, to_dict
+from disttrain import fs, sweepdir
+from disttrain.config import Config, get_dotted, load_config, to_dict
+from disttrain.errors import EXIT_OK, ConfigError
 from disttrain.launch.options import SubmitOptions
-from disttrain.launch.submit import EXIT_OK, check_config, first_missing, log_folder, not_submitted
-from disttrain.launch.sweep import Task, expand, read_sweep_file, task_run_dir, write_manifest
+from disttrain.launch.plan import check_config, first_missing, log_folder, not_submitted
+from disttrain.launch.sweep import Task, expand, read_sweep_file
 from disttrain.rundir import RunDir
 
 
@@ -48,6 +49,7 @@ def prepare(opts: SubmitOptions) -> SweepPlan:
     rows = read_sweep_file(opts.sweep_file) if opts.sweep_file else []
     tasks = expand(opts.sweep, rows, opts.overrides)
     configs = [_task_config(opts, base, sweep_dir, task) for task in tasks]
+    _check_distinct(tasks, configs)
     folder = log_folder(opts, sweep_dir)
     name = opts.job_name or base.name or fs.basename(sweep_dir) or "disttrain-sweep"
     return SweepPlan(opts, sweep_dir, folder, name, tasks, configs)
@@ -56,12 +58,27 @@ def prepare(opts: SubmitOptions) -> SweepPlan:
 def _task_config(opts: SubmitOptions, base: Config, sweep_dir: str, task: Task) -> Config:
     try:
         cfg = load_config(opts.config, [*opts.overrides, *task.overrides])
-        cfg.run_dir = task_run_dir(sweep_dir, task)
+        cfg.run_dir = sweepdir.run_dir(sweep_dir, task.name)
         cfg.name = f"{base.name}/{task.name}" if base.name else ""
         check_config(cfg, opts.world_size)
     except ConfigError as err:
         raise ConfigError(f"sweep task {task.index} ({' '.join(task.overrides)}): {err}") from None
     return cfg
+
+
+def _check_distinct(tasks: list[Task], configs: list[Config]) -> None:
+    """Two tasks that resolve to one config would train the same run twice (`optim.lr=1e-3` in one
+    sweep-file row and `optim.lr: 0.001` in another): refused, naming both."""
+    seen: dict[str, Task] = {}
+    for task, cfg in zip(tasks, configs):
+        data = {k: v for k, v in to_dict(cfg, redact=False).items() if k not in ("run_dir", "name")}
+        key = json.dumps(data, sort_keys=True, default=str)
+        if key in seen:
+            raise ConfigError(
+                f"sweep tasks {seen[key].index} ({' '.join(seen[key].overrides)}) and {task.index} "
+                f"({' '.join(task.overrides)}) resolve to the same config; give each combination once"
+            )
+        seen[key] = task
 
 
 def resolved(plan: SweepPlan, index: int) -> str:
@@ -88,7 +105,8 @@ def print_dry_run(plan: SweepPlan) -> int:
 
 def submit(plan: SweepPlan) -> int:
     from disttrain.launch.executor import make_executor
-    from disttrain.launch.job import TrainJob, secrets_in_environment, split_secrets
+    from disttrain.launch.job import TrainJob, split_secrets
+    from disttrain.secrets import secrets_in_environment
 
     o = plan.opts
     jobs: list[Any] = []
@@ -105,7 +123,8 @@ def submit(plan: SweepPlan) -> int:
         return not_submitted(err, created)
     ids = [str(job.job_id) for job in submitted]
     array_id = ids[0].split("_")[0]
-    write_manifest(plan.sweep_dir, plan.tasks, ids, job_id=array_id, job_name=plan.job_name,
+    records = [sweepdir.SweepTask(t.index, t.name, t.overrides, job_id) for t, job_id in zip(plan.tasks, ids)]
+    sweepdir.write(plan.sweep_dir, records, job_id=array_id, job_name=plan.job_name,
                    array_parallelism=o.array_parallelism or len(ids))  # fmt: skip
     print_submitted(plan, array_id, ids)
     return EXIT_OK

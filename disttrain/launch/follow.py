@@ -7,28 +7,16 @@ from `scontrol show job`, and how the run ended from RUN_DIR/events.jsonl, which
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from disttrain.cluster import parse_scontrol
+from disttrain import events as ev
+from disttrain import slurm
+from disttrain.errors import EXIT_FAILURE, EXIT_OK
+from disttrain.slurm import FINAL_STATES
 
-# A job in one of these is done; a requeued job passes through COMPLETING/PENDING and keeps its id.
-FINAL_STATES = frozenset(
-    {
-        "COMPLETED",
-        "FAILED",
-        "CANCELLED",
-        "TIMEOUT",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "BOOT_FAIL",
-        "DEADLINE",
-        "PREEMPTED",
-    }
-)
 POLL_S = 2.0
 
 
@@ -37,7 +25,7 @@ def follow_slurm(job_id: str, run_dir: str, out: TextIO = sys.stdout, poll_s: fl
     events = EventTail(run_dir)
     last, final_seen = None, 0
     while True:
-        info = _show_job(job_id)
+        info = _job_info(job_id)
         state = info.get("JobState")
         events.echo(out)
         now = (state, info.get("Restarts"))
@@ -67,20 +55,18 @@ def follow_local(job: Any, run_dir: str, out: TextIO = sys.stdout, poll_s: float
 
 
 def _verdict(events: EventTail, state: str, out: TextIO) -> int:
-    last = events.last_lifecycle()
-    if last and last.get("event") == "finish":
+    last = events.last_end()
+    if last and ev.kind(last) == ev.FINISH:
         print(f"finished at step {last.get('step')} ({state})", file=out, flush=True)
-        return 0
-    what = f"{last.get('event')} at step {last.get('step')}" if last else "no events recorded"
+        return EXIT_OK
+    what = f"{ev.kind(last)} at step {last.get('step')}" if last else "no events recorded"
     detail = last.get("error") or last.get("reason") or "" if last else ""
     print(f"did not finish ({state}): {what}" + (f": {detail}" if detail else ""), file=out, flush=True)
-    return 1
+    return EXIT_FAILURE
 
 
 class EventTail:
     """Reads RUN_DIR/events.jsonl incrementally (local paths and fsspec URLs alike)."""
-
-    LIFECYCLE = ("finish", "error", "stopped", "requeue", "requeue_refused", "nonfinite")
 
     def __init__(self, run_dir: str):
         from disttrain.rundir import RunDir
@@ -109,16 +95,10 @@ class EventTail:
         for record in self.read_new():
             print(describe(record), file=out, flush=True)
 
-    def last_lifecycle(self) -> dict[str, Any] | None:
+    def last_end(self) -> dict[str, Any] | None:
+        """The newest record that ended a segment (events.ends_segment)."""
         self.read_new()
-        return next((r for r in reversed(self.records) if _ends(r)), None)
-
-
-def _ends(record: dict[str, Any]) -> bool:
-    """A record that ends a segment (a skipped non-finite step does not)."""
-    if record.get("event") == "nonfinite":
-        return record.get("action") == "stop"
-    return record.get("event") in EventTail.LIFECYCLE
+        return ev.last_end(self.records)
 
 
 def describe(record: dict[str, Any]) -> str:
@@ -128,11 +108,8 @@ def describe(record: dict[str, Any]) -> str:
     return f"  {stamp} [restart {record.get('restart_count', 0)}] {record.get('event')} {extra}".rstrip()
 
 
-def _show_job(job_id: str, run: Callable[..., Any] = subprocess.run) -> dict[str, str]:
-    try:
-        res = run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return {"JobState": "UNKNOWN"}  # the controller is slow: keep waiting
-    if res.returncode != 0 or not res.stdout.strip():
-        return {}
-    return parse_scontrol(res.stdout)
+def _job_info(job_id: str, show: Callable[[str], slurm.JobInfo | None] = slurm.show_job) -> slurm.JobInfo:
+    """The job's fields; {"JobState": "UNKNOWN"} while the controller does not answer (keep waiting),
+    {} once it does not know the job (gone from the queue: counts as final)."""
+    info = show(job_id)
+    return {"JobState": "UNKNOWN"} if info is None else info

@@ -1,10 +1,9 @@
-"""The callable submitit runs on every task of a SLURM job (or of `--cluster local`), and the
-secrets it needs.
+"""The callable submitit runs on every task of a SLURM job (or of `--cluster local`).
 
 `TrainJob` carries the resolved config with secrets redacted, the requeue budget and the run dir,
 nothing else. Secret values travel in the job's environment (sbatch exports the submitting
-environment), so they never land in submitit's pickles or scripts. The run itself is disttrain.run's,
-the same as under `python -m disttrain.main`.
+environment; disttrain.secrets), so they never land in submitit's pickles or scripts. The run itself
+is disttrain.run's, the same as under `python -m disttrain.main`.
 
 The trainer, torch and the run lifecycle are imported only inside the job, so `disttrain submit
 --help` stays instant on a login node (DESIGN §2, §9).
@@ -12,83 +11,25 @@ The trainer, torch and the run lifecycle are imported only inside the job, so `d
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from disttrain import cluster as cluster_mod
 from disttrain.cluster import ClusterEnv
-from disttrain.config import REDACTED, SECRET_KEY_PATTERN, Config, ConfigError, load_config, to_dict
+from disttrain.config import Config, dump_yaml, load_config, to_dict
+from disttrain.errors import ConfigError
+from disttrain.secrets import SECRETS_ENV, redacted_keys, secret_overrides, take_secrets
 
 if TYPE_CHECKING:
     from disttrain.run import RunResult
 
-SECRETS_ENV = "DISTTRAIN_SECRET_OVERRIDES"  # JSON list of `key=value` overrides, read once by the job
-
-
-def redacted_keys(cfg: Config) -> list[str]:
-    """Keys whose value is the redaction marker: a secret that did not reach this process."""
-    found: list[str] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif node == REDACTED:
-            found.append(prefix.rstrip("."))
-
-    walk(to_dict(cfg, redact=False), "")
-    return found
-
-
-# ------------------------------------------------------------------------------------- secrets
-
 
 def split_secrets(cfg: Config) -> tuple[str, list[str]]:
-    """(the resolved config as YAML with secrets redacted, the secrets as `key=value` overrides)."""
-    from disttrain.config import dump_yaml
-
-    secrets: list[str] = []
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if SECRET_KEY_PATTERN.search(str(key)) and value not in (None, ""):
-                    secrets.append(f"{prefix}{key}={json.dumps(value)}")  # JSON is YAML: types survive
-                else:
-                    walk(value, f"{prefix}{key}.")
-
-    walk(to_dict(cfg, redact=False), "")
-    return dump_yaml(cfg), secrets
-
-
-@contextlib.contextmanager
-def secrets_in_environment(secrets: list[str]) -> Iterator[None]:
-    """Export the secret overrides for the duration of a submission: sbatch (and submitit's local
-    executor) copy the submitting environment into the job, and nothing of it into job files."""
-    old = os.environ.get(SECRETS_ENV)
-    os.environ[SECRETS_ENV] = json.dumps(secrets)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(SECRETS_ENV, None)
-        else:
-            os.environ[SECRETS_ENV] = old
-
-
-def _take_secrets() -> list[str]:
-    """The job's secret overrides; removed from os.environ so child processes do not inherit them."""
-    text = os.environ.pop(SECRETS_ENV, "") or "[]"
-    try:
-        items = json.loads(text)
-    except ValueError:
-        raise ConfigError(f"{SECRETS_ENV} is not a JSON list; resubmit the job") from None
-    return [str(i) for i in items]
+    """(the resolved config as YAML with secrets redacted, the secrets as `key=value` overrides): what
+    travels in the job's pickle, and what travels in its environment (disttrain.secrets)."""
+    return dump_yaml(cfg), secret_overrides(to_dict(cfg, redact=False))
 
 
 # ------------------------------------------------------------------------------------------ job
@@ -124,8 +65,8 @@ class TrainJob:
             path = os.path.join(tmp, "config.yaml")
             with open(path, "w", encoding="utf-8") as fh:
                 fh.write(self.config_yaml)
-            cfg = load_config(path, _take_secrets())
-        missing = redacted_keys(cfg)
+            cfg = load_config(path, take_secrets())
+        missing = redacted_keys(to_dict(cfg, redact=False))
         if missing:  # e.g. a cluster whose sbatch does not export the submitting environment
             raise ConfigError(f"secret {', '.join(missing)} did not reach the job (${SECRETS_ENV}); resubmit")
         return cfg

@@ -17,11 +17,11 @@ from typing import NoReturn
 
 import yaml
 
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
+from disttrain.slurm import DEFAULT_MAX_REQUEUES
 
 DEFAULT_TIME = "1:00:00"
 DEFAULT_SIGNAL_DELAY_S = 90  # submitit's default; SLURM may send the warning up to ~60 s earlier still
-DEFAULT_MAX_REQUEUES = 10
 CLUSTERS = ("slurm", "local")
 # SLURM time formats (man sbatch): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")

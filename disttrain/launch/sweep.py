@@ -1,6 +1,6 @@
 """Sweeps: from `--sweep KEY=V1,V2` axes and a `--sweep-file` of explicit rows to the list of tasks of one
-SLURM job array, each with its overrides and its own run dir under the sweep dir; and SWEEP_DIR/sweep.json,
-the record `disttrain status` and `disttrain plot` read to find the tasks.
+SLURM job array, each with its overrides and its own run dir under the sweep dir (what the sweep dir
+then holds, sweep.json and the task run dirs, is disttrain.sweepdir's).
 
 Stdlib + yaml only (no torch, no submitit): `--dry-run` and `disttrain status SWEEP_DIR` answer at once on
 a login node. Bad input raises ConfigError with one line that names the flag and says what to write.
@@ -13,16 +13,15 @@ import itertools
 import json
 import os
 import re
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from disttrain import fs
-from disttrain.config import SECRET_KEY_PATTERN, ConfigError
-from disttrain.rundir import SWEEP
+from disttrain.config import parse_override, plain_value
+from disttrain.errors import ConfigError
+from disttrain.secrets import is_secret_key
 
 # Keys a sweep may not vary: the sweep dir decides each task's run_dir.
 UNSWEEPABLE = ("run_dir",)
@@ -65,9 +64,24 @@ def parse_axis(text: str) -> tuple[str, list[str]]:
     values = [v.strip() for v in split_values(rest)]
     if not rest.strip() or any(not v for v in values):
         raise ConfigError(f"--sweep {text!r}: an empty value; give comma-separated values ({example})")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"--sweep {text!r}: a value is given twice; list each value once")
+    for i, value in enumerate(values):
+        twin = next((v for v in values[:i] if _same(_parsed(v), _parsed(value))), None)
+        if twin is not None:
+            same = "" if twin == value else f" ({twin!r} and {value!r} are the same value)"
+            raise ConfigError(f"--sweep {text!r}: a value is given twice{same}; list each value once")
     return key, values
+
+
+def _parsed(text: str) -> Any:
+    """A swept value as the config reads it: YAML, with `1e-3` a number (config.plain_value)."""
+    return plain_value(parse_override(f"x={text}")[1])
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1e-3 == 0.001 == 1.0e-3 and 1 == 1.0, but true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
 
 
 def read_sweep_file(path: str) -> list[dict[str, str]]:
@@ -125,7 +139,7 @@ def _check_keys(axis_keys: list[str], row_keys: list[str], base: Sequence[str]) 
     for key in axis_keys + row_keys:
         if key in UNSWEEPABLE:
             raise ConfigError(f"--sweep {key}: the sweep decides each task's {key} (SWEEP_DIR/<overrides>)")
-        if SECRET_KEY_PATTERN.search(key):
+        if is_secret_key(key):
             raise ConfigError(
                 f"--sweep {key}: a secret cannot be swept (it would name a run dir); pass it as one override"
             )
@@ -152,48 +166,3 @@ def _check_names(tasks: list[Task]) -> None:
                 "give each combination once"
             )
         seen[task.name] = task
-
-
-# ---------------------------------------------------------------------------------- sweep.json
-
-
-def task_run_dir(sweep_dir: str, task: Task) -> str:
-    return fs.join(sweep_dir, task.name)
-
-
-def manifest_path(sweep_dir: str) -> str:
-    return fs.join(sweep_dir, SWEEP)
-
-
-def is_sweep_dir(path: str) -> bool:
-    return fs.exists(manifest_path(path))
-
-
-def write_manifest(sweep_dir: str, tasks: list[Task], job_ids: Sequence[str], **info: Any) -> None:
-    """Record the tasks of a submission. Tasks of an earlier submission to the same sweep dir that this
-    one does not repeat are kept, so `status` still shows them; a repeated one takes the new job id."""
-    old = {t["name"]: t for t in read_manifest(sweep_dir).get("tasks", [])} if is_sweep_dir(sweep_dir) else {}
-    for task, job_id in zip(tasks, job_ids):
-        old[task.name] = {**asdict(task), "overrides": list(task.overrides), "job_id": str(job_id),
-                          "run_dir": task_run_dir(sweep_dir, task)}  # fmt: skip
-    record = {"sweep_dir": sweep_dir, "time": round(time.time(), 3), **info, "tasks": list(old.values())}
-    fs.makedirs(sweep_dir)  # with --log-dir elsewhere, nothing has created it yet
-    fs.atomic_write(manifest_path(sweep_dir), json.dumps(record, indent=1) + "\n")
-
-
-def read_manifest(sweep_dir: str) -> dict[str, Any]:
-    """SWEEP_DIR/sweep.json; ValueError if it is not a sweep record."""
-    try:
-        data = json.loads(fs.read_text(manifest_path(sweep_dir)))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{manifest_path(sweep_dir)} is not readable: {err}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
-        raise ValueError(f"{manifest_path(sweep_dir)} holds no task list")
-    return data
-
-
-def task_dirs(sweep_dir: str) -> list[tuple[str, str]]:
-    """(name, run dir) of every task a sweep dir records, in task order. The run dir is found under the
-    sweep dir as it is now (a sweep dir that was moved or copied still works)."""
-    tasks = read_manifest(sweep_dir)["tasks"]
-    return [(str(t["name"]), fs.join(sweep_dir, str(t["name"]))) for t in tasks if isinstance(t, dict)]

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError, PipelineConfig
+from disttrain.config import PipelineConfig
+from disttrain.errors import ConfigError
 
 Batch = Any  # whatever the datasets' default collate produces: tensors, tuples or dicts of tensors
 
@@ -122,7 +123,7 @@ class Pipeline:
         that is a transformers `PreTrainedModel` gets the weights, its ties made again, and is written
         with `save_pretrained`; any other model is refused (ConfigError: exit 2). Override it when the
         model wraps a transformers model (write the inner one's weights, without your prefix)."""
-        from disttrain.pipelines.hf import save_pretrained
+        from disttrain.pipelines.pretrained import save_pretrained
 
         pipeline = _construct(cls, args)
         try:

@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 from disttrain.pipelines.base import Batch, Pipeline
+from disttrain.pipelines.pretrained import save_pretrained
 from disttrain.stream import HFStream, JsonlStream, Stream
 
-CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "corpus.txt")
+CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus.txt")
 IGNORE = -100  # label of padding: cross_entropy's ignore_index, and what transformers' losses skip
 
 
@@ -142,25 +143,6 @@ def matmul_weights(model: nn.Module) -> int:
     )
 
 
-def save_pretrained(model: Any, weights: dict[str, torch.Tensor], out: str, owner: str) -> None:
-    """A checkpoint's `weights` (every state_dict key, a tied one as a copy or the same tensor) into
-    `model` (a transformers PreTrainedModel, built on the meta device or not), written as a folder
-    `from_pretrained` loads. Assigning gives each key its own tensor, so the ties are made again
-    before save_pretrained, which then writes each shared tensor once, as transformers expects.
-    Raises ConfigError for a model that is not a PreTrainedModel, ValueError for tied tensors that
-    differ in the checkpoint."""
-    if not _is_pretrained(model):
-        raise ConfigError(
-            f"the run's pipeline {owner} builds a {type(model).__name__}, not a transformers PreTrainedModel, "
-            "and defines no export_pretrained; drop --hf to export safetensors (or define it: README, "
-            "HuggingFace models)"
-        )
-    _check_ties(model, weights)
-    model.load_state_dict(weights, assign=True)
-    model.tie_weights()
-    model.save_pretrained(out)
-
-
 def hf_config(model: dict[str, Any] | None, pretrained: str) -> Any:
     """The transformers config of `model` (a dict with model_type) or of a local pretrained folder."""
     if bool(model) == bool(pretrained):
@@ -236,28 +218,6 @@ def _check_data(config: Any, train: str, eval: str, train_hf: Any, block_size: i
         raise ConfigError(
             "pipeline.args: the built-in corpus has 256 byte tokens; give the model vocab_size >= 256"
         )
-
-
-def _is_pretrained(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ModuleNotFoundError:  # without transformers no model is one of its classes
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def _check_ties(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    for names in groups.values():
-        for other in names[1:]:
-            if (
-                other in weights
-                and names[0] in weights
-                and not torch.equal(weights[other], weights[names[0]])
-            ):
-                raise ValueError(f"{other} and {names[0]} are tied in the model but differ in the checkpoint")
 
 
 class Fixed:

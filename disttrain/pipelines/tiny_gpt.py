@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from disttrain.pipelines.base import Batch, Pipeline
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "corpus.txt")
+DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus.txt")
 
 
 class CharWindows(Dataset):
@@ -106,7 +106,7 @@ class TinyGPTPipeline(Pipeline):
         corpus: str | None = None,
     ):
         if d_model % n_head:
-            from disttrain.config import ConfigError
+            from disttrain.errors import ConfigError
 
             raise ConfigError(f"pipeline.args.d_model: {d_model} must be a multiple of n_head={n_head}")
         self.dims: dict[str, Any] = dict(

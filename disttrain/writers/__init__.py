@@ -14,8 +14,8 @@ from typing import Any
 
 from disttrain import dist, fs
 from disttrain.config import Config
-from disttrain.redact import mask_output, redact_argv, redact_text, secret_values
 from disttrain.rundir import RunDir
+from disttrain.secrets import redact_text, secret_values
 from disttrain.writers.base import (
     ConsoleWriter,
     JsonlWriter,
@@ -34,9 +34,9 @@ from disttrain.writers.wandb_writer import STEP_KEY, WandbWriter, _logged_floors
 
 __all__ = [
     "STEP_KEY", "ConsoleWriter", "CurvesWriter", "EventLog", "JsonlWriter", "MultiWriter", "NullRunFiles",
-    "NullWriter", "RunFiles", "Staging", "build_run_files", "mask_output",
+    "NullWriter", "RunFiles", "Staging", "build_run_files",
     "TensorBoardWriter", "WandbWriter", "Writer", "_logged_floors", "build_writer", "read_jsonl",
-    "redact_argv", "redact_text", "repair_tail", "resume_spans", "secret_values", "truncate_after", "wandb_history",
+    "repair_tail", "resume_spans", "truncate_after", "wandb_history",
     "wandb_run_id", "write_curves",
 ]  # fmt: skip
 

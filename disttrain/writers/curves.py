@@ -6,6 +6,7 @@ import io
 import sys
 from typing import Any
 
+from disttrain import events as ev
 from disttrain import fs, rundir
 from disttrain.writers.base import Writer, read_jsonl
 
@@ -42,21 +43,16 @@ def write_curves(run_dir: str, out: str | None = None, metrics: list[str] | None
 
 
 def resume_spans(events: list[dict[str, Any]]) -> list[tuple[int, int, str]]:
-    """(resumed from, interrupted at, cause) for every resume. `interrupted at` is the resume event's
-    `interrupted_at` when the trainer recorded it, else the highest step the segment before reported."""
+    """(resumed from, interrupted at, cause) for every resume: where the segment before got to
+    (events.reached: its stop's step, or what the resume says it had logged before a kill)."""
     spans: list[tuple[int, int, str]] = []
-    previous = current = -1  # highest step of the segment before / of the one being read
-    for event in events:
-        step = int(event.get("step") or 0)
-        if event.get("event") == "start":
-            previous, current = current, step
-        elif event.get("event") == "resume":
-            end = event.get("interrupted_at")
-            spans.append(
-                (step, max(step, previous if end is None else int(end)), str(event.get("cause", "")))
-            )
-        else:
-            current = max(current, step)
+    segments = ev.split_segments(events)
+    for i, segment in enumerate(segments):
+        resume = ev.resumed_from(segment)
+        if resume is not None:
+            start = ev.step(resume)
+            before = segments[i - 1] if i else []
+            spans.append((start, max(start, ev.reached(before, segment)), str(resume.get("cause", ""))))
     return spans
 
 

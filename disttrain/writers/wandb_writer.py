@@ -13,7 +13,7 @@ from typing import Any
 
 from disttrain import fs, rundir
 from disttrain.config import Config, to_dict
-from disttrain.redact import argv_redacted, redact_text, secret_values
+from disttrain.secrets import argv_redacted, redact_text, secret_values
 from disttrain.writers.base import Writer, read_jsonl
 from disttrain.writers.staging import Staging
 

@@ -16,7 +16,7 @@ import pytest
 
 from disttrain import fs
 from disttrain.cluster import ClusterEnv
-from disttrain.config import ConfigError
+from disttrain.errors import ConfigError
 from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
 from tests.unit.test_main import assert_refused
 

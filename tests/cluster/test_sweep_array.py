@@ -47,6 +47,7 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
         (["--sweep", "optim.lr"], "--sweep 'optim.lr': write KEY=VALUE1,VALUE2"),
         (["--sweep", "optim.lr=1e-3,,3e-4"], "an empty value"),
         (["--sweep", "optim.lr=1e-3,1e-3"], "a value is given twice"),
+        (["--sweep", "optim.lr=1e-3,0.001,1.0e-3"], "'1e-3' and '0.001' are the same value"),
         (["--sweep", "seed=1,2", "--sweep", "seed=3"], "seed is swept twice"),
         (["--sweep", "seed=1,2", "seed=5"], "seed is both swept and given as an override"),
         (
@@ -229,3 +230,34 @@ def _check_status_and_plot(sweep_dir: Path, array: str) -> None:
     assert plot.returncode == 0, plot.stderr
     png = sweep_dir / "curves.png"
     assert plot.stdout.strip() == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(sweep_dir: Path) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "disttrain.cli", "status", str(sweep_dir), "--json"],
+                          capture_output=True, text=True, cwd=str(REPO), timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["tasks"]
+
+
+def test_a_task_that_has_not_started_shows_what_slurm_says_and_a_cancelled_one_says_so(slurm, tmp_path):
+    """issue 19: a task showed "not started" while squeue said R, and "not started" for ever once it was
+    cancelled while pending. Without events, a task's row asks SLURM about its job (`A_T`, also while
+    the array's pending tasks are still one record)."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_submit(slurm, "--sweep", "seed=1,2", "--array-parallelism", "1", *ONE_NODE_EACH, "--time", "5",
+                      f"run_dir={sweep_dir}", *RUN)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while not seen or seen[-1] not in ("running", "finished"):  # task 0: SLURM's states, then its events
+        assert time.monotonic() < deadline, seen
+        first, second = _rows(sweep_dir)
+        assert second["state"] == "pending", second  # behind task 0: --array-parallelism 1
+        if not seen or seen[-1] != first["state"]:
+            seen.append(first["state"])
+    assert set(seen) <= {"pending", "starting", "running", "finished"}, seen
+    slurm.cancel(f"{array}_1")
+    slurm.wait_state(f"{array}_1", "CANCELLED", timeout=30)
+    assert _rows(sweep_dir)[1]["state"] == "cancelled"
+    print(f"\ntask 0 as status saw it: {' -> '.join(seen)}")

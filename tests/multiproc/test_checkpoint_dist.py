@@ -27,7 +27,7 @@ def _worker(run_dir: str) -> None:
     import torch.distributed as tdist
 
     from disttrain import dist
-    from disttrain.ckpt_format import CheckpointError
+    from disttrain.errors import CheckpointError
     from disttrain.state import capture_rank_state, restore_rank_state
 
     rank = int(os.environ["RANK"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from disttrain.ckpt_write import CheckpointManager
-from disttrain.commands.status import collect
+from disttrain.commands.run_status import collect
 from disttrain.config import CheckpointConfig
 from disttrain.data import epoch_order
 from tests.conftest import FAST, REPO, read_jsonl, run_main

@@ -20,10 +20,10 @@ import fsspec  # noqa: E402
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
-from disttrain.ckpt_format import CheckpointError  # noqa: E402
 from disttrain.ckpt_write import CheckpointManager  # noqa: E402
 from disttrain.commands.ckpt import main as ckpt_main  # noqa: E402
 from disttrain.config import CheckpointConfig  # noqa: E402
+from disttrain.errors import CheckpointError
 from disttrain.state import capture_rank_state  # noqa: E402
 from tests.conftest import child_env  # noqa: E402
 

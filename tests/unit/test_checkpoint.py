@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from fsspec.implementations.memory import MemoryFileSystem
 
-from disttrain.ckpt_format import CheckpointError
 from disttrain.ckpt_write import CheckpointManager
 from disttrain.commands.ckpt import main as ckpt_main
 from disttrain.config import CheckpointConfig
+from disttrain.errors import CheckpointError
 from disttrain.state import capture_rank_state, restore_rank_state
 
 # --------------------------------------------------------------------------------------- helpers

@@ -2,7 +2,8 @@
 
 import pytest
 
-from disttrain.cluster import detect, expand_hostlist, port_for_job
+from disttrain.cluster import detect
+from disttrain.slurm import expand_hostlist, port_for_job
 
 
 def test_single_process_defaults():
@@ -83,3 +84,13 @@ def test_each_attempt_of_a_requeued_job_rendezvous_on_a_port_of_its_own():
     ports = [detect({**raw, "SLURM_RESTART_COUNT": str(n)}).master_port for n in range(20)]
     assert len(set(ports)) == 20 and all(1024 < p < 32768 for p in ports)
     assert ports[3] == port_for_job("15", attempt=3)  # every task of an attempt derives the same
+
+
+def test_one_port_rule_for_a_slurm_attempt_and_a_torchrun_restart():
+    """slurm.attempt_port is the rule both a requeued SLURM job (from its id) and a restarted torchrun
+    job (from the agent's port, run.py) follow: a port per attempt, below the ephemeral range."""
+    from disttrain.slurm import attempt_port
+
+    assert port_for_job("4242_3", 2) == attempt_port(42423, 2)
+    restarts = [attempt_port(29500, n) for n in range(1, 30)]
+    assert len(set(restarts)) == len(restarts) and all(15000 <= p < 30000 for p in restarts)

@@ -10,13 +10,13 @@ import yaml
 
 from disttrain.config import (
     Config,
-    ConfigError,
     check_batch_divides,
     dump_yaml,
     field_docs,
     load_config,
     parse_override,
 )
+from disttrain.errors import ConfigError
 from disttrain.resume import fingerprint
 from tests.conftest import REPO
 
@@ -182,3 +182,25 @@ def test_field_reference_covers_sections():
     keys = [k for k, _, _ in field_docs()]
     assert len(keys) == len(set(keys))
     assert yaml.safe_load(dump_yaml(Config()))["trainer"]["max_steps"] == Config().trainer.max_steps
+
+
+@pytest.mark.parametrize(
+    "overrides, file_text, source",
+    [
+        (["trainer.max_stepz=3"], "seed: 1\n", "[command line]"),  # a typo on the command line
+        (["trainer={max_stepz: 3}"], "seed: 1\n", "[command line]"),  # in a section an override replaced
+        (["optim.lr=fast"], "seed: 1\n", "[command line]"),
+        (["trainer.max_steps=5", "scheduler.warmup_steps=9"], "seed: 1\n", "[command line]"),  # cross-field
+        (["trainer.max_steps=5"], "trainer:\n  max_stepz: 3\n", "[FILE]"),  # the file's typo stays the file's
+        (["seed=2"], "optim:\n  lr: fast\n", "[FILE]"),
+    ],
+)
+def test_an_error_names_where_the_bad_value_came_from(tmp_path, overrides, file_text, source):
+    """A typo in an override is the command line's, not the config file's or the built-in default's."""
+    path = write(tmp_path, "c.yaml", file_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(err.value).endswith(source.replace("FILE", path)), err.value
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["trainer.max_stepz=3"])
+    assert str(err.value).endswith("[command line]") and "built-in default" not in str(err.value)

@@ -12,9 +12,10 @@ import torch
 
 from disttrain.cluster import ClusterEnv, detect
 from disttrain.commands import ckpt as ckpt_cmd
-from disttrain.commands.status import collect
-from disttrain.config import ConfigError, load_config
+from disttrain.commands.run_status import collect
+from disttrain.config import load_config
 from disttrain.data import epoch_order
+from disttrain.errors import ConfigError
 from disttrain.features.guard import NonFiniteError, _first_bad
 from disttrain.features.metrics import peak_for
 from disttrain.features.progress import postfix

@@ -176,17 +176,18 @@ def test_timeline_of_the_real_run_shows_every_piece(run, tmp_path, capsys):
 def test_a_sweep_shows_each_tasks_goodput(tmp_path):
     """`disttrain status SWEEP_DIR` has a goodput column: the same ratio `status RUN_DIR` reports for the
     task, and "-" for a task that has not started."""
-    from disttrain.commands import status, sweep_status
-    from disttrain.launch.sweep import expand, write_manifest
+    from disttrain import sweepdir
+    from disttrain.commands import run_status, sweep_status
+    from disttrain.launch.sweep import expand
 
     sweep = str(tmp_path / "sweep")
     tasks = expand(["seed=1,2"])
-    write_manifest(sweep, tasks, ["5_0", "5_1"])
+    sweepdir.write(sweep, [sweepdir.SweepTask(t.index, t.name, t.overrides, f"5_{t.index}") for t in tasks])
     run_dir = tmp_path / "sweep" / tasks[0].name
     run_dir.mkdir()
     (run_dir / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in PREEMPTED_THEN_FINISHED))
-    expected = status.collect(str(run_dir))["goodput"]["goodput"]
-    report = sweep_status.collect(sweep)
+    expected = run_status.collect(str(run_dir))["goodput"]["goodput"]
+    report = sweep_status.collect(sweep, show=lambda _: None)  # SLURM cannot be asked here
     assert [t["goodput"] for t in report["tasks"]] == [expected, None] and 0.5 < expected < 1
     rows = sweep_status.render(report).splitlines()
     assert "goodput" in rows[1]

@@ -10,8 +10,10 @@ import json
 import pytest
 import torch
 
-from disttrain.ckpt_format import manifest, publish, read_checkpoint, write_files
-from disttrain.config import ConfigError, PipelineConfig
+from disttrain.ckpt_format import publish, read_checkpoint, write_files
+from disttrain.config import PipelineConfig
+from disttrain.errors import ConfigError
+from disttrain.manifest import build as build_manifest
 from disttrain.parallel import load_whole
 from disttrain.pipelines import load_pipeline
 from disttrain.pipelines.hf import CausalLM
@@ -67,7 +69,9 @@ def test_tied_weights_stay_tied_through_a_checkpoint(tmp_path):
     torch.manual_seed(0)
     trained = pipeline(model=TINY, block_size=32).build_model()
     work, step_dir = str(tmp_path / "work"), str(tmp_path / "step")
-    publish(work, step_dir, manifest(1, 1, write_files(work, {"model": trained.state_dict()}, [{}]), {}))
+    publish(
+        work, step_dir, build_manifest(1, 1, write_files(work, {"model": trained.state_dict()}, [{}]), {})
+    )
     app, _ = read_checkpoint(step_dir)
     assert app["model"]["lm_head.weight"].data_ptr() != app["model"]["transformer.wte.weight"].data_ptr()
     torch.manual_seed(1)

@@ -61,3 +61,52 @@ def test_plot_refuses_a_missing_run_or_metric(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0}) + "\n")
     assert cli.main(["plot", str(tmp_path), "--metrics", "eval/bleu"]) == 2
     assert "no metric eval/bleu in metrics.jsonl; it has train/loss" in capsys.readouterr().err
+
+
+def _sweep_of(tmp_path, run_dirs, names):
+    """A sweep dir whose tasks are copies of `run_dirs` (None: a task that has not started)."""
+    from disttrain import sweepdir
+
+    sweep = tmp_path / "sweep"
+    sweepdir.write(str(sweep), [sweepdir.SweepTask(i, n, (n,), f"7_{i}") for i, n in enumerate(names)])
+    for source, name in zip(run_dirs, names):
+        if source is not None:
+            (sweep / name).mkdir()
+            for file in ("metrics.jsonl", "events.jsonl"):
+                shutil.copy(source / file, sweep / name / file)
+    return sweep
+
+
+def test_timeline_of_a_sweep_has_one_lane_per_started_task(run, tmp_path, capsys):
+    """issue 19: `plot SWEEP_DIR --timeline` said "events.jsonl holds no segment yet"."""
+    pytest.importorskip("matplotlib")
+    from disttrain.commands import timeline
+
+    sweep = _sweep_of(tmp_path, [run.run_dir, run.run_dir, None], ["seed=1", "seed=2", "seed=3"])
+    assert [label for label, _, _ in timeline.lanes(str(sweep))] == ["seed=1", "seed=2"]
+    assert cli.main(["plot", str(sweep), "--timeline"]) == 0
+    assert capsys.readouterr().out.strip() == str(sweep / "timeline.png")
+    _check_png(sweep / "timeline.png", min_size=(1000, 400))
+    empty = _sweep_of(tmp_path / "empty", [None], ["seed=1"])
+    assert cli.main(["plot", str(empty), "--timeline"]) == 2
+    assert f"no task of the sweep {empty} has started yet" in capsys.readouterr().err
+
+
+def test_an_overlay_keeps_each_run_in_one_colour_in_every_panel(tmp_path):
+    """issue 19: colours were assigned per panel, so a run that logged nothing in one panel shifted
+    every later run's colour there."""
+    pytest.importorskip("matplotlib")
+    from disttrain.commands.plot_overlay import figure
+
+    rows = {
+        "a": [{"step": s, "train/loss": 1.0 / s} for s in range(1, 5)],  # no eval
+        "b": [{"step": s, "train/loss": 2.0 / s, "eval/loss": 3.0 / s} for s in range(1, 5)],
+        "c": [{"step": s, "train/loss": 3.0 / s, "eval/loss": 4.0 / s} for s in range(1, 5)],
+    }
+    fig = figure(["train/loss", "eval/loss"], rows)
+    seen: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            seen.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(seen) == {"a", "b", "c"} and all(len(colors) == 1 for colors in seen.values()), seen
+    assert len({next(iter(c)) for c in seen.values()}) == 3, "and different runs differ"

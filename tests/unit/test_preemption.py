@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from disttrain.cluster import ClusterEnv
-from disttrain.preemption import Requeue, decide, max_requeues_from_env
+from disttrain.slurm import Requeue, decide, max_requeues_from_env
 from disttrain.stop import StopAgreement, StopRequest, StopSignal
 
 JOB = ClusterEnv(launcher="slurm", world_size=2, job_id="42")
@@ -37,6 +37,7 @@ def cancelled(_job_id):  # what scancel (and the time limit itself) look like fr
             False,
             "no PreemptTime",
         ),  # scontrol failed: never turn scancel into requeue
+        ("SIGTERM", lambda _: None, 0, 3, False, "no PreemptTime"),  # nor when SLURM could not be asked
         ("SIGUSR2", None, 3, 3, False, "budget is spent (3 of --max-requeues 3 used)"),
         ("SIGUSR2", None, 0, 0, False, "budget is spent (0 of --max-requeues 0 used)"),
         ("SIGINT", None, 0, 3, False, "stopped by SIGINT"),
@@ -45,7 +46,7 @@ def cancelled(_job_id):  # what scancel (and the time limit itself) look like fr
 )
 def test_decide(sig, show, restarts, budget, requeued, reason):
     cluster = ClusterEnv(launcher="slurm", world_size=2, job_id="42", restart_count=restarts)
-    decision = decide(sig, cluster, budget, show_job=show)
+    decision = decide(sig, cluster, budget, show=show or (lambda _: None))
     assert decision.requeued is requeued and reason in decision.reason, decision
     assert decision.signal == sig
 

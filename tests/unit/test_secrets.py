@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from disttrain.config import REDACTED
+from disttrain.secrets import REDACTED
 from tests.unit.writers_support import CONFIG_SECRET, ENV_SECRETS, shared_run
 
 SECRETS = [*ENV_SECRETS.values(), CONFIG_SECRET]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from disttrain import cli
-from disttrain.commands.status import collect
+from disttrain.commands.run_status import collect
 from tests.unit.writers_support import MAX_STEPS, shared_run
 
 
@@ -133,3 +133,96 @@ def test_missing_or_empty_run_dir_exits_2_with_one_line(tmp_path, capsys):
     assert cli.main(["status", str(tmp_path), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no events.jsonl" in err
+
+
+def test_a_stop_is_reported_at_the_step_it_happened_not_the_last_logged_one(tmp_path, capsys):
+    """The stop came at step 233; the last metrics were logged at 230 (what `interrupted_at` records)."""
+    events = [
+        (-100, "start", 0, {}),
+        (-50, "signal", 233, {"signal": "SIGTERM"}),
+        (-50, "checkpoint", 233, {"seconds": 0.2, "reason": "stop"}),
+        (-49, "stopped", 233, {"signal": "SIGTERM"}),
+        (-10, "start", 233, {}),
+        (-10, "resume", 233, {"cause": "torchrun restart 1", "interrupted_at": 230}),
+    ]
+    report = collect(str(_run_dir(tmp_path, events, max_steps=300)), now=time.time())
+    [stop] = report["interruptions"]
+    assert (stop["by"], stop["interrupted_at"], stop["resumed_from"], stop["steps_lost"]) == (
+        "SIGTERM",
+        233,
+        233,
+        0,
+    )
+    assert cli.main(["status", str(tmp_path)]) == 0
+    assert "SIGTERM at step 233, resumed from 233 (0 lost" in capsys.readouterr().out
+
+
+def test_no_eta_while_the_job_waits_to_be_requeued(tmp_path, capsys):
+    events = [
+        (-30, "start", 0, {}),
+        (-3, "signal", 30, {"signal": "SIGUSR2"}),
+        (-3, "checkpoint", 30, {"seconds": 0.2, "reason": "stop"}),
+        (-2, "stopped", 30, {"signal": "SIGUSR2"}),
+        (-2, "requeue", 30, {"budget_left": 9}),
+        (-1, "exit", 30, {}),
+    ]
+    metrics = [{"step": 30, "train/loss": 2.0, "train/samples_per_sec": 640.0}]
+    report = collect(str(_run_dir(tmp_path, events, metrics, max_steps=100)), now=time.time())
+    assert report["state"] == "requeued" and report["steps_per_s"] > 0
+    assert report["eta_s"] is None and "waiting for SLURM" in report["detail"]
+    assert cli.main(["status", str(tmp_path)]) == 0
+    assert "eta" not in capsys.readouterr().out.split("step ", 1)[1].splitlines()[0]
+
+
+def test_a_stop_that_was_not_requeued_is_not_running(tmp_path):
+    events = [(-9, "start", 0, {}), (-2, "stopped", 30, {"signal": "SIGTERM"}),
+              (-1, "requeue_refused", 30, {"signal": "SIGTERM", "reason": "stopped by scancel"})]  # fmt: skip
+    report = collect(str(_run_dir(tmp_path, events)), now=time.time())
+    assert report["state"] == "stopped-awaiting-requeue" and report["eta_s"] is None
+
+
+@pytest.mark.parametrize("skipped, loud", [(3, False), (40, True)])
+def test_skipped_steps_are_a_share_of_the_run_and_a_large_one_is_said_loudly(tmp_path, capsys, skipped, loud):
+    """trainer.nonfinite=skip: every `nonfinite` record carries the run's count so far."""
+    skips = [(-50 + i * 0.1, "nonfinite", 10 + i, {"action": "skip", "quantity": "loss", "skipped": i + 1})
+             for i in range(skipped)]  # fmt: skip
+    events = [(-60, "start", 0, {}), *skips, (-1, "finish", 100, {})]
+    report = collect(str(_run_dir(tmp_path, events)), now=time.time())
+    assert report["state"] == "finished"
+    assert report["skipped_steps"] == skipped and report["skipped_share"] == pytest.approx(skipped / 100)
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped      {skipped} step(s) ({skipped / 100:.1%} of the 100 trained)" in out
+    assert ("WARNING      40% of the steps were skipped" in out) is loud
+    assert out.splitlines()[2].startswith("WARNING") is loud, "the warning comes right under the state"
+
+
+def test_a_sweep_task_without_events_is_what_slurm_says_of_its_job(tmp_path, capsys):
+    """Before a task's run writes its first event, its row is its job's state (scontrol show job): the
+    cluster tests ask a real SLURM; here a stand-in answers as scontrol would."""
+    from disttrain import sweepdir
+    from disttrain.commands import sweep_status
+
+    names = ["seed=1", "seed=2", "seed=3", "seed=4", "seed=5"]
+    sweep = str(tmp_path / "sweep")
+    sweepdir.write(sweep, [sweepdir.SweepTask(i, n, (n,), f"9_{i}") for i, n in enumerate(names)])
+    (tmp_path / "sweep" / names[0]).mkdir()
+    _run_dir(tmp_path / "sweep" / names[0], [(-5, "start", 0, {})])  # task 0 has started
+    answers = {"9_1": {"JobState": "RUNNING"}, "9_2": {"JobState": "PENDING"}, "9_3": {"JobState": "CANCELLED"},
+               "9_4": {}}  # fmt: skip
+    asked: list[str] = []
+
+    def show(job_id):
+        asked.append(job_id)
+        return answers[job_id]
+
+    report = sweep_status.collect(sweep, show=show)
+    states = [row["state"] for row in report["tasks"]]
+    assert states == ["running", "starting", "pending", "cancelled", "gone (never started)"]
+    assert asked == ["9_1", "9_2", "9_3", "9_4"], "a task with events is read from its run dir, not SLURM"
+    assert report["counts"]["cancelled"] == 1
+
+    asked.clear()
+    unreachable = sweep_status.collect(sweep, show=lambda job_id: asked.append(job_id))  # returns None
+    assert [row["state"] for row in unreachable["tasks"]][1:] == ["not started"] * 4
+    assert asked == ["9_1"], "once SLURM cannot be asked, the other tasks are not asked either"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from disttrain.config import ConfigError
 from disttrain.data import StreamBatches
+from disttrain.errors import ConfigError
 from disttrain.stream import HFStream, JsonlStream, as_stream
 from tests.conftest import FAST, run_main
 from tests.unit.test_main import assert_refused

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from disttrain.commands.sweep_status import best_metric
-from disttrain.config import ConfigError, load_config
+from disttrain.config import load_config
+from disttrain.errors import ConfigError
 from disttrain.launch.sweep import expand, read_sweep_file, split_values, task_name
 
 
@@ -44,6 +45,13 @@ def test_sweep_file_rows_cross_the_axes_and_keep_their_types(tmp_path):
         (["log.wandb_api_key=a,b"], [], "a secret cannot be swept"),
         (["x=a/b,a_b"], [], "would share the run dir 'x=a_b'"),
         (["seed"], [], "write KEY=VALUE1,VALUE2"),
+        (["seed=1,2,1"], [], "a value is given twice; list each value once"),
+        (
+            ["optim.lr=1e-3,0.001,1.0e-3"],
+            [],
+            "a value is given twice ('1e-3' and '0.001' are the same value)",
+        ),
+        (["optim.betas=[0.9,0.95],[0.9, 0.950]"], [], "are the same value"),
     ],
 )
 def test_specs_that_cannot_be_one_array_are_refused(axes, base, needle):
@@ -69,3 +77,21 @@ def test_best_metric_is_the_highest_accuracy_or_the_lowest_loss():
     }
     assert best_metric([{"step": 5, "eval/loss": 2.0}])["metric"] == "eval/loss"
     assert best_metric([{"step": 5, "train/loss": 2.0}]) is None
+
+
+def test_equal_values_that_read_differently_are_still_distinct_when_they_differ():
+    assert [t.overrides for t in expand(["seed=1,true"])] == [("seed=1",), ("seed=true",)]  # 1 is not true
+    assert len(expand(["optim.lr=1e-3,1e-4"])) == 2
+
+
+def test_two_sweep_file_rows_that_resolve_to_one_config_are_refused(tmp_path):
+    """`1e-3` (a string to YAML) and `0.001` name different run dirs but train the same run."""
+    from disttrain.launch import array
+    from disttrain.launch.options import parse
+
+    rows = tmp_path / "rows.yaml"
+    rows.write_text("- {optim.lr: 1e-3}\n- {optim.lr: 0.001}\n")
+    with pytest.raises(ConfigError) as err:
+        array.prepare(parse(["--dry-run", "--sweep-file", str(rows), f"run_dir={tmp_path / 'sweep'}"]))
+    assert "sweep tasks 0 (optim.lr=1e-3) and 1 (optim.lr=0.001) resolve to the same config" in str(err.value)
+    assert not (tmp_path / "sweep").exists()

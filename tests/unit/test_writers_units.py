@@ -9,18 +9,11 @@ import sys
 import pytest
 
 from disttrain import fs
-from disttrain.config import REDACTED, ConfigError, load_config
+from disttrain.config import load_config
+from disttrain.errors import ConfigError
 from disttrain.run import check_writers
-from disttrain.writers import (
-    EventLog,
-    Staging,
-    _logged_floors,
-    redact_argv,
-    secret_values,
-    truncate_after,
-    wandb_history,
-    wandb_run_id,
-)
+from disttrain.secrets import REDACTED, redact_argv, secret_values
+from disttrain.writers import EventLog, Staging, _logged_floors, truncate_after, wandb_history, wandb_run_id
 from tests.conftest import child_env
 
 WRITE_WANDB_LOG = """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from disttrain.config import REDACTED
+from disttrain.secrets import REDACTED
 from disttrain.writers import STEP_KEY, read_jsonl, wandb_history
 from tests.unit.writers_support import shared_run
 

@@ -94,7 +94,7 @@ def shared_run(base: Path) -> SharedRun:
         proc = start(run, {**env, **extra})
         wait_until(predicate, proc, what)
         if sig == signal.SIGKILL:
-            from disttrain.commands.status import collect
+            from disttrain.commands.run_status import collect
 
             run.status_while_running = collect(str(run.run_dir))
         proc.send_signal(sig)

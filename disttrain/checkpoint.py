@@ -191,7 +191,13 @@ class CheckpointManager(CheckpointReader):
         return SaveResult(step, seconds, self._bytes, reason, current)
 
     def _start_background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
-        self._thread = threading.Thread(target=self._background, args=(fn, step, *args))
+        # A daemon thread: after a failure (a peer died or froze) it may be blocked in a collective on
+        # the save group, and the interpreter's exit must not wait for that. A save cut short at exit is
+        # what a kill -9 leaves: no manifest, so no checkpoint; the next save cleans it up. A run that
+        # ends normally waits for it first (`wait`, from fit).
+        self._thread = threading.Thread(
+            target=self._background, args=(fn, step, *args), name="disttrain-save", daemon=True
+        )
         self._thread.start()
 
     def _save_sharded(self, step: int, host: Any, mine: State, shards: Shards, background: bool) -> None:

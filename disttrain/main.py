@@ -14,16 +14,19 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from disttrain import cluster, phases, run
-from disttrain.config import ConfigError, load_config
-from disttrain.preemption import StopSignal, max_requeues_from_env
-from disttrain.redact import mask_output, secret_values
+# Light imports only up to the moment main() ties this process to its launcher: fsspec, yaml and
+# torch come after (disttrain.run, disttrain.config), so an agent killed a fraction of a second after
+# spawning its workers does not leave them training (preemption.tie_to_launcher).
+from disttrain import cluster
+from disttrain.preemption import StopSignal, max_requeues_from_env, tie_to_launcher
 
 EXIT_BAD_INPUT = 2
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        from disttrain.config import ConfigError
+
         raise ConfigError(f"{message} (see --help)")
 
 
@@ -43,8 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First, before any heavy import: a stop signal must only set a flag, from the first moment (SLURM's
     # USR2 would otherwise kill the task while torch is still importing). The one handler of the run.
     stop = StopSignal().install()
-    phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     env = cluster.detect()
+    tie_to_launcher(env)  # a torchrun worker must not outlive its agent, nor start after it died
+    from disttrain import phases, run
+    from disttrain.config import ConfigError, load_config
+    from disttrain.redact import mask_output, secret_values
+
+    phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     mask_output(secret_values())  # credentials from the environment, in anything printed from now on
     try:
         args = build_parser().parse_intermixed_args(argv)  # flags may sit between overrides

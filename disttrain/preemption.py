@@ -281,10 +281,16 @@ def _main_thread_at() -> str:
 def tie_to_launcher(cluster: ClusterEnv) -> None:
     """A torchrun worker dies with its agent. torchrun starts each worker in a session of its own, so a
     kill -9 of the agent reaches only the agent, and its orphaned ranks would go on training and
-    committing checkpoints into a run dir that a relaunch then shares with them. Linux's parent-death
-    signal makes the kernel SIGKILL the worker the moment the agent goes: nothing is written after
-    that, and a kill -9 leaves every committed checkpoint intact (DESIGN §4). (The agent forks its
-    workers from its main thread, which lives as long as the agent.)"""
+    committing checkpoints into a run dir that a relaunch then shares with them (they even join the
+    relaunched agent's store, which listens on the same port). Linux's parent-death signal makes the
+    kernel SIGKILL the worker the moment the agent goes: nothing is written after that, and a kill -9
+    leaves every committed checkpoint intact (DESIGN §4). (The agent forks its workers from its main
+    thread, which lives as long as the agent.)
+
+    Armed first thing in `python -m disttrain.main`, before any heavy import (disttrain.main). An agent
+    that died before that moment sends no signal: the worker has already been handed to init (parent
+    pid 1) or, outside its pid namespace, to a reaper (parent pid 0), and it exits at once. Not caught:
+    an adoption by a subreaper in the first tenth of a second of the interpreter's start."""
     if cluster.launcher != "torchrun" or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -294,6 +300,29 @@ def tie_to_launcher(cluster: ClusterEnv) -> None:
     if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
         print(f"disttrain: warning: could not tie this rank to torchrun (prctl errno {ctypes.get_errno()})",
               file=sys.stderr)  # fmt: skip
+    elif _launcher_gone():  # checked after arming: an agent that dies from now on kills this worker
+        print(f"disttrain: rank {cluster.rank}: its torchrun agent was gone before it started (parent pid "
+              f"{os.getppid()}); exiting without doing anything", file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)
+
+
+def _launcher_gone() -> bool:
+    """Whether this process was orphaned: adopted by init, or by a reaper outside its pid namespace
+    (getppid() is 0 then). torchrun itself can be a container's init (pid 1): it has torch loaded, or
+    where its memory map is not readable (init often is not, even to root), torch in its command line."""
+    parent = os.getppid()
+    if parent != 1:
+        return parent == 0
+    try:
+        with open("/proc/1/maps", encoding="utf-8", errors="replace") as fh:
+            return not any("libtorch" in line for line in fh)
+    except OSError:
+        pass
+    try:
+        with open("/proc/1/cmdline", "rb") as fh:
+            return b"torch" not in fh.read()
+    except OSError:  # cannot tell: trust it
+        return False
 
 
 # --------------------------------------------------------------------------------------- requeue

@@ -246,17 +246,33 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
+_had_group = False  # whether `destroy` tore one down
+
+
 def destroy(clean: bool = True) -> None:
     """Tear down the process group. Must be called on all ranks when `clean`.
 
     The barrier first matters: a rank that closes its gloo sockets while a peer is still finishing its
     last collective makes the peer's transport thread abort the process ("terminate called ...").
     After a failure the peers may be gone, so `clean=False` skips it.
+
+    This does not end gloo's threads: torch shuts the groups down, but a group's transport loop and
+    workers live as long as the group object, and objects that reference it (the sharded model's mesh,
+    the async-save group in the checkpoint manager) are start-up objects gc.freeze() keeps
+    (phases.resume_gc). The entry point therefore skips the interpreter's teardown after one
+    (had_process_group, main._exit).
     """
+    global _had_group
     if initialized():
+        _had_group = True
         if clean:
             tdist.barrier()
         tdist.destroy_process_group()
+
+
+def had_process_group() -> bool:
+    """Whether this process tore down a process group (`destroy`): its gloo threads still run."""
+    return _had_group
 
 
 class PendingMax:

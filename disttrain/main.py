@@ -68,11 +68,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(code: int) -> None:
-    """After storage failed, skip the interpreter's teardown: s3fs would close its sessions through the
-    stalled endpoint, a second at a time. Everything disttrain owns is closed by now."""
+    """Skip the interpreter's teardown where it can only do harm; everything disttrain owns is closed,
+    and every file written, by now.
+
+    - After storage failed: s3fs would close its sessions through the stalled endpoint, a second at a
+      time.
+    - After a process group: its gloo threads still run (dist.destroy says why), and a teardown that
+      frees C++ objects under them is the likely cause of a rank of a finished run aborting at exit
+      ("terminate called without an active exception", SIGABRT: torchrun then reports the job
+      FAILED; seen in 1 run in 21 under load, issue 19)."""
+    import logging
+
     from disttrain import fs
 
-    if fs.storage_degraded():
+    grouped = "disttrain.dist" in sys.modules and sys.modules["disttrain.dist"].had_process_group()
+    if fs.storage_degraded() or grouped:
+        logging.shutdown()  # what the interpreter's teardown would have flushed
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

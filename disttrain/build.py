@@ -36,11 +36,12 @@ from disttrain.hooks import Hook
 from disttrain.optim import Schedule, build_optimizer, build_scheduler
 from disttrain.parallel import Strategy, build_strategy
 from disttrain.pipelines import Pipeline, load_pipeline
+from disttrain.process import StopSignal
 from disttrain.resume import fingerprint
 from disttrain.sections import Sections
 from disttrain.segment import Segment
 from disttrain.state import Progress, RankRNG, StateRegistry, rank_seed, seed_all
-from disttrain.stop import StopAgreement, StopHook, Stopping, StopSignal
+from disttrain.stop import StopAgreement, StopHook, Stopping
 from disttrain.stream import as_stream
 from disttrain.writers import EventLog, build_run_files
 

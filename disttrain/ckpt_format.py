@@ -207,5 +207,6 @@ def _torch_load(data: bytes, where: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a broken archive
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{where}: refused by torch.load(weights_only=True): {first}") from None
+        raise CheckpointError(
+            f"{where}: refused by torch.load(weights_only=True): {fs.first_line(err)}"
+        ) from None

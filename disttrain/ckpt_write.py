@@ -161,7 +161,13 @@ class CheckpointManager(CheckpointReader):
         return SaveResult(step, seconds, self._bytes, reason, current)
 
     def _start_background(self, fn: Callable[..., None], step: int, *args: Any) -> None:
-        self._thread = threading.Thread(target=self._background, args=(fn, step, *args))
+        # A daemon thread: after a failure (a peer died or froze) it may be blocked in a collective on
+        # the save group, and the interpreter's exit must not wait for that. A save cut short at exit is
+        # what a kill -9 leaves: no manifest, so no checkpoint; the next save cleans it up. A run that
+        # ends normally waits for it first (`wait`, from fit).
+        self._thread = threading.Thread(
+            target=self._background, args=(fn, step, *args), name="disttrain-save", daemon=True
+        )
         self._thread.start()
 
     def _save_sharded(self, step: int, host: Any, mine: State, shards: Shards, background: bool) -> None:
@@ -183,8 +189,9 @@ class CheckpointManager(CheckpointReader):
         try:
             fs.makedirs(work)
             report: Any = (*ckpt_sharded.write_shard(work, dist.rank(), rows), layout, mine, None)
-        except Exception as err:
-            report = (None, None, layout, mine, f"rank {dist.rank()}: {err}")
+        except Exception as err:  # the verdict carries the cause's first line; this rank logs it whole
+            log.error("rank %d: writing its shard of checkpoint step %d failed: %s", dist.rank(), step, err)
+            report = (None, None, layout, mine, f"rank {dist.rank()}: {fs.first_line(err)}")
         reports = dist.all_gather_objects(report, group)
         errors = [r[4] for r in reports if r[4]]
         if dist.is_main() and not errors:
@@ -227,7 +234,10 @@ class CheckpointManager(CheckpointReader):
         try:
             fn(step, *args)
         except Exception as err:  # kept and raised at the next step: a background failure is never lost
-            self._error = err if isinstance(err, CheckpointError) else CheckpointError(f"step {step}: {err}")
+            if not isinstance(err, CheckpointError):
+                log.error("checkpoint step %d failed in the background: %s", step, err)  # the whole text
+                err = CheckpointError(f"step {step}: {fs.first_line(err)}")
+            self._error = err
 
     def _work_dir(self, step: int) -> str:
         """Rank 0: where a save of `step` writes before it is committed (stale leftovers removed first).

@@ -215,8 +215,26 @@ def sharded_like(like: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 def new_gloo_group() -> Any:
     """A separate gloo group for background work (async sharded saves): collectives from another
-    thread on the default group would interleave with the training loop's. Must be called on all ranks."""
-    return tdist.new_group(backend="gloo") if initialized() else None
+    thread on the default group would interleave with the training loop's. Must be called on all ranks.
+
+    It gets the default group's timeout (trainer.collective_timeout_s): torch gives a new group its own
+    default, 30 minutes for gloo, and a save thread blocked on a frozen peer would outlive the run by
+    that much."""
+    return tdist.new_group(backend="gloo", timeout=group_timeout()) if initialized() else None
+
+
+def group_timeout() -> datetime.timedelta | None:
+    """The default group's collective timeout (the run's, however the group was made: here for FSDP,
+    by accelerate for DDP); None without a process group or where torch does not say."""
+    if not initialized():
+        return None
+    default = tdist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):  # NCCL's options carry the same timeout as gloo's
+        try:
+            return default._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):  # no backend for this device in the group
+            continue
+    return None
 
 
 def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
@@ -228,17 +246,33 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
+_had_group = False  # whether `destroy` tore one down
+
+
 def destroy(clean: bool = True) -> None:
     """Tear down the process group. Must be called on all ranks when `clean`.
 
     The barrier first matters: a rank that closes its gloo sockets while a peer is still finishing its
     last collective makes the peer's transport thread abort the process ("terminate called ...").
     After a failure the peers may be gone, so `clean=False` skips it.
+
+    This does not end gloo's threads: torch shuts the groups down, but a group's transport loop and
+    workers live as long as the group object, and objects that reference it (the sharded model's mesh,
+    the async-save group in the checkpoint manager) are start-up objects gc.freeze() keeps
+    (phases.resume_gc). The entry point therefore skips the interpreter's teardown after one
+    (had_process_group, main._exit).
     """
+    global _had_group
     if initialized():
+        _had_group = True
         if clean:
             tdist.barrier()
         tdist.destroy_process_group()
+
+
+def had_process_group() -> bool:
+    """Whether this process tore down a process group (`destroy`): its gloo threads still run."""
+    return _had_group
 
 
 class PendingMax:

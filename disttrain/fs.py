@@ -14,6 +14,7 @@ recorded during a stall (their handlers run), and the run's stop path proceeds o
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
 import fsspec
+
+from disttrain import fence
 
 T = TypeVar("T")
 TIMEOUT_ENV = "DISTTRAIN_STORAGE_TIMEOUT_S"
@@ -136,6 +139,8 @@ def human_size(n: float) -> str:
 
 
 def open_file(path: str, mode: str = "rb") -> IO[Any] | _BoundedFile:
+    if mode.strip("bt") != "r":
+        fence.check(path)
     if is_local(path):
         return open(_local(path), mode)  # noqa: SIM115 - returned to the caller's `with`
     fs, inner = filesystem(path)
@@ -159,8 +164,9 @@ def read_text(path: str) -> str:
 
 def write_bytes(path: str, data: bytes) -> None:
     """Plain write (not atomic on local disks); use atomic_write for anything a reader must trust."""
+    fence.check(path)
     if is_local(path):
-        with open_file(path, "wb") as fh:
+        with _local_write("writing", path), _open_nofollow(path, os.O_TRUNC) as fh:
             fh.write(data)
         return
     fs, inner = filesystem(path)
@@ -173,6 +179,13 @@ def atomic_write(path: str, data: bytes | str) -> None:
     if not is_local(path):
         write_bytes(path, payload)  # one PUT: object stores publish an object whole
         return
+    fence.check(path)
+    with _local_write("writing", path):
+        _atomic_write_local(path, payload)
+
+
+def _atomic_write_local(path: str, payload: bytes) -> None:
+    """A temporary name, fsync, rename: a symlink at `path` is replaced, never written through."""
     local = _local(path)
     folder = os.path.dirname(local) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(local)}.", suffix=".tmp", dir=folder)
@@ -199,9 +212,9 @@ def _umask() -> int:
 def append_text(path: str, text: str) -> None:
     """Append to a log file. Object stores cannot append, so the object is rewritten whole."""
     if is_local(path):
-        with open(_local(path), "a", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        fence.check(path)
+        with _local_write("appending to", path), _open_nofollow(path, os.O_APPEND) as fh:
+            fh.write(text.encode("utf-8"))
         return
     old = read_text(path) if exists(path) else ""
     write_bytes(path, (old + text).encode("utf-8"))
@@ -210,6 +223,7 @@ def append_text(path: str, text: str) -> None:
 def remove(path: str, recursive: bool = False) -> None:
     """Delete a file or (with `recursive`) a directory; missing paths are fine. A symlink is removed
     itself, never what it points to, and rmtree does not follow the links inside a directory."""
+    fence.check(path)
     if is_local(path):
         local = _local(path)
         if os.path.isdir(local) and recursive and not os.path.islink(local):
@@ -228,6 +242,8 @@ def remove(path: str, recursive: bool = False) -> None:
 
 def rename(src: str, dst: str) -> None:
     """Atomic on one local filesystem; object stores copy then delete (not atomic, callers know)."""
+    fence.check(src)
+    fence.check(dst)
     if is_local(src):
         os.replace(_local(src), _local(dst))
         fsync_dir(os.path.dirname(_local(dst)) or ".")
@@ -235,6 +251,31 @@ def rename(src: str, dst: str) -> None:
     fs, inner = filesystem(src)
     _, inner_dst = filesystem(dst)
     storage_call("renaming", src, lambda: fs.mv(inner, inner_dst, recursive=True))
+
+
+@contextlib.contextmanager
+def _local_write(what: str, path: str) -> Iterator[None]:
+    """A local write's failure (a full disk, a read-only mount, a symlink where a file should be) as one
+    StorageError naming the file: OSError's own text leaves the file out when the write itself fails."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise  # an answer about the path, for the caller
+    except StorageError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StorageError(
+                f"{what} {path} refused: it is a symbolic link, and disttrain never writes through one in a "
+                "run dir; replace it with a plain file or remove it"
+            ) from None
+        raise StorageError(f"{what} {path} failed: {first_line(err)}") from err
+
+
+def _open_nofollow(path: str, flags: int) -> IO[bytes]:
+    """Open a local file for writing without following a symlink at its name (O_NOFOLLOW: ELOOP)."""
+    fd = os.open(_local(path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | flags, 0o666)
+    return os.fdopen(fd, "wb")
 
 
 def fsync_dir(folder: str) -> None:
@@ -262,6 +303,7 @@ def walk_files(path: str) -> Iterator[str]:
 def create_exclusive(path: str, data: bytes) -> bool:
     """Write `path` only if it does not exist yet; False if it did. Atomic on local disks (O_EXCL) and on
     S3 (a conditional PUT, If-None-Match); stores that cannot do that fall back to check-then-write."""
+    fence.check(path)
     if is_local(path):
         try:
             fd = os.open(_local(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -290,7 +332,11 @@ def create_exclusive(path: str, data: bytes) -> bool:
 
 
 class StorageError(OSError):
-    """A remote storage call failed or did not answer in time; the message names the call and the path."""
+    """A storage call failed (or, remote, did not answer in time); the message names the call and the path."""
+
+
+class LeaseLost(StorageError):
+    """This run no longer holds its run dir's lease (lease.py): nothing more may be written there."""
 
 
 class _Health:
@@ -345,9 +391,9 @@ def storage_call(what: str, path: str, call: Callable[[], T], nbytes: int = 0) -
         raise error  # an answer, not a failure of the storage
     _Health.degraded = True
     if isinstance(error, OSError):
-        raise StorageError(f"{what} {path} failed: {_first_line(error)}") from error
+        raise StorageError(f"{what} {path} failed: {first_line(error)}") from error
     if isinstance(error, Exception):
-        raise StorageError(f"{what} {path} failed: {type(error).__name__}: {_first_line(error)}") from error
+        raise StorageError(f"{what} {path} failed: {type(error).__name__}: {first_line(error)}") from error
     raise error
 
 
@@ -372,7 +418,10 @@ def _wait(done: threading.Event, what: str, path: str, limit: float, quiet: bool
             )
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's text, or its type's name when it has none: what a
+    one-line error quotes (a cause whose text starts with a newline must not come out empty). The
+    full text belongs in the log."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 

@@ -14,9 +14,19 @@ inherited by DataLoader workers forked from it.
 
 Object stores (s3://) have no locks: the lease is an object created only if absent (a conditional PUT)
 and renewed by a heartbeat every TTL/4. It is stale, and taken over, when its last renewal is older than
-the TTL ($DISTTRAIN_LEASE_TTL_S, default 120 s), when its holder was a process on this host that is
-gone, or when it belongs to the same SLURM job (a requeued attempt). Taking over a stale lease (delete,
-then create) is not atomic: two runs doing so in the same instant can both believe they hold it.
+the TTL ($DISTTRAIN_LEASE_TTL_S, default 120 s), when its holder was a process on this host, in this
+pid namespace and this boot, that is gone (two containers sharing a host name, `--network host`, have
+pids of their own: a pid from another namespace says nothing here), or when it belongs to the same SLURM
+job (a requeued attempt). Taking over a stale lease (delete, then create) is not atomic: two runs doing
+so in the same instant can both believe they hold it.
+
+A holder frozen past the TTL (SIGSTOP, a paused container, a suspended VM) may find its lease taken
+when it wakes, and must then write nothing more: every write into the run dir goes through a fence
+(`fence`, checked by `fs`) that passes while the last renewal began less than half the TTL ago (a clock
+read), and otherwise confirms and renews the lease first. The clock is CLOCK_BOOTTIME, which keeps
+counting while the process is stopped and while the machine sleeps. Past the TTL, or with the lease
+gone, the write raises fs.LeaseLost: the run ends with exit 1 and nothing more written. Not covered: a
+freeze between the fence and the write it let through (a single write).
 
 This module decides rank roles (rank 0 holds the lease), like the writers do for files.
 """
@@ -35,13 +45,14 @@ import threading
 import time
 from typing import Any
 
-from disttrain import dist, fs
+from disttrain import dist, fence, fs
 from disttrain.cluster import ClusterEnv
 from disttrain.errors import ConfigError
-from disttrain.rundir import LEASE, RunDir
+from disttrain.rundir import LEASE, RunDir, linked_files
 
 TTL_ENV = "DISTTRAIN_LEASE_TTL_S"
 DEFAULT_TTL_S = 120.0
+FRESH_SHARE = 0.5  # a renewal vouches for writes for this share of the TTL; the rest is margin
 Holder = dict[str, Any]
 
 
@@ -81,11 +92,17 @@ class RunLease:
 
     def _take(self) -> str | None:
         me = holder_record(self.env)
+        linked = linked_files(self.run_dir)
+        if linked:  # refused before anything is written: a write would go through it, out of the run dir
+            return (
+                f"run_dir: {linked[0]} is a symbolic link (to {os.readlink(linked[0])}); disttrain never writes "
+                "through a link in a run dir: replace it with the file itself, or remove it"
+            )
         try:
             self._created = _missing_dirs(self.run_dir) if fs.is_local(self.run_dir) else []
             fs.makedirs(self.run_dir)
             lock: _FileLock | _ObjectLock = (
-                _FileLock(self.path) if fs.is_local(self.path) else _ObjectLock(self.path)
+                _FileLock(self.path) if fs.is_local(self.path) else _ObjectLock(self.path, self.run_dir)
             )
             other = lock.take(me, self.env)
         except OSError as err:
@@ -126,7 +143,29 @@ def holder_record(env: ClusterEnv) -> Holder:
         "started": now,
         "renewed": now,
         "token": secrets.token_hex(8),
+        **pid_space(),
     }
+
+
+def pid_space() -> Holder:
+    """Where this process's pid means something: the boot (a reboot reuses pids) and the pid namespace
+    (each container has its own pids, even when it shares the host name). None where /proc does not say."""
+    return {"boot_id": _read("/proc/sys/kernel/random/boot_id"), "pid_ns": _readlink("/proc/self/ns/pid")}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def describe(holder: Holder) -> str:
@@ -149,8 +188,15 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def judged_here(holder: Holder) -> bool:
+    """Whether this process can judge the holder's process by its pid: the same host, the same boot and
+    the same pid namespace. A record without these fields (an older disttrain) is judged by its TTL."""
+    here = pid_space()
+    return holder.get("host") == socket.gethostname() and all(holder.get(k) == v for k, v in here.items())
+
+
 def alive_here(holder: Holder) -> bool:
-    """Whether the holder's process still runs (asked only for a holder on this host)."""
+    """Whether the holder's process still runs (asked only for a holder judged_here)."""
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0 or not _exists(pid):
         return False
@@ -182,7 +228,7 @@ def is_stale(holder: Holder, env: ClusterEnv, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if env.launcher == "slurm" and env.job_id and holder.get("job_id") == env.job_id:
         return True
-    if holder.get("host") == socket.gethostname() and not alive_here(holder):
+    if judged_here(holder) and not alive_here(holder):
         return True
     renewed = holder.get("renewed")
     return not isinstance(renewed, (int, float)) or now - renewed > ttl_s()
@@ -210,7 +256,8 @@ class _FileLock:
         import fcntl
 
         for _ in range(5):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # O_NOFOLLOW: a symlink planted at lease.json fails (ELOOP) instead of truncating its target.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -251,20 +298,31 @@ def _same_file(fd: int, path: str) -> bool:
         return False
 
 
-class _ObjectLock:
-    """lease.json on an object store: created if absent, renewed by a heartbeat thread."""
+def _clock() -> float:
+    """Seconds on a clock that runs on while this process is stopped or the machine sleeps."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
 
-    def __init__(self, path: str):
-        self.path = path
+
+class _ObjectLock:
+    """lease.json on an object store: created if absent, renewed by a heartbeat thread, and the fence
+    of every write into the run dir while it is held."""
+
+    def __init__(self, path: str, run_dir: str):
+        self.path, self.run_dir = path, run_dir
         self.me: Holder = {}
+        self.lost: str | None = None  # why this run no longer holds the lease, once it does not
+        self._vouched = 0.0  # _clock() when the last renewal (or the creation) began
+        self._renewing = threading.Lock()  # one renewal at a time: the heartbeat's or a write's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def take(self, me: Holder, env: ClusterEnv) -> Holder | None:
         for _ in range(3):
+            began = _clock()
             if fs.create_exclusive(self.path, json.dumps(me).encode()):
-                self.me = me
-                self._thread = threading.Thread(target=self._renew, name="disttrain-lease", daemon=True)
+                self.me, self._vouched = me, began
+                fence.add(self.run_dir, self.check)
+                self._thread = threading.Thread(target=self._beat, name="disttrain-lease", daemon=True)
                 self._thread.start()
                 return None
             holder = self._holder()
@@ -279,26 +337,59 @@ class _ObjectLock:
         except FileNotFoundError:
             return None
 
-    def _renew(self) -> None:
-        while not self._stop.wait(ttl_s() / 4):
-            try:
-                holder = self._holder()
-                if holder is not None and holder.get("token") != self.me["token"]:
-                    print(f"disttrain: error: lost the run-dir lease {self.path} to another run ({describe(holder)})",
-                          file=sys.stderr)  # fmt: skip
-                    return
-                self.me["renewed"] = time.time()
-                fs.write_bytes(self.path, json.dumps(self.me).encode())
-            except OSError as err:  # storage trouble: the deadline bounded it; try again next beat
-                print(
-                    f"disttrain: warning: could not renew the run-dir lease {self.path}: {err}",
-                    file=sys.stderr,
+    def check(self, path: str) -> None:
+        """The run dir's write fence: passes at the cost of a clock read while the last renewal is
+        recent; otherwise confirms and renews the lease first. Raises fs.LeaseLost once it is gone."""
+        if path == self.path:
+            return  # the lease's own renewals and release
+        if self.lost is None and _clock() - self._vouched < ttl_s() * FRESH_SHARE:
+            return
+        self.renew()
+        if self.lost is not None:
+            raise fs.LeaseLost(self.lost)
+
+    def renew(self) -> None:
+        """Confirm that the lease is still this run's and renew it, or record that it is lost. A lease
+        not renewed for its TTL is lost whatever the object says: another run may be taking it over."""
+        with self._renewing:
+            began, renewed = _clock(), time.time()
+            if self.lost is not None:
+                return
+            if began - self._vouched >= ttl_s():
+                self._lose(
+                    f"not renewed for {began - self._vouched:.0f} s, more than its TTL of {ttl_s():g} s (this "
+                    "process was stopped, or its storage failed), so another run may hold it now"
                 )
+                return
+            holder = self._holder()
+            if holder is None or holder.get("token") != self.me["token"]:
+                self._lose(
+                    f"another run holds it ({describe(holder)})" if holder else "its object was deleted"
+                )
+                return
+            self.me["renewed"] = renewed
+            fs.write_bytes(self.path, json.dumps(self.me).encode())
+            self._vouched = began
+
+    def _lose(self, why: str) -> None:
+        self.lost = f"lost the run-dir lease {self.path}: {why}; this run stops and writes nothing more there"
+        print(f"disttrain: error: {self.lost}", file=sys.stderr, flush=True)
+
+    def _beat(self) -> None:
+        while self.lost is None and not self._stop.wait(ttl_s() / 4):
+            try:
+                self.renew()
+            except OSError as err:  # storage trouble: the deadline bounded it; try again next beat
+                print(f"disttrain: warning: could not renew the run-dir lease {self.path}: {err}",
+                      file=sys.stderr)  # fmt: skip
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.lost is not None:
+            return  # the fence stays up: nothing more is written, and the lease is not this run's to delete
+        fence.remove(self.run_dir)
         if fs.storage_degraded():
             return  # the store just failed: the next run finds this holder's process gone, or its TTL out
         with contextlib.suppress(OSError):

@@ -14,16 +14,17 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from disttrain import cluster, phases, run
-from disttrain.config import load_config
-from disttrain.errors import ConfigError
-from disttrain.secrets import mask_output, secret_values
-from disttrain.slurm import max_requeues_from_env
-from disttrain.stop import StopSignal
+# Light imports only up to the moment main() ties this process to its launcher: fsspec, yaml and
+# torch come after (disttrain.run, disttrain.config), so an agent killed a fraction of a second after
+# spawning its workers does not leave them training (process.tie_to_launcher).
+from disttrain import cluster
+from disttrain.process import StopSignal, tie_to_launcher
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        from disttrain.errors import ConfigError
+
         raise ConfigError(f"{message} (see --help)")
 
 
@@ -43,8 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # First, before any heavy import: a stop signal must only set a flag, from the first moment (SLURM's
     # USR2 would otherwise kill the task while torch is still importing). The one handler of the run.
     stop = StopSignal().install()
-    phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     env = cluster.detect()
+    tie_to_launcher(env)  # a torchrun worker must not outlive its agent, nor start after it died
+    from disttrain import phases, run
+    from disttrain.config import load_config
+    from disttrain.errors import ConfigError
+    from disttrain.secrets import mask_output, secret_values
+    from disttrain.slurm import max_requeues_from_env
+
+    phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     mask_output(secret_values())  # credentials from the environment, in anything printed from now on
     try:
         args = build_parser().parse_intermixed_args(argv)  # flags may sit between overrides
@@ -60,11 +68,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _exit(code: int) -> None:
-    """After storage failed, skip the interpreter's teardown: s3fs would close its sessions through the
-    stalled endpoint, a second at a time. Everything disttrain owns is closed by now."""
+    """Skip the interpreter's teardown where it can only do harm; everything disttrain owns is closed,
+    and every file written, by now.
+
+    - After storage failed: s3fs would close its sessions through the stalled endpoint, a second at a
+      time.
+    - After a process group: its gloo threads still run (dist.destroy says why), and a teardown that
+      frees C++ objects under them is the likely cause of a rank of a finished run aborting at exit
+      ("terminate called without an active exception", SIGABRT: torchrun then reports the job
+      FAILED; seen in 1 run in 21 under load, issue 19)."""
+    import logging
+
     from disttrain import fs
 
-    if fs.storage_degraded():
+    grouped = "disttrain.dist" in sys.modules and sys.modules["disttrain.dist"].had_process_group()
+    if fs.storage_degraded() or grouped:
+        logging.shutdown()  # what the interpreter's teardown would have flushed
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -26,9 +26,8 @@ from disttrain import fs, resume, slurm
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, check_batch_divides
 from disttrain.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, ConfigError
-from disttrain.preemption import tie_to_launcher
+from disttrain.process import StopSignal, tie_to_launcher
 from disttrain.rundir import MANIFEST, RunDir, is_committed, step_name
-from disttrain.stop import StopSignal
 
 if TYPE_CHECKING:
     from disttrain.trainer import FitResult, Trainer
@@ -241,10 +240,10 @@ def execute(
         segment = trainer.segment if trainer is not None else None
         if trainer is not None:
             trainer.close()  # before the process group goes: see Trainer.close
+        if segment is not None:  # the last record, while the lease still fences this run's writes
+            segment.exit(trainer.step if trainer is not None else 0)
         lease.release()  # also when the trainer was never built (bad input found after the lease)
         dist.destroy(clean=clean)
-        if segment is not None:
-            segment.exit(trainer.step if trainer is not None else 0)
 
 
 def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: int) -> RunResult:
@@ -312,7 +311,7 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
     from disttrain import dist
     from disttrain.errors import CheckpointError
 
-    message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    message = f"{type(err).__name__}: {fs.first_line(err)}"
     if _UNUSED_PARAMETERS in str(err):  # DDP's own hint names a keyword the user cannot reach here
         traceback.print_exc()
         message = f"{message} (some parameters got no gradient): set trainer.find_unused_parameters=true"
@@ -320,6 +319,8 @@ def _failed(trainer: Trainer | None, cfg: Config, env: ClusterEnv, err: Exceptio
         message = _collective_failure(trainer, cfg, message)
     elif not isinstance(err, (CheckpointError, fs.StorageError)):
         traceback.print_exc()
+    elif str(err).strip() != fs.first_line(err):  # the line below quotes the first line; log the rest
+        logging.getLogger(__name__).error("%s", err)
     step = trainer.step if trainer is not None else None
     if trainer is not None:
         trainer.segment.events.emit(ev.ERROR, step=step, error=message)

@@ -117,6 +117,16 @@ class RunDir:
         return sorted(own, reverse=True)
 
 
+# The files disttrain writes at fixed names in a run dir (besides step directories and writer folders).
+WRITTEN = (CONFIG, METRICS, EVENTS, TEST_METRICS, CURVES, LEASE, WANDB_ID, f"{CHECKPOINTS}/{LATEST}")
+
+
+def linked_files(path: str) -> list[str]:
+    """The files of WRITTEN in a local run dir that are symbolic links: a write through one would land
+    outside the run dir (object stores have no links)."""
+    return [fs.join(path, name) for name in WRITTEN if fs.islink(fs.join(path, name))]
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a JSONL file; [] when missing. A torn line (a kill -9 or a full disk during an
     append, or a line being written right now) is skipped."""

@@ -7,29 +7,25 @@ its own would leave the others blocked in a collective. The loop polls the flag 
 between eval batches; ranks agree with one overlapped all-reduce, so every rank stops after the same
 step, saves, and exits.
 
-Why these signals: SLURM sends `--signal=USR2@N` before the time limit (USR1 is claimed by NCCL), and
-SIGTERM on preemption or `scancel`; torchrun forwards SIGTERM to its workers; SIGINT is Ctrl-C.
-
-Importing this module is cheap (no torch): the entry point installs `StopSignal` before any heavy
-import, since USR2's default action would kill a SLURM task still importing torch. `disttrain.dist`
-is imported only where a collective runs.
+The flag itself (`StopSignal`, which signals and why) is disttrain.process's, installed by the entry
+point before any heavy import. Importing this module is cheap too (no torch): `disttrain.dist` is
+imported only where a collective runs.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from disttrain import events as ev
 from disttrain.hangs import frame_of, main_thread_stack
 from disttrain.hooks import Hook, Loop
+from disttrain.process import STOP_SIGNALS, StopSignal
 from disttrain.sections import AGREEMENT, CHECKPOINT, Sections
 
 if TYPE_CHECKING:
@@ -38,52 +34,8 @@ if TYPE_CHECKING:
     from disttrain.slurm import Requeue
     from disttrain.writers import EventLog
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 AGREE_EVERY_S = 0.1  # how often ranks exchange their flags when steps are shorter than this
 MAX_SKIP = 256  # boundaries between two exchanges, at most
-
-
-class StopSignal:
-    """Records the stop signals this process receives. Installed once, at the entry point (before any
-    heavy import under SLURM: USR2's default action kills the process), and handed to the trainer.
-
-    The handler only appends to a list; a second SIGINT raises KeyboardInterrupt (Ctrl-C twice: the
-    user wants out now, not after a save).
-    """
-
-    def __init__(self, names: tuple[str, ...] = STOP_SIGNALS):
-        self.names = names
-        self.received: list[str] = []  # every distinct stop signal, in order (scancel after USR2 counts)
-        self.first_at: float | None = None  # wall-clock time of the first one
-        self._previous: dict[int, object] = {}
-
-    @property
-    def installed(self) -> bool:
-        return bool(self._previous)
-
-    def install(self) -> StopSignal:
-        for name in self.names:
-            signum = getattr(signal, name)
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        self._previous.clear()
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if name == "SIGINT" and "SIGINT" in self.received:
-            raise KeyboardInterrupt
-        if self.first_at is None:
-            self.first_at = time.time()
-        if name not in self.received:
-            self.received.append(name)
-
-    @property
-    def requested(self) -> bool:
-        return bool(self.received)
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from disttrain.config import Config
 from disttrain.features.guard import NonFiniteError
 from disttrain.features.metrics import grad_norm
 from disttrain.hooks import Hook
+from disttrain.process import StopSignal
 from disttrain.sections import BACKWARD, DATA, FORWARD, OPTIMIZER, OTHER
 from disttrain.state import worker_seed
-from disttrain.stop import StopRequest, StopSignal
+from disttrain.stop import StopRequest
 
 
 @dataclass(frozen=True)

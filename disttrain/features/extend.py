@@ -16,6 +16,7 @@ import importlib
 import inspect
 from typing import Any
 
+from disttrain import fs
 from disttrain.config import Config, HookSpec
 from disttrain.errors import ConfigError
 from disttrain.features.early_stop import EarlyStopHook
@@ -51,7 +52,9 @@ def build_hook(spec: HookSpec, key: str) -> Hook:
     try:
         return cls(**spec.args)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}: {spec.target}({spec.args}) failed: {err}; fix {key}.args") from None
+        raise ConfigError(
+            f"{key}: {spec.target}({spec.args}) failed: {fs.first_line(err)}; fix {key}.args"
+        ) from None
 
 
 def _import(target: str, key: str) -> type[Hook]:
@@ -60,7 +63,7 @@ def _import(target: str, key: str) -> type[Hook]:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ConfigError(
-            f"{key}.target: cannot import {module_name!r} ({err}); check the name and that the package is "
+            f"{key}.target: cannot import {module_name!r} ({fs.first_line(err)}); check the name and that the package is "
             "installed or on PYTHONPATH"
         ) from None
     cls = getattr(module, name, None)

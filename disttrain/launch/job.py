@@ -44,7 +44,7 @@ class TrainJob:
     run_dir: str
 
     def __call__(self) -> dict[str, Any]:
-        from disttrain.stop import StopSignal
+        from disttrain.process import StopSignal
 
         # First thing: SLURM's USR2 must reach neither its default action (death) nor submitit's
         # handler (it counts a warning with timeout_min <= 10 as a timeout and gives up; NOTES §3).

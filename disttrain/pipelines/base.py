@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from disttrain import fs
 from disttrain.config import PipelineConfig
 from disttrain.errors import ConfigError
 
@@ -171,7 +172,7 @@ def _import(module_name: str) -> Any:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         raise ConfigError(
-            f"pipeline.target: cannot import module {module_name!r} ({err}); check the name and that the "
+            f"pipeline.target: cannot import module {module_name!r} ({fs.first_line(err)}); check the name and that the "
             "package is installed or on PYTHONPATH"
         ) from None
     except SyntaxError as err:
@@ -196,7 +197,7 @@ def _described(err: BaseException) -> str:
     """`ValueError: message (at path/file.py:12)`: where the innermost frame of the error was."""
     frames = traceback.extract_tb(err.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(err).__name__}: {err}{where}"
+    return f"{type(err).__name__}: {fs.first_line(err)}{where}"
 
 
 def _check_args(cls: type, args: dict[str, Any]) -> None:

@@ -88,5 +88,6 @@ class EventLog:
             fs.append_text(self.path, line)
         except Exception as err:  # any storage failure: an event must never take the run down
             self.failures += 1
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            print(f"disttrain: could not record the {event!r} event in {self.path}: {first}", file=sys.stderr)
+            if not isinstance(err, fs.LeaseLost):  # the lease said so once; the run ends at its next write
+                print(f"disttrain: could not record the {event!r} event in {self.path}: {fs.first_line(err)}",
+                      file=sys.stderr)  # fmt: skip

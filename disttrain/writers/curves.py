@@ -20,6 +20,8 @@ class CurvesWriter(Writer):
     def close(self) -> None:
         try:
             write_curves(self.run_dir)
+        except fs.LeaseLost:
+            return  # the run's own line says it: nothing more is written there
         except (ImportError, OSError, ValueError) as err:  # a missing plot must not fail the run
             print(f"disttrain: curves.png not drawn: {err}", file=sys.stderr)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import yaml
@@ -34,10 +35,32 @@ class RunFiles:
     def _changes(self, cfg: Config) -> list[str]:
         if not fs.exists(self.layout.config):
             return []
-        old = flatten(yaml.safe_load(fs.read_text(self.layout.config)) or {})
+        old = self._earlier_config()
+        if old is None:
+            return []
         new = flatten(to_dict(cfg))
         keys = sorted(set(old) | set(new))
         return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+    def _earlier_config(self) -> dict[str, Any] | None:
+        """The config an earlier segment wrote, flattened; None when it is damaged (not YAML, not a
+        mapping: a hand edit, a torn copy). A damaged one is set aside, never fatal: it only feeds the
+        `config changed` note, and keys a checkpoint depends on are checked against its manifest."""
+        try:
+            old = yaml.safe_load(fs.read_text(self.layout.config))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            problem = f"is not YAML ({fs.first_line(err)})"
+        else:
+            if isinstance(old, dict) or old is None:
+                return flatten(old or {})
+            problem = f"holds a {type(old).__name__}, not a mapping of config keys"
+        aside = f"{self.layout.config}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.rename(self.layout.config, aside)
+        self.warn(
+            f"disttrain: warning: {self.layout.config} {problem}; set aside as {fs.basename(aside)} and "
+            "written anew (changes since the checkpoint cannot be listed this once)"
+        )
+        return None
 
     def write_test_metrics(self, record: dict[str, Any]) -> None:
         self.create()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import FAST, child_env, main_cmd, read_jsonl, run_main
 
@@ -61,6 +62,30 @@ def test_kill_9_of_the_torchrun_agent_takes_its_ranks_with_it(tmp_path):
             p.kill()
     again = run_main(*args[:2], "trainer.max_steps=8", *args[3:])  # relaunched: nothing competes with it
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3])
+def test_an_agent_killed_as_it_spawns_its_ranks_leaves_no_orphan(tmp_path, delay):
+    """Issue 19, adversarial 4: the agent kill -9'd within 0.3 s of spawning its workers, before they
+    armed the parent-death signal (then in run.start, after the config and fsspec imports). They
+    survived 4 times in 6, and some joined the relaunched agent's store and trained the run to its end."""
+    run_dir = tmp_path / "run"
+    args = (f"run_dir={run_dir}", "pipeline.target=tests.adversarial.pipelines:Slow", "trainer.max_steps=100000",
+            "trainer.log_every=1", "trainer.eval_every=0", "checkpoint.every_steps=2", *FAST)  # fmt: skip
+    agent = subprocess.Popen(main_cmd(*args, nproc=2), env=child_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: len(psutil.Process(agent.pid).children()) == 2, agent, "the ranks", timeout=60)
+        time.sleep(delay)
+        ranks = psutil.Process(agent.pid).children()
+        agent.kill()
+        agent.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks outlived their torchrun agent killed {delay} s after it spawned them"
+        assert not (run_dir / "metrics.jsonl").exists(), "an orphaned rank trained"
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
 
 
 def test_ctrl_c_twice_records_the_end_and_status_says_so(tmp_path):

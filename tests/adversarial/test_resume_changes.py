@@ -77,6 +77,28 @@ def test_changing_the_shuffle_of_a_run_is_refused(resumed):
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize(
+    "damaged, problem",
+    [("42\n", "holds a int"), ("- a\n- b\n", "holds a list"), ("a: [1, 2\n", "is not YAML")],
+)
+def test_a_damaged_config_yaml_is_set_aside_and_the_run_resumes(tmp_path, damaged, problem):
+    """Issue 19, adversarial 6: a scalar, a list or invalid YAML in RUN_DIR/config.yaml made every
+    resume crash with a traceback until the file was deleted."""
+    run_dir = tmp_path / "run"
+    first = run_main(f"run_dir={run_dir}", "trainer.max_steps=2", *BASE)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir / "config.yaml").write_text(damaged)
+    again = run_main(f"run_dir={run_dir}", "trainer.max_steps=4", *BASE)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    warning = next(line for line in again.stderr.splitlines() if "config.yaml" in line)
+    aside = next(run_dir.glob("config.yaml.damaged-*"))
+    assert (
+        warning.startswith(f"disttrain: warning: {run_dir / 'config.yaml'} {problem}")
+        and aside.name in warning
+    )
+    assert aside.read_text() == damaged and "max_steps: 4" in (run_dir / "config.yaml").read_text()
+
+
 def test_readme_names_exactly_the_keys_refused_on_resume():
     """The rule lives in config.RESUME_CRITICAL_KEYS; README's reliability section must say the same."""
     readme = (REPO / "README.md").read_text()

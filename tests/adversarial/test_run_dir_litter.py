@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from tests.conftest import FAST, read_jsonl, run_main
+from tests.unit.test_main import assert_refused
 
 
 def test_symlinked_step_dirs_are_neither_followed_nor_allowed_to_wedge_saves(tmp_path):
@@ -38,3 +41,18 @@ def test_symlinked_step_dirs_are_neither_followed_nor_allowed_to_wedge_saves(tmp
     assert saved == [2, 4, 6, 8], "every save went through"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000008"]
     assert not any(p.is_symlink() for p in ckpts.iterdir())
+
+
+@pytest.mark.parametrize("name", ["lease.json", "events.jsonl", "metrics.jsonl"])
+def test_a_symlinked_run_dir_file_is_refused_and_never_written_through(tmp_path, name):
+    """Issue 19, adversarial 5: lease.json as a symlink had its target outside the run dir truncated and
+    overwritten; events.jsonl as a symlink was appended through."""
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("not disttrain's\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.symlink(outside, run_dir / name)
+    proc = run_main(f"run_dir={run_dir}", "trainer.max_steps=2", "trainer.eval_every=0", *FAST, timeout=180)
+    assert_refused(proc, f"run_dir: {run_dir / name} is a symbolic link (to {outside})", "remove it")
+    assert outside.read_text() == "not disttrain's\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == [name]

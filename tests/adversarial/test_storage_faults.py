@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
 from urllib.parse import urlparse
@@ -17,7 +18,7 @@ import pytest
 
 from disttrain import fs
 from tests.adversarial.proxy import FlakyProxy
-from tests.conftest import FAST, child_env, main_cmd
+from tests.conftest import FAST, child_env, main_cmd, run_main
 
 BUCKET = "flaky"
 DEADLINE_S = 3
@@ -100,3 +101,55 @@ def test_a_dead_endpoint_ends_in_one_disttrain_line_not_a_pile_of_tracebacks(buc
     assert "Traceback" not in out and len(run.lines) <= 6, out[-3000:]
     last = disttrain_lines(run.lines)[-1]
     assert last.startswith("disttrain: rank 0: training failed: StorageError:") and run.run_dir in last, out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk) -> None:
+    """Take every free page of `disk`: the next write that needs a new page fails with ENOSPC."""
+    with open(disk / "filler", "wb", buffering=0) as fh:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    fh.write(b"\0" * size)
+            except OSError:
+                continue
+
+
+def test_a_full_disk_under_the_metrics_log_ends_in_one_line_naming_it(small_disk):
+    """Issue 19, adversarial 7: ENOSPC on the metrics append printed a chained traceback (3 exceptions)
+    ending in `OSError: [Errno 28] No space left on device`, without the file."""
+    run_dir = small_disk / "run"
+    args = (f"run_dir={run_dir}", "pipeline.target=tests.adversarial.pipelines:Slow", "trainer.log_every=1",
+            "trainer.eval_every=0", *FAST)  # fmt: skip
+    first = run_main(*args, "trainer.max_steps=2", "checkpoint.every_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = subprocess.Popen(main_cmd(*args, "trainer.max_steps=100000", "checkpoint.every_steps=100000"),
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len((run_dir / "metrics.jsonl").read_text().splitlines()) < 4:  # training again, after the resume
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    fill(small_disk)
+    _, err = proc.communicate(timeout=120)
+    print(f"\nfull disk under metrics.jsonl:\n{err}")
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"disttrain: rank 0: training failed: StorageError: appending to {run_dir / 'metrics.jsonl'} failed: "
+        "[Errno 28] No space left on device"
+    ), err[-3000:]
+    verify = subprocess.run([sys.executable, "-m", "disttrain", "ckpt", "verify", str(run_dir)], env=child_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0 and verify.stdout == "step 2: OK\n", verify  # committed: intact

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -93,3 +94,69 @@ def test_the_s3_lease_of_another_host_holds_until_its_ttl_runs_out(bucket, monke
     lease = RunLease(run_dir, env)
     lease.acquire()
     lease.release()
+
+
+@pytest.mark.parametrize("field", ["pid_ns", "boot_id"])
+def test_an_s3_lease_from_another_pid_namespace_or_boot_on_this_host_is_not_judged_by_its_pid(bucket, field):
+    """Issue 19, adversarial 3: two containers sharing a host name (`--network host`, hostNetwork
+    pods) have pids of their own; a live holder in the other one was judged dead by its pid."""
+    from disttrain.lease import RunLease, holder_record
+
+    run_dir = f"{bucket}/other-{field}"
+    env = ClusterEnv(launcher="single")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # no such pid here: in the holder's namespace it is a training run
+    other = {**holder_record(env), "pid": gone.pid, "pid_start": None, field: "pid:[4026532999]"}
+    fs.write_bytes(f"{run_dir}/lease.json", json.dumps(other).encode())  # renewed just now
+    with pytest.raises(ConfigError, match=f"pid {gone.pid} on host"):
+        RunLease(run_dir, env).acquire()
+    assert json.loads(fs.read_text(f"{run_dir}/lease.json")) == other
+
+
+def objects(prefix: str) -> dict[str, str]:
+    s3 = fsspec.filesystem("s3")
+    s3.invalidate_cache()
+    return {
+        k: v.get("ETag", "") for k, v in s3.find(prefix, detail=True).items() if not k.endswith("lease.json")
+    }
+
+
+def test_a_holder_frozen_past_the_s3_lease_ttl_stops_without_writing_again(bucket, s3_env):
+    """Issue 19, adversarial 2: a holder frozen past the TTL said it had lost the lease and went on
+    training and committing (steps 75, 75, 80, 80 from two writers). Now its first write after it wakes
+    finds the lease older than the TTL: exit 1, and nothing more written."""
+    from disttrain.lease import RunLease
+
+    ttl_s = 6
+    run_dir = f"{bucket}/frozen"
+    env = child_env(**s3_env, DISTTRAIN_LEASE_TTL_S=str(ttl_s))
+    holder = subprocess.Popen(main_cmd(f"run_dir={run_dir}", "trainer.max_steps=100000", *ARGS), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    taker = None
+    try:
+        lines = 0
+        deadline = time.monotonic() + 120
+        while lines < 4:  # freeze right after a write lands: the next one is a step away
+            assert holder.poll() is None and time.monotonic() < deadline, holder.stderr.read()
+            path = f"{run_dir}/metrics.jsonl"
+            lines = len(fs.read_text(path).splitlines()) if objects(path) else 0
+        holder.send_signal(signal.SIGSTOP)
+        time.sleep(ttl_s + 1)
+        os.environ["DISTTRAIN_LEASE_TTL_S"] = str(ttl_s)
+        taker = RunLease(run_dir, ClusterEnv(launcher="single"))
+        taker.acquire()  # the holder's process is alive here, but its lease ran out
+        before = objects(run_dir)
+        holder.send_signal(signal.SIGCONT)
+        _, err = holder.communicate(timeout=60)
+        assert holder.returncode == 1, err[-3000:]
+        assert objects(run_dir) == before, "the frozen holder wrote after it woke"
+        assert json.loads(fs.read_text(f"{run_dir}/lease.json"))["token"] == taker._lock.me["token"]
+        assert "Traceback" not in err and "lost the run-dir lease" in err, err[-3000:]
+        last = err.strip().splitlines()[-1]  # a metrics append or a checkpoint, whichever came first
+        assert "rank 0: training failed:" in last and "lost the run-dir lease" in last, err
+    finally:
+        holder.kill()
+        holder.wait()
+        if taker is not None:
+            taker.release()
+        os.environ.pop("DISTTRAIN_LEASE_TTL_S", None)

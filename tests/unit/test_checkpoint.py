@@ -607,3 +607,15 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv):
     assert ckpt_main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_a_shard_failure_whose_text_starts_with_a_newline_keeps_its_cause(tmp_path, caplog):
+    """Issue 19, bug 2: safetensors' refusal of tensors sharing memory starts with a newline, and the
+    error said `rank 0: ` with nothing after it. The one line carries the cause; the log has it whole."""
+    mgr = CheckpointManager(str(tmp_path / "run"), _cfg())
+    shared = torch.zeros(4)
+    with pytest.raises(CheckpointError) as err:
+        mgr.save(1, {"trainer": {"step": 1}}, _rank(), shards=({"a": shared, "b": shared}, {}))
+    assert "failed: rank 0: Some tensors share memory" in str(err.value) and "\n" not in str(err.value)
+    assert "A potential way to correctly save your model" in caplog.text
+    assert _steps(mgr) == []

@@ -22,8 +22,8 @@ from disttrain.features.progress import postfix
 from disttrain.hooks import Hook
 from disttrain.parallel import strip_compiled_names
 from disttrain.pipelines.digits import DigitsPipeline
+from disttrain.process import StopSignal
 from disttrain.run import Outcome, execute, preflight
-from disttrain.stop import StopSignal
 from disttrain.trainer import Trainer, build_trainer
 from tests.conftest import REPO, read_jsonl
 

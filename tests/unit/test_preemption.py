@@ -9,8 +9,9 @@ import signal
 import pytest
 
 from disttrain.cluster import ClusterEnv
+from disttrain.process import StopSignal
 from disttrain.slurm import Requeue, decide, max_requeues_from_env
-from disttrain.stop import StopAgreement, StopRequest, StopSignal
+from disttrain.stop import StopAgreement, StopRequest
 
 JOB = ClusterEnv(launcher="slurm", world_size=2, job_id="42")
 

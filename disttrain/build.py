@@ -9,7 +9,6 @@ is loaded last, once every stateful part is registered (`state.StateRegistry`).
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,7 @@ from disttrain import __version__, dist, hangs, phases
 from disttrain import events as ev
 from disttrain.checkpoint import CheckpointHook, Checkpointing
 from disttrain.ckpt_write import CheckpointManager
-from disttrain.cluster import ClusterEnv
+from disttrain.cluster import ClusterEnv, host_name
 from disttrain.config import Config, config_hash
 from disttrain.data import StreamBatches, TrainData, TrainSpec, dataset_size
 from disttrain.errors import ConfigError
@@ -108,7 +107,7 @@ def build(
         files,
         manager.wait,
     )
-    hosts = dist.all_gather_objects(socket.gethostname())  # once: attribution names hosts, not only ranks
+    hosts = dist.all_gather_objects(host_name())  # once: attribution names hosts, not only ranks
     stragglers = Stragglers(hosts, cfg.trainer.straggler_ratio, cfg.trainer.straggler_windows, events)
     log = TrainLog(cfg, window, schedule, data, guard, stragglers)
     features = feature_hooks(cfg, cuda, events, files)
@@ -186,7 +185,7 @@ def _stopping(
 
     def on_hang(why: str) -> None:
         stack = hangs.main_thread_stack()
-        where = {"rank": rank, "host": socket.gethostname(), "frame": hangs.frame_of(stack)}
+        where = {"rank": rank, "host": host_name(), "frame": hangs.frame_of(stack)}
         events.emit(ev.HANG, step=progress.step, section=sections.current, **where, ranks=[where])
         events.emit(ev.ERROR, step=progress.step, error=why)
 

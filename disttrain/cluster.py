@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,6 +46,13 @@ class ClusterEnv:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
+
+
+def host_name(env: Mapping[str, str] | None = None) -> str:
+    """This node's name as the scheduler knows it (SLURM's NodeName, which `--exclude` takes), else the
+    hostname: what attribution and hang records name a rank's host by."""
+    env = os.environ if env is None else env
+    return env.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:

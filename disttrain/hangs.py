@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import sysconfig
 import threading
@@ -23,6 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from disttrain.cluster import host_name
 from disttrain.sections import BUSY, WAITING_FOR
 
 # fs and rundir (fsspec) are imported where a file is written or read: the stop path imports this module
@@ -63,7 +63,7 @@ def write_stack(run_dir: str, rank: int, step: int, section: str, since_s: float
     stack = main_thread_stack()
     record = {
         "rank": rank,
-        "host": socket.gethostname(),
+        "host": host_name(),
         "pid": os.getpid(),
         "time": round(time.time(), 3),
         "step": step,

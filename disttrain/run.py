@@ -179,7 +179,13 @@ def _int(text: str | None) -> int:
 
 
 def start(
-    cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
+    cfg: Config,
+    env: ClusterEnv,
+    stop: StopSignal,
+    *,
+    test: bool = False,
+    max_requeues: int = 0,
+    exclude_slow_nodes: bool = False,
 ) -> RunResult:
     """Preflight, then train (or test) on this rank. Must be called on all ranks."""
     from disttrain.secrets import mask_output, secret_values
@@ -195,11 +201,19 @@ def start(
         _fresh_store_after_torchrun_restart(os.environ)
     if env.launcher in ("slurm", "local"):
         os.environ.update(env.torch_env())  # hand SLURM's (or submitit's) layout to torch.distributed
-    return execute(cfg, env, stop, test=test, max_requeues=max_requeues)
+    return execute(
+        cfg, env, stop, test=test, max_requeues=max_requeues, exclude_slow_nodes=exclude_slow_nodes
+    )
 
 
 def execute(
-    cfg: Config, env: ClusterEnv, stop: StopSignal, *, test: bool = False, max_requeues: int = 0
+    cfg: Config,
+    env: ClusterEnv,
+    stop: StopSignal,
+    *,
+    test: bool = False,
+    max_requeues: int = 0,
+    exclude_slow_nodes: bool = False,
 ) -> RunResult:
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
@@ -221,7 +235,7 @@ def execute(
             trainer.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
             result = RunResult(Outcome.TESTED, trainer.step)
         else:
-            result = _after_fit(trainer, trainer.fit(), env, max_requeues)
+            result = _after_fit(trainer, trainer.fit(), env, max_requeues, exclude_slow_nodes)
         clean = True
         return result
     except ConfigError as err:
@@ -246,8 +260,11 @@ def execute(
         dist.destroy(clean=clean)
 
 
-def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: int) -> RunResult:
-    """Map fit's outcome; after an agreed stop under SLURM, requeue when due. All ranks."""
+def _after_fit(
+    trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: int, exclude_slow_nodes: bool
+) -> RunResult:
+    """Map fit's outcome; after an agreed stop under SLURM, requeue when due (leaving out the nodes that
+    were slow for most of this attempt, with `exclude_slow_nodes`). All ranks."""
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
     files, events = trainer.segment.files, trainer.segment.events
@@ -256,12 +273,14 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: 
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain.stop import after_stop
 
-    decision = after_stop(fit.stop, env, max_requeues)
+    slow = trainer.log.stragglers.slow_hosts() if exclude_slow_nodes else []
+    decision = after_stop(fit.stop, env, max_requeues, slow)
     fields: dict[str, Any] = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
     if trainer.stop.signal.first_at is not None:
         fields["signal_time"] = round(trainer.stop.signal.first_at, 3)
     if decision.requeued:
-        events.emit(ev.REQUEUE, budget_left=decision.budget_left, **fields)
+        excluded = {"excluded": list(decision.excluded)} if decision.excluded else {}
+        events.emit(ev.REQUEUE, budget_left=decision.budget_left, **fields, **excluded)
         note = f"requeued job {env.job_id} at step {fit.step}: {decision.reason}"
     else:
         events.emit(ev.REQUEUE_REFUSED, **fields)

@@ -6,7 +6,8 @@ Requeue: a job that exits cleanly inside its preemption grace time is COMPLETED,
 stopped SLURM job requeues itself. USR2 is the time-limit warning: requeue. SIGTERM is either
 preemption (`scontrol show job` then shows PreemptTime) or a user's `scancel` / the time limit itself
 (PreemptTime=None): only the first is requeued, so that scancel still cancels. The decision is rank 0's
-(`stop.after_stop` runs it and shares it with every rank).
+(`stop.after_stop` runs it and shares it with every rank). With `--exclude-slow-nodes`, the requeued job
+leaves out the nodes whose rank was slow for most of the attempt (`exclude`).
 
 Stdlib only (submitit's hostlist parser is imported where it is used): the launcher, `disttrain
 status` and a SLURM task before its heavy imports all use it.
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 MAX_REQUEUES_ENV = "DISTTRAIN_MAX_REQUEUES"
+EXCLUDE_SLOW_ENV = (
+    "DISTTRAIN_EXCLUDE_SLOW_NODES"  # srun python -m disttrain.main: "1" for --exclude-slow-nodes
+)
 DEFAULT_MAX_REQUEUES = 10
 SCONTROL_TIMEOUT_S = 30
 PORT_BASE, PORT_SPAN = 15000, 15000  # rendezvous ports: 15000-29999, clear of Linux's ephemeral 32768+
@@ -129,12 +133,18 @@ class Requeue:
     reason: str  # why, in words, for events.jsonl and the log
     signal: str | None  # the stop signal, as any rank received it
     budget_left: int  # requeues still allowed after this one
+    excluded: tuple[str, ...] = ()  # nodes the requeued job now avoids (--exclude-slow-nodes)
 
 
 def max_requeues_from_env(environ: Mapping[str, str] | None = None) -> int:
     """The requeue budget of a job launched without `disttrain submit` (srun python -m disttrain.main)."""
     value = (os.environ if environ is None else environ).get(MAX_REQUEUES_ENV, "")
     return int(value) if value.strip().isdigit() else DEFAULT_MAX_REQUEUES
+
+
+def exclude_slow_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a job launched without `disttrain submit` asked for --exclude-slow-nodes."""
+    return (os.environ if environ is None else environ).get(EXCLUDE_SLOW_ENV, "") == "1"
 
 
 def deciding_signal(signals: tuple[str, ...]) -> str | None:
@@ -194,3 +204,26 @@ def requeue(job_id: str, decision: Requeue) -> Requeue:
 
 def _failed(decision: Requeue, why: str) -> Requeue:
     return Requeue(False, f"{decision.reason}; {why}", decision.signal, decision.budget_left)
+
+
+def exclude(job_id: str, nodes: list[str], decision: Requeue) -> Requeue:
+    """Rank 0, right after `requeue` (a pending job's ExcNodeList can be changed, a running one's not):
+    add `nodes` to the job's excluded nodes, keeping those it had (--exclude). The requeue stands either
+    way; the reason says when the nodes could not be left out."""
+    info = show_job(job_id) or {}
+    had = info.get("ExcNodeList", "(null)")
+    current = [] if had in ("(null)", "") else expand_hostlist(had)
+    merged = sorted({*current, *nodes})
+    try:
+        res = scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(merged)}")
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return _excluded_failed(decision, nodes, str(err))
+    if res.returncode != 0:
+        return _excluded_failed(decision, nodes, (res.stderr or res.stdout).strip())
+    reason = f"{decision.reason}; slow node(s) {', '.join(nodes)} left out of the next attempt"
+    return Requeue(True, reason, decision.signal, decision.budget_left, tuple(nodes))
+
+
+def _excluded_failed(decision: Requeue, nodes: list[str], why: str) -> Requeue:
+    reason = f"{decision.reason}; could not leave out slow node(s) {', '.join(nodes)}: {why}"
+    return Requeue(True, reason, decision.signal, decision.budget_left)

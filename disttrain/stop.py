@@ -346,11 +346,13 @@ class StopHook(Hook):
 # --------------------------------------------------------------------------------- after a stop
 
 
-def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> Requeue:
+def after_stop(
+    stop: StopRequest, cluster: ClusterEnv, max_requeues: int, slow_nodes: list[str] | None = None
+) -> Requeue:
     """Decide whether a stopped SLURM job requeues (the policy: disttrain.slurm), and requeue it. Must be
     called on all ranks, after the stop checkpoint is committed: rank 0 decides and runs `scontrol
     requeue` once, then every rank learns the outcome, so all ranks exit the same way. The signals are
-    the agreed union (StopAgreement)."""
+    the agreed union (StopAgreement). `slow_nodes` (--exclude-slow-nodes): left out of the next attempt."""
     from disttrain import dist, slurm
 
     decision = None
@@ -358,4 +360,6 @@ def after_stop(stop: StopRequest, cluster: ClusterEnv, max_requeues: int) -> Req
         decision = slurm.decide(slurm.deciding_signal(stop.signals), cluster, max_requeues)
         if decision.requeued:
             decision = slurm.requeue(cluster.job_id, decision)
+        if decision.requeued and slow_nodes:
+            decision = slurm.exclude(cluster.job_id, slow_nodes, decision)
     return dist.broadcast_from_main(decision)

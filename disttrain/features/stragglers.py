@@ -9,6 +9,9 @@ others spent waiting for it (`train/slowest_*` metrics, logged every window). A 
 straggler: a `straggler` event names it, its host and section, the ratio, and the seconds the others
 waited. While it stays slow, further events carry the waiting of the windows since the last one, so
 their sum is the run's cost (`disttrain status`, goodput).
+
+A host whose rank was slow in most of a segment's windows (`SLOW_NODE_SHARE`) is a slow node: with
+`disttrain submit --exclude-slow-nodes`, the next requeue leaves it out (`stop.after_stop`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from disttrain.sections import BUSY, SECTIONS
 from disttrain.writers import EventLog
 
 _BUSY = [SECTIONS.index(name) for name in BUSY]
+SLOW_NODE_SHARE = 0.8  # of a segment's windows a host's rank must be slow in to be left out of a requeue
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class Stragglers:
     def __init__(self, hosts: list[str], ratio: float, windows: int, events: EventLog):
         self.hosts, self.ratio, self.windows, self.events = hosts, ratio, windows, events
         self._streak: _Streak | None = None
+        self.judged = 0  # windows of this segment with a verdict
+        self.slow: dict[int, int] = {}  # rank -> windows of this segment it was slow in
 
     def window(self, step: int, per_rank: list[list[float]]) -> dict[str, float]:
         """The window's `train/slowest_*` metrics; records a straggler once it is one. Rank 0's call
@@ -74,6 +80,9 @@ class Stragglers:
         found = slowest(per_rank)
         if found is None:
             return {}
+        self.judged += 1
+        if found.ratio >= self.ratio:
+            self.slow[found.rank] = self.slow.get(found.rank, 0) + 1
         self._judge(step, found)
         return {
             "train/slowest_rank": float(found.rank),
@@ -117,3 +126,11 @@ class Stragglers:
             windows=len(streak.ratios),
         )
         streak.waited_s, streak.ratios, streak.sections = 0.0, [], {}
+
+    def slow_hosts(self, share: float = SLOW_NODE_SHARE) -> list[str]:
+        """The hosts whose rank was slow in at least `share` of this segment's windows, and in at least
+        trainer.straggler_windows of them (a short segment names nobody). The same on every rank: the
+        section rows reach every rank."""
+        need = max(self.windows, share * self.judged)
+        ranks = [rank for rank, n in sorted(self.slow.items()) if n >= need and rank < len(self.hosts)]
+        return sorted({self.hosts[rank] for rank in ranks})

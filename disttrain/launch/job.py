@@ -42,6 +42,7 @@ class TrainJob:
     config_yaml: str
     max_requeues: int
     run_dir: str
+    exclude_slow_nodes: bool = False  # --exclude-slow-nodes: a requeue leaves out the nodes that were slow
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal
@@ -58,7 +59,10 @@ class TrainJob:
             cfg = self.config()
         except ConfigError as err:
             return self.finish(run.RunResult(run.Outcome.BAD_INPUT, message=str(err)), env)
-        return self.finish(run.start(cfg, env, stop, max_requeues=self.max_requeues), env)
+        result = run.start(
+            cfg, env, stop, max_requeues=self.max_requeues, exclude_slow_nodes=self.exclude_slow_nodes
+        )
+        return self.finish(result, env)
 
     def config(self) -> Config:
         with tempfile.TemporaryDirectory(prefix="disttrain-job-") as tmp:

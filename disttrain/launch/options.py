@@ -45,6 +45,7 @@ class SubmitOptions:
     job_name: str | None = None
     constraint: str | None = None
     exclude: str | None = None
+    exclude_slow_nodes: bool = False
     signal_delay: int = DEFAULT_SIGNAL_DELAY_S
     max_requeues: int = DEFAULT_MAX_REQUEUES
     cluster: str = "slurm"
@@ -82,7 +83,7 @@ class SubmitOptions:
 # Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-    "time", "job_name", "constraint", "exclude", "signal_delay", "max_requeues", "cluster",
+    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "cluster",
     "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--job-name", help="job name (default: the config's name, or the run dir's last part)")
     add("--constraint", help="node features, e.g. a100")
     add("--exclude", help="nodes to avoid, e.g. node[3-4]")
+    add(
+        "--exclude-slow-nodes",
+        action="store_true",
+        default=None,
+        help="on a requeue, leave out the nodes whose rank was a straggler for most of the attempt",
+    )
     add(
         "--signal-delay",
         type=int,
@@ -210,6 +217,8 @@ def validate(o: SubmitOptions) -> None:
         )
     if o.mem is not None and not _MEM.match(str(o.mem)):
         raise ConfigError(f"--mem {o.mem!r}: write a SLURM size such as 64G, 4000M or 0")
+    if not isinstance(o.exclude_slow_nodes, bool):
+        raise ConfigError(f"exclude_slow_nodes: {o.exclude_slow_nodes!r} must be true or false")
     _check_cluster(o)
     _check_sweep(o)
     for item in o.overrides:

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from disttrain.config import load_config
     from disttrain.errors import ConfigError
     from disttrain.secrets import mask_output, secret_values
-    from disttrain.slurm import exclude_slow_from_env, max_requeues_from_env
+    from disttrain.slurm import RequeuePolicy
 
     phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     mask_output(secret_values())  # credentials from the environment, in anything printed from now on
@@ -62,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"disttrain: error: {err}", file=sys.stderr)
         result = run.RunResult(run.Outcome.BAD_INPUT, message=str(err))
     else:
-        budget, exclude = max_requeues_from_env(), exclude_slow_from_env()
-        result = run.start(cfg, env, stop, test=args.test, max_requeues=budget, exclude_slow_nodes=exclude)
+        result = run.start(cfg, env, stop, test=args.test, policy=RequeuePolicy.from_env())
     run.tell_torchrun(result)
     return result.exit_code()
 

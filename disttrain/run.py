@@ -178,14 +178,16 @@ def _int(text: str | None) -> int:
 # ---------------------------------------------------------------------------------------- run
 
 
+NO_REQUEUE = slurm.RequeuePolicy()  # off SLURM, or a caller that gives no policy
+
+
 def start(
     cfg: Config,
     env: ClusterEnv,
     stop: StopSignal,
     *,
     test: bool = False,
-    max_requeues: int = 0,
-    exclude_slow_nodes: bool = False,
+    policy: slurm.RequeuePolicy = NO_REQUEUE,
 ) -> RunResult:
     """Preflight, then train (or test) on this rank. Must be called on all ranks."""
     from disttrain.secrets import mask_output, secret_values
@@ -201,9 +203,7 @@ def start(
         _fresh_store_after_torchrun_restart(os.environ)
     if env.launcher in ("slurm", "local"):
         os.environ.update(env.torch_env())  # hand SLURM's (or submitit's) layout to torch.distributed
-    return execute(
-        cfg, env, stop, test=test, max_requeues=max_requeues, exclude_slow_nodes=exclude_slow_nodes
-    )
+    return execute(cfg, env, stop, test=test, policy=policy)
 
 
 def execute(
@@ -212,8 +212,7 @@ def execute(
     stop: StopSignal,
     *,
     test: bool = False,
-    max_requeues: int = 0,
-    exclude_slow_nodes: bool = False,
+    policy: slurm.RequeuePolicy = NO_REQUEUE,
 ) -> RunResult:
     """Build the trainer, fit or test, and decide what comes next. Must be called on all ranks.
     Reports problems on stderr; never raises for a training failure."""
@@ -235,7 +234,7 @@ def execute(
             trainer.say(" | ".join([f"step {trainer.step}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]))
             result = RunResult(Outcome.TESTED, trainer.step)
         else:
-            result = _after_fit(trainer, trainer.fit(), env, max_requeues, exclude_slow_nodes)
+            result = _after_fit(trainer, trainer.fit(), env, policy)
         clean = True
         return result
     except ConfigError as err:
@@ -260,11 +259,9 @@ def execute(
         dist.destroy(clean=clean)
 
 
-def _after_fit(
-    trainer: Trainer, fit: FitResult, env: ClusterEnv, max_requeues: int, exclude_slow_nodes: bool
-) -> RunResult:
+def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, policy: slurm.RequeuePolicy) -> RunResult:
     """Map fit's outcome; after an agreed stop under SLURM, requeue when due (leaving out the nodes that
-    were slow for most of this attempt, with `exclude_slow_nodes`). All ranks."""
+    were slow for most of this attempt, when the policy says so). All ranks."""
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
     files, events = trainer.segment.files, trainer.segment.events
@@ -273,8 +270,8 @@ def _after_fit(
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain.stop import after_stop
 
-    slow = trainer.log.stragglers.slow_hosts() if exclude_slow_nodes else []
-    decision = after_stop(fit.stop, env, max_requeues, slow)
+    slow = trainer.log.stragglers.slow_hosts() if policy.exclude_slow_nodes else []
+    decision = after_stop(fit.stop, env, policy.max_requeues, slow)
     fields: dict[str, Any] = {"step": fit.step, "signal": decision.signal, "reason": decision.reason}
     if trainer.stop.signal.first_at is not None:
         fields["signal_time"] = round(trainer.stop.signal.first_at, 3)

@@ -126,6 +126,19 @@ class Attempt(Protocol):
 
 
 @dataclass(frozen=True)
+class RequeuePolicy:
+    """What a job was told about requeues: its budget, and whether to leave slow nodes out."""
+
+    max_requeues: int = 0
+    exclude_slow_nodes: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RequeuePolicy:
+        """A job launched without `disttrain submit` (srun python -m disttrain.main)."""
+        return cls(max_requeues_from_env(environ), exclude_slow_from_env(environ))
+
+
+@dataclass(frozen=True)
 class Requeue:
     """What a stopped SLURM job does next: decided by rank 0, the same on every rank."""
 

@@ -21,6 +21,7 @@ from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, dump_yaml, load_config, to_dict
 from disttrain.errors import ConfigError
 from disttrain.secrets import SECRETS_ENV, redacted_keys, secret_overrides, take_secrets
+from disttrain.slurm import RequeuePolicy
 
 if TYPE_CHECKING:
     from disttrain.run import RunResult
@@ -59,10 +60,8 @@ class TrainJob:
             cfg = self.config()
         except ConfigError as err:
             return self.finish(run.RunResult(run.Outcome.BAD_INPUT, message=str(err)), env)
-        result = run.start(
-            cfg, env, stop, max_requeues=self.max_requeues, exclude_slow_nodes=self.exclude_slow_nodes
-        )
-        return self.finish(result, env)
+        policy = RequeuePolicy(self.max_requeues, self.exclude_slow_nodes)
+        return self.finish(run.start(cfg, env, stop, policy=policy), env)
 
     def config(self) -> Config:
         with tempfile.TemporaryDirectory(prefix="disttrain-job-") as tmp:

@@ -24,6 +24,7 @@ from disttrain.parallel import strip_compiled_names
 from disttrain.pipelines.digits import DigitsPipeline
 from disttrain.process import StopSignal
 from disttrain.run import Outcome, execute, preflight
+from disttrain.slurm import RequeuePolicy
 from disttrain.trainer import Trainer, build_trainer
 from tests.conftest import REPO, read_jsonl
 
@@ -77,7 +78,9 @@ def test_a_stop_signal_and_a_nonfinite_loss_together_are_not_requeued(tmp_path):
     stop.received.append("SIGUSR2")  # what the handler records
     threads = torch.get_num_threads()
     try:  # the step whose loss is NaN is the one whose exchange also carries the signal
-        result = execute(cfg, ClusterEnv(launcher="slurm", job_id="77"), stop, max_requeues=5)
+        result = execute(
+            cfg, ClusterEnv(launcher="slurm", job_id="77"), stop, policy=RequeuePolicy(max_requeues=5)
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.outcome is Outcome.FAILED and result.exit_code() == 1 and result.step == 1

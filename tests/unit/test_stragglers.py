@@ -20,7 +20,10 @@ def row(**seconds: float) -> list[float]:
 
 
 EVEN = [row(data=0.1, forward=1.0, backward=0.5, optimizer=0.2)] * 2
-SLOW_FORWARD = [row(data=0.1, forward=1.0, backward=1.0, optimizer=0.2), row(data=0.1, forward=1.5, optimizer=0.2)]
+SLOW_FORWARD = [
+    row(data=0.1, forward=1.0, backward=1.0, optimizer=0.2),
+    row(data=0.1, forward=1.5, optimizer=0.2),
+]
 
 
 def test_the_slow_rank_its_section_and_what_the_others_waited():

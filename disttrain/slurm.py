@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,8 +54,18 @@ JobInfo = dict[str, str]
 
 
 def scontrol(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `scontrol ARGS`; raises OSError (no scontrol) or TimeoutExpired (a slow controller)."""
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    """Run `scontrol ARGS`; raises OSError (no scontrol) or TimeoutExpired (a slow controller).
+
+    The child starts with SIGTERM blocked (a signal mask is inherited across fork and exec): right
+    after `scontrol requeue` SLURM signals every process of the job's step, this call's children
+    included, and an `scontrol update` that follows the requeue died with no word before it (seen on the
+    loopback cluster). The call is short, and KillWait's SIGKILL still ends it. This thread's mask is
+    restored at once; a SIGTERM meanwhile reaches the process's handler as usual (it only records)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def show_job(job_id: str) -> JobInfo | None:
@@ -232,7 +243,9 @@ def exclude(job_id: str, nodes: list[str], decision: Requeue) -> Requeue:
     except (OSError, subprocess.TimeoutExpired) as err:
         return _excluded_failed(decision, nodes, str(err))
     if res.returncode != 0:
-        return _excluded_failed(decision, nodes, (res.stderr or res.stdout).strip())
+        return _excluded_failed(
+            decision, nodes, (res.stderr or res.stdout).strip() or f"exit {res.returncode}"
+        )
     reason = f"{decision.reason}; slow node(s) {', '.join(nodes)} left out of the next attempt"
     return Requeue(True, reason, decision.signal, decision.budget_left, tuple(nodes))
 

@@ -248,3 +248,16 @@ def test_the_wait_in_redone_steps_is_counted_once_as_redone():
     killed = g.segments[0]
     assert (killed.kept, killed.reached) == (50, 60) and killed.lost["stragglers"] == 0
     assert killed.lost["redone"] > 0
+
+
+def test_the_timeline_draws_the_wait_where_it_was_recorded_and_adds_it_up():
+    pytest.importorskip("matplotlib")
+    from disttrain.commands import timeline
+
+    events = _slow_for_two_intervals(8.0)
+    g = goodput.compute(events)
+    event = next(e for e in events if e["event"] == "straggler")
+    assert [s for s in timeline.spans(events, g) if s[2] == "stragglers"] == [
+        (pytest.approx(event["time"] - 8.0), event["time"], "stragglers")
+    ]
+    assert timeline._sum([g, g]).lost["stragglers"] == pytest.approx(16.0)  # a sweep's bar adds tasks up

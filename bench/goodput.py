@@ -278,9 +278,9 @@ def report(variants: list[Variant]) -> str:
                      f"{_pct(s['goodput_vs_held'])} | {verdict} | {'n/a' if redone is None else f'{redone:.1f}'} | "
                      f"{_same(s)} |")  # fmt: skip
     lines += ["", "Lost time by cause, whole run (seconds): start-up, checkpoint saves, eval, signal-to-exit, "
-              "teardown, redone, unexplained; SLURM-held minus events running time.", "",
-              "| variant | running | start-up | saves | eval | stop | teardown | redone | unexplained | outside "
-              "the process | queued (excluded) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+              "teardown, redone, stragglers, unexplained; SLURM-held minus events running time.", "",
+              "| variant | running | start-up | saves | eval | stop | teardown | redone | stragglers | unexplained | "
+              "outside the process | queued (excluded) |", "|" + " --- |" * 12]  # fmt: skip
     for v in variants:
         s, lost = v.summary, v.summary["lost"]
         outside = (s["slurm_held_s"] or 0) - s["running_s"]

@@ -12,14 +12,21 @@ A run is a list of segments (one process lifetime each, opening with `start`):
   or a lost node, the last event extended by the steps the next segment says were reached.
 - pace: the median, over the intervals between a segment's markers (ready, saves, evals, the end of
   its loop), of (time - saves - evals) / steps. Steps at that pace are training; what the loop spent
-  beyond it is `unexplained` (a slow batch, a slow rank, a busy machine).
+  beyond it is `unexplained` (a slow batch, a busy machine).
+- stragglers: the seconds every rank waited for a slow one, as the `straggler` events measured them
+  (features.stragglers: the slow rank's busy time beyond the others' median, window by window). That
+  wait is paid inside the loop, at the slow rank's pace: it is carved out of the loop's time, first
+  from `unexplained` (a rank slow for part of the segment makes its steps slower than the median pace)
+  and the rest from training (a rank slow all along sets the pace itself), so the shares still add up
+  to the running time. Only the wait in kept steps counts here (events up to the kept step); the wait
+  in steps that were redone is already lost as `redone`.
 - kept: steps up to where the next segment resumed (all of them for a last segment that finished, was
   stopped with a save, or is running); the others were redone.
 
 Lost time by cause: start-up (launch, imports, process group, build, checkpoint load, other), checkpoint
 (blocking saves in the loop), eval, stop (the agreed stop to the end: stop save, requeue, exit), teardown
-(the end of a segment that finished or failed), redone, unexplained. Queue time between segments is
-shown apart and is not running time.
+(the end of a segment that finished or failed), redone, stragglers, unexplained. Queue time between
+segments is shown apart and is not running time.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from disttrain import events as ev
 from disttrain.events import Event
 
 PHASES = ("launch", "imports", "process_group", "build", "checkpoint", "other")  # start-up, in order
-CAUSES = ("startup", "checkpoint", "eval", "stop", "teardown", "redone", "unexplained")
+CAUSES = ("startup", "checkpoint", "eval", "stop", "teardown", "redone", "stragglers", "unexplained")
 CAUSE_WORDS = {"startup": "start-up", "stop": "signal-to-exit", "checkpoint": "checkpoint saves"}
 PHASE_WORDS = {"process_group": "process group", "checkpoint": "checkpoint load"}
 _KEEPS_ALL = (ev.FINISH, "running", ev.STOPPED, ev.REQUEUE, ev.REQUEUE_REFUSED)
@@ -134,6 +141,7 @@ class _Parsed:
     end_event: Event | None
     signal: Event | None
     busy: list[Event]  # checkpoints (not the stop save) and evals: blocking time inside the loop
+    stragglers: list[Event]  # the waiting for slow ranks they measured
     last: Event
 
     @classmethod
@@ -142,8 +150,9 @@ class _Parsed:
             return next((e for e in seg if ev.kind(e) == kind), None)
 
         busy = [e for e in seg if _is_busy(e)]
+        slow = [e for e in seg if ev.kind(e) == ev.STRAGGLER and _num(e.get("waited_s")) > 0]
         end = ev.last_end(seg)
-        return cls(seg[0], first(ev.READY), first(ev.EXIT), end, first(ev.SIGNAL), busy, seg[-1])
+        return cls(seg[0], first(ev.READY), first(ev.EXIT), end, first(ev.SIGNAL), busy, slow, seg[-1])
 
 
 def _is_busy(event: Event) -> bool:
@@ -173,6 +182,10 @@ def _segment(
     pace = min(pace, loop_s / steps) if pace is not None and steps else None
     training = (kept - start_step) * pace if pace else 0.0
     redone = (reached - kept) * pace if pace else 0.0
+    counted = [e for e in p.stragglers if ready < e["time"] <= loop_end and ev.step(e) <= kept]
+    training, stragglers, unexplained = _carve(
+        sum(_num(e["waited_s"]) for e in counted), training, max(0.0, loop_s - training - redone)
+    )
     lost = {
         "startup": ready - begin,
         "checkpoint": sum(_num(e["seconds"]) for e in busy if ev.kind(e) == ev.CHECKPOINT),
@@ -180,7 +193,8 @@ def _segment(
         "stop": end - p.signal["time"] if p.signal else 0.0,
         "teardown": end - p.end_event["time"] if (p.exit and p.end_event and not p.signal) else 0.0,
         "redone": redone,
-        "unexplained": max(0.0, loop_s - training - redone),
+        "stragglers": stragglers,
+        "unexplained": unexplained,
     }
     received = p.signal.get("received") if p.signal else None
     return SegmentTime(
@@ -199,6 +213,14 @@ def _segment(
         lost=lost,
         signal_to_exit_s=end - received if isinstance(received, (int, float)) else None,
     )
+
+
+def _carve(waited: float, training: float, unexplained: float) -> tuple[float, float, float]:
+    """(training, stragglers, unexplained) once the waiting for slow ranks is taken out of the loop's
+    time: first from what lies beyond the pace, then from the pace itself (the module's docstring)."""
+    from_unexplained = min(waited, unexplained)
+    from_training = min(waited - from_unexplained, training)
+    return training - from_training, from_unexplained + from_training, unexplained - from_unexplained
 
 
 def _startup(p: _Parsed) -> tuple[float, float, dict[str, float]]:

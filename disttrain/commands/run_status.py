@@ -1,7 +1,7 @@
 """What `disttrain status RUN_DIR` reports of one run (and each task row of a sweep's view): state,
-progress, metrics, checkpoints, interruption history, skipped steps and goodput, as plain data, and
-its human rendering. Not a command: `commands/status.py` is, and `commands/sweep_status.py` reads each
-task through this module.
+progress, metrics, checkpoints, interruption history, skipped steps, slow and hung ranks
+(commands/attribution.py) and goodput, as plain data, and its human rendering. Not a command:
+`commands/status.py` is, and `commands/sweep_status.py` reads each task through this module.
 
 It reads only the run dir contract (DESIGN §3): config.yaml, metrics.jsonl, events.jsonl (disttrain.
 events) and the checkpoint manifests (disttrain.manifest), through `fs`. It imports neither torch nor the
@@ -19,6 +19,7 @@ import yaml
 
 from disttrain import events as ev
 from disttrain import fs, goodput, manifest
+from disttrain.commands import attribution
 from disttrain.errors import CheckpointError
 from disttrain.rundir import RunDir, read_jsonl, step_name
 
@@ -81,6 +82,8 @@ def collect(run_dir: str, now: float | None = None, stale_after: float = STALE_A
         "skipped_share": round(skipped / step, 4) if step else None,
         "profiles": [_pick(e, "first", "last", "path") for e in events if ev.kind(e) == ev.PROFILE],
         "eta_s": _eta(state, step, max_steps, rate),
+        "stragglers": attribution.stragglers(events),
+        "hangs": attribution.hangs(events),
         "goodput": goodput.compute(
             events, open_until=activity if state in RUNNING else None, open_step=step
         ).as_dict(),
@@ -289,6 +292,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"skipped      {r['skipped_steps']} step(s){share}: non-finite loss or gradient, update not applied"
         )
+    lines += attribution.render(r)
     lines += [f"profile      steps {p['first']}-{p['last']}: {p['path']}" for p in r["profiles"]]
     lines += goodput.render(r["goodput"])
     return "\n".join(lines) + "\n"

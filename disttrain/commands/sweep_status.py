@@ -1,5 +1,5 @@
 """What `disttrain status SWEEP_DIR` reports: one row per task of a sweep (state, step, best eval metric,
-requeues, goodput). Not a command: `commands/status.py` is.
+requeues, goodput, its costliest slow rank). Not a command: `commands/status.py` is.
 
 A sweep dir is recognised by its sweep.json (disttrain.sweepdir). Each task's row comes from the same
 reading of its run dir as `disttrain status RUN_DIR` (commands/run_status.py), so a task reads the same
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from disttrain import slurm, sweepdir
-from disttrain.commands import run_status
+from disttrain.commands import attribution, run_status
 from disttrain.rundir import RunDir, read_jsonl
 
 DEFAULT_METRICS = ("eval/accuracy", "eval/loss")
@@ -61,12 +61,13 @@ def _task_row(run_dir: str, metric: str | None, now: float, stale_after: float) 
         "steps_lost": report["steps_lost"],
         "goodput": (report.get("goodput") or {}).get("goodput"),  # running time into kept steps (goodput.py)
         "skipped_share": report["skipped_share"],
+        "slowest": (report["stragglers"]["ranks"] or [None])[0],  # its costliest slow rank (attribution.py)
     }
 
 
 def _queued_row(run_dir: str, state: str) -> dict[str, Any]:
     return {"run_dir": run_dir, "state": state, "step": 0, "max_steps": None, "best": None, "requeues": 0,
-            "steps_lost": 0, "goodput": None, "skipped_share": None}  # fmt: skip
+            "steps_lost": 0, "goodput": None, "skipped_share": None, "slowest": None}  # fmt: skip
 
 
 class _Queue:
@@ -107,13 +108,13 @@ def render(report: dict[str, Any]) -> str:
     counts = ", ".join(f"{n} {state}" for state, n in sorted(report["counts"].items()))
     lines = [
         f"sweep     {report['sweep_dir']} (job array {report['job_id']}; {len(report['tasks'])} task(s): {counts})",
-        f"{'task':>4}  {'job':<10} {'state':<24} {'step':>11}  {'best eval':<28} {'requeues':>8} {'goodput':>8}  run",
+        f"{'task':>4}  {'job':<10} {'state':<24} {'step':>11}  {'best eval':<28} {'requeues':>8} {'goodput':>8}  {'slowest rank':<22} run",
     ]
     for row in report["tasks"]:
         steps = f"{row['step']}/{row['max_steps']}" if row["max_steps"] else str(row["step"])
         lines.append(
             f"{row['task']:>4}  {row['job_id']:<10} {row['state']:<24} {steps:>11}  {_best(row['best']):<28} "
-            f"{row['requeues']:>8} {_percent(row.get('goodput')):>8}  {row['name']}"
+            f"{row['requeues']:>8} {_percent(row.get('goodput')):>8}  {attribution.cell(row.get('slowest')):<22} {row['name']}"
         )
     skipping = [r for r in report["tasks"] if (r.get("skipped_share") or 0) >= run_status.SKIPPED_WARN_SHARE]
     for row in skipping:

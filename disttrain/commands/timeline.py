@@ -1,8 +1,8 @@
 """`disttrain plot RUN_DIR --timeline`: where a run's hours went, as a picture. The top lane shows every
-segment over wall-clock time (start-up, training, saves, evals, the stop, steps redone, teardown) and
-the queue between segments; the bar below adds each cause up. A sweep dir gets one lane per task that
-has started, on one clock (so the array's parallelism shows), and the bar adds up every task. From
-events.jsonl alone (disttrain.events, disttrain.goodput), local or s3://."""
+segment over wall-clock time (start-up, training, saves, evals, waiting for stragglers, the stop, steps
+redone, teardown) and the queue between segments; the bar below adds each cause up. A sweep dir gets one
+lane per task that has started, on one clock (so the array's parallelism shows), and the bar adds up
+every task. From events.jsonl alone (disttrain.events, disttrain.goodput), local or s3://."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from disttrain.rundir import TIMELINE, RunDir
 
 COLORS = {
     "training": "#4c9a4c", "startup": "#f0a030", "checkpoint": "#3a78c2", "eval": "#9467bd",
-    "stop": "#d62728", "teardown": "#8c564b", "redone": "#ff9896", "unexplained": "#bbbbbb", "queued": "#e8e8e8",
+    "stop": "#d62728", "teardown": "#8c564b", "redone": "#ff9896", "stragglers": "#e377c2", "unexplained": "#bbbbbb",
+    "queued": "#e8e8e8",
 }  # fmt: skip
 WORDS = {**goodput.CAUSE_WORDS, "queued": "queued (not counted)"}
 Span = tuple[float, float, str]  # (start, end, what), seconds since the first segment began
@@ -47,6 +48,7 @@ def _segment_spans(seg: goodput.SegmentTime, evs: list[ev.Event], origin: float)
             and e.get("reason") != "stop"
         ):
             out.append(at(e["time"] - seconds, e["time"], kind))
+    out += _straggler_spans(seg, evs, origin)
     loop_end = seg.end - seg.lost["stop"] - seg.lost["teardown"]
     if seg.lost["redone"] > 0:  # the steps after the last save that survived: the loop's last ones
         out.append(at(loop_end - seg.lost["redone"], loop_end, "redone"))
@@ -55,6 +57,23 @@ def _segment_spans(seg: goodput.SegmentTime, evs: list[ev.Event], origin: float)
     if seg.lost["teardown"] > 0:
         out.append(at(loop_end, seg.end, "teardown"))
     return out
+
+
+def _straggler_spans(seg: goodput.SegmentTime, evs: list[ev.Event], origin: float) -> list[Span]:
+    """The waiting goodput counted, drawn as it was recorded: each `straggler` event's wait just before
+    it (the windows it covers end there), scaled so the pieces add up to the segment's count."""
+    found = [
+        e for e in evs if ev.kind(e) == ev.STRAGGLER and ev.step(e) <= seg.kept and seg.ready < e["time"]
+    ]
+    waits = [float(w) if isinstance(w := e.get("waited_s"), (int, float)) else 0.0 for e in found]
+    if not sum(waits) or not seg.lost["stragglers"]:
+        return []
+    scale = seg.lost["stragglers"] / sum(waits)
+    return [
+        (e["time"] - w * scale - origin, e["time"] - origin, "stragglers")
+        for e, w in zip(found, waits)
+        if w > 0
+    ]
 
 
 def lanes(path: str) -> list[Lane]:

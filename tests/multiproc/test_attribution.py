@@ -1,7 +1,8 @@
 """Which rank, which node (DESIGN §7b), with two real ranks under torchrun: a rank slowed by a known
-sleep is named with its host, its section and a cost close to the delay; an even run names nobody; a
-rank stuck in its loss, or in its data loader, is named by the other's error line, the `hang` event
-and the stack files, and the job ends within the documented bound."""
+sleep is named with its host, its section and a cost close to the delay, in the events and in what
+`disttrain status` shows (goodput counting the wait as its own cause); an even run names nobody; a
+rank stuck in its loss, or in its data loader, is named by the other's error line, the `hang` event,
+the stack files and `status`, and the job ends within the documented bound."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from disttrain import cli
 from tests.conftest import FAST, child_env, main_cmd, read_jsonl
 
 pytestmark = pytest.mark.multiproc
@@ -30,7 +32,15 @@ def _train(run_dir, *args: str, timeout: float = 240) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def test_a_slow_rank_is_named_with_its_host_section_and_cost_and_an_even_run_names_nobody(tmp_path):
+def _status(run_dir, capsys) -> tuple[dict, list[str]]:
+    """What a user reads: `disttrain status --json`, and the human view's lines."""
+    assert cli.main(["status", str(run_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert cli.main(["status", str(run_dir)]) == 0
+    return report, capsys.readouterr().out.splitlines()
+
+
+def test_a_slow_rank_is_named_with_its_host_section_and_cost_and_an_even_run_names_nobody(tmp_path, capsys):
     delay, steps = 0.05, 40
     slow = _train(tmp_path / "slow", f"pipeline.args.delay={delay}", "pipeline.args.base=0.02",
                   f"trainer.max_steps={steps}", "trainer.log_every=5", "trainer.eval_every=0")  # fmt: skip
@@ -43,11 +53,25 @@ def test_a_slow_rank_is_named_with_its_host_section_and_cost_and_an_even_run_nam
     assert waited == pytest.approx(delay * 5 * windows, rel=0.25), (waited, windows)
     logged = [r for r in read_jsonl(tmp_path / "slow" / "metrics.jsonl") if "train/slowest_rank" in r]
     assert sum(r["train/slowest_rank"] == 1 for r in logged) >= len(logged) - 1, logged
+    report, lines = _status(tmp_path / "slow", capsys)
+    [named] = report["stragglers"]["ranks"]
+    assert (named["rank"], named["host"], named["section"]) == (1, HOST, "forward") and named["ratio"] > 1.5
+    assert named["waited_s"] == pytest.approx(waited, abs=1e-3)
+    said = next((x for x in lines if x.startswith("stragglers   ")), "")
+    assert (
+        said.startswith(f"stragglers   rank 1 on {HOST}: the others waited ") and " in forward (" in said
+    ), lines
+    lost = report["goodput"]["lost"]
+    assert lost["stragglers"] == pytest.approx(waited, rel=0.05), lost  # kept steps all: the whole wait
+    assert lost["unexplained"] < lost["stragglers"], "the wait is no longer unexplained"
 
     even = _train(tmp_path / "even", "pipeline.args.base=0.02", f"trainer.max_steps={steps}", "trainer.log_every=5",
                   "trainer.eval_every=0")  # fmt: skip
     assert even.returncode == 0, even.stderr[-3000:]
     assert _events(tmp_path / "even", "straggler") == [], "no false straggler on an even run"
+    report, lines = _status(tmp_path / "even", capsys)
+    assert report["stragglers"]["ranks"] == [] and report["goodput"]["lost"]["stragglers"] == 0
+    assert not [x for x in lines if x.startswith(("stragglers", "hang"))], lines
 
 
 @pytest.mark.parametrize(
@@ -58,7 +82,7 @@ def test_a_slow_rank_is_named_with_its_host_section_and_cost_and_an_even_run_nam
     ],
     ids=["stuck-in-loss", "stuck-data-loader"],
 )
-def test_a_hung_rank_is_named_by_the_others_with_its_frame(tmp_path, how, where):
+def test_a_hung_rank_is_named_by_the_others_with_its_frame(tmp_path, capsys, how, where):
     timeout_s = 10
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
@@ -76,6 +100,13 @@ def test_a_hung_rank_is_named_by_the_others_with_its_frame(tmp_path, how, where)
     stack = json.loads((run_dir / "stacks" / "rank_1.json").read_text())
     assert stack["host"] == HOST and stack["step"] == 9 and frame.rstrip("()") in "".join(stack["stack"])
     assert (run_dir / "stacks" / "rank_0.json").exists(), "the waiting rank says where it waited, too"
+    report, lines = _status(run_dir, capsys)
+    assert report["state"] == "failed" and report["hangs"][-1]["ranks"][0]["host"] == HOST
+    said = [x for x in lines if x.startswith("hang ")]
+    assert len(said) == 1 and f"step 9: rank 1 on {HOST} did not reach the gradient all-reduce" in said[0], (
+        lines
+    )
+    assert where in said[0] and "tests/pipelines.py" in said[0] and said[0].endswith(frame), said
     # The survivor's collective gives up at the timeout; the hung rank ends itself a margin later, and
     # torchrun's SIGTERM-to-SIGKILL wait is not needed for it: the job ends well before timeout + 30 s.
     assert took < 2 * timeout_s + 30, took

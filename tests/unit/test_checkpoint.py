@@ -615,7 +615,9 @@ def test_a_shard_failure_whose_text_starts_with_a_newline_keeps_its_cause(tmp_pa
     (Shared tensors are saved since ties are kept, so the same text is raised by the shard writer.)"""
     import disttrain.ckpt_sharded as sharded
 
-    text = "\nSome tensors share memory, this will lead to duplicate memory on disk.\nA potential way out: ..."
+    text = (
+        "\nSome tensors share memory, this will lead to duplicate memory on disk.\nA potential way out: ..."
+    )
 
     def refuse(*_args, **_kwargs):
         raise RuntimeError(text)

@@ -70,7 +70,7 @@ def test_a_preempted_then_finished_run_second_by_second():
     assert g.running_s == pytest.approx(44.4) and g.queued_s == pytest.approx(9.0)
     assert g.training_s == pytest.approx(30.0) and g.ratio == pytest.approx(30 / 44.4)
     assert g.lost == pytest.approx({"startup": 8.0, "checkpoint": 2.0, "eval": 1.5, "stop": 1.0,
-                                    "teardown": 0.4, "redone": 0.0, "unexplained": 1.5})  # fmt: skip
+                                    "teardown": 0.4, "redone": 0.0, "stragglers": 0.0, "unexplained": 1.5})  # fmt: skip
     assert g.startup["imports"] == pytest.approx(3.5) and g.startup["launch"] == pytest.approx(1.0)
 
 
@@ -192,3 +192,72 @@ def test_a_sweep_shows_each_tasks_goodput(tmp_path):
     rows = sweep_status.render(report).splitlines()
     assert "goodput" in rows[1]
     assert f"{100 * expected:.1f}%" in rows[2] and rows[3].split()[-2] == "-"
+
+
+# ----------------------------------------------------------------------------- waiting for stragglers
+
+
+def _slow_for_two_intervals(waited: float, at_step: int = 60) -> list[dict]:
+    """100 steps at 1 s, a 0.5 s save every 10; steps 41-60 took 1.5 s each (a rank slow for 20 steps:
+    10 s beyond the pace), and a `straggler` event at `at_step` says the others waited `waited` s."""
+    rows = [(0.0, "start", 0, {}), (0.0, "ready", 0, {"process_start": 0.0, "startup": {}})]
+    t = 0.0
+    for step in range(10, 101, 10):
+        t += (15.0 if step in (50, 60) else 10.0) + 0.5
+        rows.append((t, "checkpoint", step, {"seconds": 0.5, "reason": "periodic"}))
+        if step == at_step:
+            rows.append((t, "straggler", step, {"rank": 1, "host": "node2", "section": "forward",
+                                                "ratio": 1.5, "waited_s": waited, "windows": 4}))  # fmt: skip
+    rows.append((t, "finish", 100, {}))
+    return _events(*rows)
+
+
+@pytest.mark.parametrize(
+    "waited, training, unexplained", [(8.0, 100.0, 2.0), (14.0, 96.0, 0.0)], ids=["within", "beyond-the-pace"]
+)
+def test_waiting_for_a_straggler_is_its_own_cause_taken_from_unexplained_first(waited, training, unexplained):
+    g = goodput.compute(_slow_for_two_intervals(waited))
+    _balanced(g)
+    (seg,) = g.segments
+    assert seg.pace_s == pytest.approx(1.0)  # the median interval: the slow ones are beyond the pace
+    assert g.lost["stragglers"] == pytest.approx(waited)
+    assert g.lost["unexplained"] == pytest.approx(unexplained) and g.training_s == pytest.approx(training)
+    lost = goodput.render(g.as_dict())[1]
+    assert f"stragglers {goodput.duration(waited)}" in lost, lost
+
+
+def test_a_rank_slow_all_along_sets_the_pace_and_its_wait_comes_out_of_training():
+    events = _events((0.0, "start", 0, {}), (0.0, "ready", 0, {"process_start": 0.0, "startup": {}}),
+                     (60.0, "straggler", 50, {"rank": 1, "host": "n", "section": "data", "ratio": 2.0, "waited_s": 30.0}),
+                     (120.0, "straggler", 100, {"rank": 1, "host": "n", "section": "data", "ratio": 2.0, "waited_s": 30.0}),
+                     (120.0, "finish", 100, {}))  # fmt: skip
+    g = goodput.compute(events)
+    _balanced(g)
+    assert g.lost["stragglers"] == pytest.approx(60.0) and g.training_s == pytest.approx(60.0)
+    assert g.lost["unexplained"] == 0 and g.ratio == pytest.approx(0.5)
+
+
+def test_the_wait_in_redone_steps_is_counted_once_as_redone():
+    """Killed after step 60, resumed from the save at 50: the wait recorded at step 60 was in steps that
+    were thrown away; it is in `redone` already, not in `stragglers` as well."""
+    events = _slow_for_two_intervals(8.0)[:-5]  # up to the straggler event at step 60: killed there
+    resumed = _events((100.0, "start", 50, {}), (100.0, "ready", 50, {"process_start": 100.0, "startup": {}}),
+                      (150.0, "finish", 100, {}))  # fmt: skip
+    g = goodput.compute(events + resumed)
+    _balanced(g)
+    killed = g.segments[0]
+    assert (killed.kept, killed.reached) == (50, 60) and killed.lost["stragglers"] == 0
+    assert killed.lost["redone"] > 0
+
+
+def test_the_timeline_draws_the_wait_where_it_was_recorded_and_adds_it_up():
+    pytest.importorskip("matplotlib")
+    from disttrain.commands import timeline
+
+    events = _slow_for_two_intervals(8.0)
+    g = goodput.compute(events)
+    event = next(e for e in events if e["event"] == "straggler")
+    assert [s for s in timeline.spans(events, g) if s[2] == "stragglers"] == [
+        (pytest.approx(event["time"] - 8.0), event["time"], "stragglers")
+    ]
+    assert timeline._sum([g, g]).lost["stragglers"] == pytest.approx(16.0)  # a sweep's bar adds tasks up

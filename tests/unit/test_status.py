@@ -226,3 +226,113 @@ def test_a_sweep_task_without_events_is_what_slurm_says_of_its_job(tmp_path, cap
     unreachable = sweep_status.collect(sweep, show=lambda job_id: asked.append(job_id))  # returns None
     assert [row["state"] for row in unreachable["tasks"]][1:] == ["not started"] * 4
     assert asked == ["9_1"], "once SLURM cannot be asked, the other tasks are not asked either"
+
+
+# ----------------------------------------------------------------------------- which rank, which host
+
+
+def _straggler(t, step, rank, host, waited, windows=3, ratio=1.5, section="forward"):
+    return (t, "straggler", step, {"rank": rank, "host": host, "section": section, "ratio": ratio,
+                                   "waited_s": waited, "windows": windows})  # fmt: skip
+
+
+SLOW_RANKS = [
+    (-100, "start", 0, {"world_size": 4}),
+    _straggler(-80, 15, 1, "node2", 3.0, windows=3, ratio=1.5),
+    _straggler(-70, 20, 3, "node3", 1.0, windows=3, ratio=1.3, section="data"),
+    _straggler(-60, 20, 1, "node2", 2.0, windows=2, ratio=1.7),
+    _straggler(-50, 30, 2, "node2", 0.5, windows=3, ratio=1.25),
+    (-1, "finish", 100, {}),
+]
+
+
+def test_status_names_the_slow_ranks_and_hosts_with_what_they_cost(tmp_path, capsys):
+    report = _status_json(_run_dir(tmp_path, SLOW_RANKS), capsys)["stragglers"]
+    assert report["waited_s"] == pytest.approx(6.5)
+    first, second, third = report["ranks"]  # costliest first
+    assert (first["rank"], first["host"], first["waited_s"], first["windows"]) == (1, "node2", 5.0, 5)
+    assert (first["section"], first["ratio"], first["first_step"], first["last_step"]) == (
+        "forward",
+        1.5,
+        15,
+        20,
+    )
+    assert (second["rank"], second["section"], third["rank"]) == (3, "data", 2)
+    assert [(h["host"], h["waited_s"], h["ranks"]) for h in report["hosts"]] == [
+        ("node2", 5.5, [1, 2]), ("node3", 1.0, [3])]  # fmt: skip
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        "stragglers   rank 1 on node2: the others waited 5.00s for it, 1.50x their median, in forward "
+        "(5 window(s), steps 15-20)"
+    ) in out
+    assert "             rank 3 on node3: the others waited 1.00s for it, 1.30x their median, in data " \
+           "(3 window(s), step 20)" in out  # fmt: skip
+    assert "  by host    node2 5.50s (rank 1, 2); node3 1.00s (rank 3)" in out
+    lost = next(line for line in out if line.startswith("  lost"))
+    assert "stragglers 6.50s" in lost, "goodput counts the same seconds as its own cause"
+
+
+def test_status_names_a_hung_rank_its_host_section_and_frame(tmp_path, capsys):
+    events = [
+        (-100, "start", 0, {}),
+        (-20, "hang", 9, {"waited_in": "backward", "ranks": [
+            {"rank": 1, "host": "node2", "section": "forward", "frame": "my_pipeline.py:41 loss()"},
+            {"rank": 2, "host": "node3", "section": "data", "frame": "my_data.py:7 __getitem__()"},
+            {"rank": 3, "host": "node3", "section": "", "frame": ""}]}),
+        (-20, "error", 9, {"error": "a collective failed: rank 1 on node2 did not reach ..."}),
+        (-10, "start", 0, {}),
+        # rank 0 hung itself: its own watch wrote the record, its section beside the rank
+        (-5, "hang", 4, {"section": "data", "rank": 0, "host": "node1", "frame": "x.py:3 fetch()",
+                         "ranks": [{"rank": 0, "host": "node1", "frame": "x.py:3 fetch()"}]}),
+        (-5, "error", 4, {"error": "hung"}),
+    ]  # fmt: skip
+    report = _status_json(_run_dir(tmp_path, events), capsys)
+    first, second = report["hangs"]
+    assert first["step"] == 9 and first["waited_in"] == "backward" and len(first["ranks"]) == 3
+    assert second["ranks"] == [{"rank": 0, "host": "node1", "section": "data", "frame": "x.py:3 fetch()"}]
+    assert report["stragglers"]["ranks"] == []
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    hang = [line for line in out if line.startswith("hang")]
+    assert hang == [
+        "hang         step 9: rank 1 on node2 did not reach the gradient all-reduce; it was in section forward at my_pipeline.py:41 loss()",
+        "hang         step 9: rank 2 on node3 did not reach the gradient all-reduce; it was waiting for its data loader at my_data.py:7 __getitem__()",
+        "hang         step 9: rank 3 on node3 did not reach the gradient all-reduce: it died or is frozen (it wrote no stack)",
+        "hang         step 4: rank 0 on node1 hung past trainer.collective_timeout_s; it was waiting for its data loader at x.py:3 fetch()",
+    ]  # fmt: skip
+    assert not any(line.startswith("stragglers") for line in out)
+
+
+def test_an_even_run_shows_no_straggler_and_no_hang(tmp_path, capsys):
+    events = [(-100, "start", 0, {}), (-50, "checkpoint", 50, {"seconds": 0.1, "reason": "periodic"}),
+              (-1, "finish", 100, {})]  # fmt: skip
+    report = _status_json(_run_dir(tmp_path, events), capsys)
+    assert report["stragglers"] == {"waited_s": 0, "ranks": [], "hosts": []} and report["hangs"] == []
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "stragglers   " not in out and "hang " not in out and "by host" not in out
+
+
+def test_the_sweep_view_shows_each_tasks_slowest_rank_and_a_blank_for_none(tmp_path):
+    from disttrain import sweepdir
+    from disttrain.commands import sweep_status
+
+    names = ["seed=1", "seed=2"]
+    sweep = str(tmp_path / "sweep")
+    sweepdir.write(sweep, [sweepdir.SweepTask(i, n, (n,), f"9_{i}") for i, n in enumerate(names)])
+    for name, events in zip(names, [SLOW_RANKS, [(-5, "start", 0, {}), (-1, "finish", 100, {})]]):
+        (tmp_path / "sweep" / name).mkdir()
+        _run_dir(tmp_path / "sweep" / name, events)
+    report = sweep_status.collect(sweep, show=lambda _: None)
+    slow, even = report["tasks"]
+    assert (slow["slowest"]["rank"], slow["slowest"]["host"], slow["slowest"]["waited_s"]) == (
+        1,
+        "node2",
+        5.0,
+    )
+    assert even["slowest"] is None
+    header, slow_row, even_row = sweep_status.render(report).splitlines()[1:4]
+    column = header.index("slowest rank")
+    assert slow_row[column:].startswith("r1@node2 5.00s ") and slow_row.endswith(" seed=1")
+    assert even_row[column:].strip() == "seed=2", "blank where no rank was slow"

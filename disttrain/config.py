@@ -99,6 +99,18 @@ class FSDPConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism (with trainer.strategy=fsdp): layers split over tp ranks, FSDP2 across the groups."""
+
+    tp: int = _f(
+        1,
+        "tensor-parallel degree: consecutive ranks that split each layer (divides the world size; "
+        "1: no tensor parallelism)",
+        min=1,
+    )
+
+
+@dataclass
 class DataConfig:
     """Batching and loading. Batch sizes are global: summed over ranks and accumulation steps."""
 
@@ -228,6 +240,7 @@ class Config:
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -525,6 +538,11 @@ def validate(cfg: Config, source: Source | None = None) -> None:
 
 def _validate_fsdp(cfg: Config, source: Source) -> None:
     """What sharded training does not combine with yet: each refused up front, with the way out."""
+    if cfg.parallel.tp > 1 and cfg.trainer.strategy != "fsdp":
+        raise ConfigError(
+            f"parallel.tp={cfg.parallel.tp} needs trainer.strategy=fsdp (tensor parallel inside a group, FSDP "
+            f"across the groups); set it, or parallel.tp=1 [{source.of('parallel.tp', 'trainer.strategy')}]"
+        )
     if cfg.trainer.strategy != "fsdp":
         return
     refused = {

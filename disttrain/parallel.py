@@ -54,8 +54,20 @@ class Strategy:
     stepper: Any  # what `step` goes through: the optimizer, or a wrapper holding the fp16 grad scaler
     scaler: Any = None  # fp16 grad scaler (ddp only)
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
+        """Distribute `model` and build its optimizer; `tp_plan` is the pipeline's `tp_plan` method (tp only)."""
         raise NotImplementedError
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(this rank's data-parallel rank, the data-parallel size): how the data is split. Every rank
+        is its own data-parallel rank, except under tensor parallelism (a tp group reads one batch)."""
+        return dist.rank(), dist.world_size()
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context of one micro-batch; gradients are reduced across ranks on the `last` one only."""
@@ -132,9 +144,10 @@ class Strategy:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The strategy `trainer.strategy` names; initialises the process group. Must be called on all ranks."""
+    """The strategy `trainer.strategy` names (tp x fsdp when parallel.tp > 1); initialises the process
+    group. Must be called on all ranks."""
     if cfg.trainer.strategy == "fsdp":
-        return FSDPStrategy(cfg)
+        return TPStrategy(cfg) if cfg.parallel.tp > 1 else FSDPStrategy(cfg)
     return DDPStrategy(cfg)
 
 
@@ -167,7 +180,13 @@ class DDPStrategy(Strategy):
         )
         self.device = self.accelerator.device
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
         self.model, wrapped = self.accelerator.prepare(model, make_optimizer(model))
         self.module = uncompiled(self.accelerator.unwrap_model(self.model))
         self._wrapped = wrapped  # accelerate's optimizer: the fp16 scaler steps through it
@@ -234,7 +253,13 @@ class FSDPStrategy(Strategy):
         cuda = torch.cuda.is_available() and not cfg.trainer.cpu
         self.device = dist.init_for_sharding(cuda, cfg.trainer.collective_timeout_s)
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
         # No model.to(device) first: fully_shard moves one unit at a time and keeps only its shard, so a
         # model that does not fit on one GPU whole never has to.
         dist.fully_shard(model, shard_units, device=self.device, **self._policies())
@@ -283,6 +308,56 @@ class FSDPStrategy(Strategy):
         load_optimizer(
             self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer))
         )
+
+
+# ----------------------------------------------------------------------------------------- tp x fsdp
+
+
+class TPStrategy(FSDPStrategy):
+    """Tensor parallel inside groups of `parallel.tp` consecutive ranks (the pipeline's `tp_plan`), FSDP2
+    across the groups: every parameter a DTensor on the (dp, tp) mesh. A tp group reads one batch, so the
+    data is split by the dp rank. The step, the grad norm (DTensor norms count each shard once, replicas
+    not at all) and the checkpoint (pieces with their boxes, ckpt_sharded) are fsdp's."""
+
+    name = "tp"
+
+    def __init__(self, cfg: Config):
+        import os
+
+        world, tp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp
+        if world % tp:  # before the process group: every rank refuses alike, nothing is started
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide the world size {world}; use a tp that divides it "
+                f"(e.g. parallel.tp={max(d for d in range(1, tp) if world % d == 0)})"
+            )
+        super().__init__(cfg)
+        from disttrain import tensor_parallel
+
+        self.mesh = tensor_parallel.build_mesh(self.device.type, world // tp, tp)
+
+    def data_parallel(self) -> tuple[int, int]:
+        dp = self.mesh["dp"]
+        return dp.get_local_rank(), dp.size()
+
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
+        from disttrain import tensor_parallel
+
+        plan = tp_plan(model, self.mesh["tp"]) if tp_plan is not None else None
+        if not plan:
+            raise ConfigError(
+                f"parallel.tp={self.cfg.parallel.tp}: the pipeline {self.cfg.pipeline.target} has no tensor-parallel "
+                "plan for its model; define Pipeline.tp_plan(model, mesh), or use parallel.tp=1"
+            )
+        tensor_parallel.apply_plan(model, self.mesh["tp"], plan)
+        tensor_parallel.fsdp_over_dp(model, shard_units, self.mesh["dp"], self._policies())
+        self.model, self.module = model, uncompiled(model)
+        self.optimizer = self.stepper = make_optimizer(model)
 
 
 def _clip_or_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -1,12 +1,17 @@
-"""The sharded checkpoint format (trainer.strategy=fsdp), and loading any checkpoint into any layout.
+"""The sharded checkpoint format (trainer.strategy=fsdp, with or without parallel.tp), and loading any
+checkpoint into any layout.
 
 A sharded step directory holds, besides `state.pt` and `ranks.pt` (as in the replicated format):
 
-    shard_00000.safetensors ...   one per rank: its rows of every sharded tensor, under
+    shard_00000.safetensors ...   one per rank: its pieces of every sharded tensor, under
                                   `model/<name>` and `optim/<param name>/<state>` (exp_avg, ...)
 
 and its `manifest.json` (format 2) records the layout as JSON: for every sharded tensor its global
-shape, dtype and each rank's rows of dim 0, and for every tied name (two state_dict keys of one
+shape, dtype and the pieces each rank saved. A piece is `{"file", "rows": [a, b)}` (rows of dim 0, whole
+other dims: fsdp over one mesh dim, the layout disttrain always wrote) or `{"file", "key", "box"}` (a
+box, per-dim [start, stop), under its own key in the file: a tp x dp layout, or one run of a strided
+shard; ckpt_boxes). A replica (a tensor not cut over tp) is saved by the ranks at coordinate 0 of that
+mesh dim only, so the pieces tile each tensor exactly once. For every tied name (two state_dict keys of one
 Parameter: GPT-2's `lm_head.weight` is `transformer.wte.weight`) the name it is saved under,
 `{"tied_to": "model/transformer.wte.weight"}`: a tied tensor is saved once (safetensors refuses two
 names for one memory) and loads back into the one shared Parameter. Nothing in it is pickled;
@@ -14,9 +19,10 @@ names for one memory) and loads back into the one shared Parameter. Nothing in i
 buffers) is loaded only with `torch.load(weights_only=True)` after its sha256 matched, like every
 other file.
 
-`SavedState` reads either format and hands out rows of any tensor, so a checkpoint loads into the
-same layout (each rank reads only its own shard file), another world size (rows are cut from the
-saved shards that overlap), or the other strategy (a replicated checkpoint into fsdp and back).
+`SavedState` reads either format and hands out any box of any tensor, so a checkpoint loads into the
+same layout (each rank reads only its own shard file), another world size or tp degree (boxes are cut
+from the saved pieces that overlap), or another strategy (a replicated checkpoint into fsdp or tp and
+back).
 
 Ties, in both formats: a reader gets every state_dict key (an alias reads its canonical tensor), and
 per-parameter optimizer state is keyed by the canonical name, the first name `named_parameters()`

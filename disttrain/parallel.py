@@ -1,14 +1,15 @@
-"""How the model is distributed: `ddp` (replicated, through HuggingFace accelerate) or `fsdp` (sharded
-with PyTorch's FSDP2 `fully_shard`), behind one small interface the trainer uses for every step.
+"""How the model is distributed: `ddp` (replicated, through HuggingFace accelerate), `fsdp` (sharded
+with PyTorch's FSDP2 `fully_shard`) or tp x fsdp (`parallel.tp` > 1: layers split over tp ranks with the
+pipeline's plan, FSDP2 across the groups; disttrain.tensor_parallel), behind one small interface the
+trainer uses for every step.
 
 Why fsdp does not go through accelerate: accelerate 1.15 ignores its FSDP plugin on CPU (it silently
 gives DDP), so CPU tests and GPU runs would not share a code path. `fully_shard` runs the same on gloo
 (CPU) and NCCL (GPU); accelerate keeps what it does well for ddp (device placement, DDP, autocast, the
 fp16 grad scaler).
 
-Sharding is along dim 0 over all ranks (FSDP2's default `Shard(0)` on a 1-D mesh): rank r holds rows
-[r*c, min((r+1)*c, n)) of an n-row tensor, c = ceil(n / world). The checkpoint layer relies on that
-(`dist.local_rows`) to save each rank's rows and reshard them on load at any world size.
+The checkpoint layer (ckpt_sharded, ckpt_boxes) reads each sharded tensor's layout off its DTensor
+placements (every rank's boxes of the whole tensor), so it saves and reshards any of these layouts.
 """
 
 from __future__ import annotations

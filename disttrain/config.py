@@ -100,12 +100,19 @@ class FSDPConfig:
 
 @dataclass
 class ParallelConfig:
-    """Tensor parallelism (with trainer.strategy=fsdp): layers split over tp ranks, FSDP2 across the groups."""
+    """Tensor parallelism and hybrid sharding (with trainer.strategy=fsdp) over a (dp_replicate, dp_shard,
+    tp) mesh: layers split over tp ranks, FSDP2 over dp_shard, replicas over dp_replicate."""
 
     tp: int = _f(
         1,
         "tensor-parallel degree: consecutive ranks that split each layer (divides the world size; "
         "1: no tensor parallelism)",
+        min=1,
+    )
+    dp_replicate: int = _f(
+        1,
+        "hybrid sharding: replica groups (e.g. one per node) each sharding over world / (dp_replicate x tp) "
+        "ranks; only gradients cross groups (1: shard over all)",
         min=1,
     )
 
@@ -538,11 +545,13 @@ def validate(cfg: Config, source: Source | None = None) -> None:
 
 def _validate_fsdp(cfg: Config, source: Source) -> None:
     """What sharded training does not combine with yet: each refused up front, with the way out."""
-    if cfg.parallel.tp > 1 and cfg.trainer.strategy != "fsdp":
-        raise ConfigError(
-            f"parallel.tp={cfg.parallel.tp} needs trainer.strategy=fsdp (tensor parallel inside a group, FSDP "
-            f"across the groups); set it, or parallel.tp=1 [{source.of('parallel.tp', 'trainer.strategy')}]"
-        )
+    for key in ("tp", "dp_replicate"):
+        value = getattr(cfg.parallel, key)
+        if value > 1 and cfg.trainer.strategy != "fsdp":
+            raise ConfigError(
+                f"parallel.{key}={value} needs trainer.strategy=fsdp (the model is sharded over a device mesh); "
+                f"set it, or parallel.{key}=1 [{source.of(f'parallel.{key}', 'trainer.strategy')}]"
+            )
     if cfg.trainer.strategy != "fsdp":
         return
     refused = {

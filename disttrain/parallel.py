@@ -148,7 +148,8 @@ def build_strategy(cfg: Config) -> Strategy:
     """The strategy `trainer.strategy` names (tp x fsdp when parallel.tp > 1); initialises the process
     group. Must be called on all ranks."""
     if cfg.trainer.strategy == "fsdp":
-        return TPStrategy(cfg) if cfg.parallel.tp > 1 else FSDPStrategy(cfg)
+        mesh = cfg.parallel.tp > 1 or cfg.parallel.dp_replicate > 1
+        return MeshStrategy(cfg) if mesh else FSDPStrategy(cfg)
     return DDPStrategy(cfg)
 
 
@@ -314,31 +315,36 @@ class FSDPStrategy(Strategy):
 # ----------------------------------------------------------------------------------------- tp x fsdp
 
 
-class TPStrategy(FSDPStrategy):
-    """Tensor parallel inside groups of `parallel.tp` consecutive ranks (the pipeline's `tp_plan`), FSDP2
-    across the groups: every parameter a DTensor on the (dp, tp) mesh. A tp group reads one batch, so the
-    data is split by the dp rank. The step, the grad norm (DTensor norms count each shard once, replicas
-    not at all) and the checkpoint (pieces with their boxes, ckpt_sharded) are fsdp's."""
+class MeshStrategy(FSDPStrategy):
+    """FSDP2 on a (dp_replicate, dp_shard, tp) mesh, tp innermost: tensor parallel inside groups of
+    `parallel.tp` consecutive ranks (the pipeline's `tp_plan`), FSDP2 over dp_shard, and with
+    `parallel.dp_replicate` > 1 hybrid sharding (HSDP: each replica group holds the whole model sharded,
+    gradients are all-reduced across groups). Every parameter is a DTensor on the mesh. The ranks of a tp
+    group read one batch, so the data is split by the data-parallel rank (replica x shard). The step, the
+    grad norm (DTensor norms count each shard once, replicas not at all) and the checkpoint (pieces with
+    their boxes, ckpt_sharded) are fsdp's."""
 
-    name = "tp"
+    name = "mesh"
 
     def __init__(self, cfg: Config):
         import os
 
-        world, tp = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.tp
-        if world % tp:  # before the process group: every rank refuses alike, nothing is started
+        world, p = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel
+        if world % (p.dp_replicate * p.tp):  # before the process group: every rank refuses alike
             raise ConfigError(
-                f"parallel.tp={tp} does not divide the world size {world}; use a tp that divides it "
-                f"(e.g. parallel.tp={max(d for d in range(1, tp) if world % d == 0)})"
+                f"parallel.dp_replicate={p.dp_replicate} x parallel.tp={p.tp} does not divide the world size "
+                f"{world}; pick sizes whose product divides it"
             )
         super().__init__(cfg)
         from disttrain import tensor_parallel
 
-        self.mesh = tensor_parallel.build_mesh(self.device.type, world // tp, tp)
+        shard = world // (p.dp_replicate * p.tp)
+        self.mesh = tensor_parallel.build_mesh(self.device.type, p.dp_replicate, shard, p.tp)
 
     def data_parallel(self) -> tuple[int, int]:
-        dp = self.mesh["dp"]
-        return dp.get_local_rank(), dp.size()
+        from disttrain import tensor_parallel
+
+        return tensor_parallel.dp_rank_size(self.mesh)
 
     def setup(
         self,
@@ -349,14 +355,18 @@ class TPStrategy(FSDPStrategy):
     ) -> None:
         from disttrain import tensor_parallel
 
-        plan = tp_plan(model, self.mesh["tp"]) if tp_plan is not None else None
-        if not plan:
-            raise ConfigError(
-                f"parallel.tp={self.cfg.parallel.tp}: the pipeline {self.cfg.pipeline.target} has no tensor-parallel "
-                "plan for its model; define Pipeline.tp_plan(model, mesh), or use parallel.tp=1"
-            )
-        tensor_parallel.apply_plan(model, self.mesh["tp"], plan)
-        tensor_parallel.fsdp_over_dp(model, shard_units, self.mesh["dp"], self._policies())
+        tp = self.cfg.parallel.tp
+        if tp > 1:
+            plan = tp_plan(model, self.mesh["tp"]) if tp_plan is not None else None
+            if not plan:
+                raise ConfigError(
+                    f"parallel.tp={tp}: the pipeline {self.cfg.pipeline.target} has no tensor-parallel plan for "
+                    "its model; define Pipeline.tp_plan(model, mesh), or use parallel.tp=1"
+                )
+            tensor_parallel.apply_plan(model, self.mesh["tp"], plan)
+        tensor_parallel.fsdp_over_dp(
+            model, shard_units, tensor_parallel.fsdp_mesh(self.mesh), self._policies()
+        )
         self.model, self.module = model, uncompiled(model)
         self.optimizer = self.stepper = make_optimizer(model)
 

@@ -49,10 +49,26 @@ Plan = dict[str, ParallelStyle]
 PlanFn = Callable[[nn.Module, DeviceMesh], "Plan | None"]
 
 
-def build_mesh(device_type: str, dp: int, tp: int) -> DeviceMesh:
-    """The (dp, tp) mesh over all ranks, tp innermost. Must be called on all ranks."""
+DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+def build_mesh(device_type: str, replicate: int, shard: int, tp: int) -> DeviceMesh:
+    """The (dp_replicate, dp_shard, tp) mesh over all ranks, tp innermost. Must be called on all ranks."""
     logging.getLogger("torch.distributed.tensor._redistribute").addFilter(_quiet_norm_reduction)
-    return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device_type, (replicate, shard, tp), mesh_dim_names=DIMS)
+
+
+def dp_rank_size(mesh: DeviceMesh) -> tuple[int, int]:
+    """(data-parallel rank, size): replica-major over (dp_replicate, dp_shard); the tp ranks share one."""
+    shard = mesh["dp_shard"].size()
+    rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
+    return rank, mesh["dp_replicate"].size() * shard
+
+
+def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """What FSDP shards over: dp_shard, or (dp_replicate, dp_shard) for hybrid sharding (HSDP: FSDP2
+    replicates over the first dim, shards over the second)."""
+    return mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
 
 
 def _quiet_norm_reduction(record: logging.LogRecord) -> bool:
@@ -241,7 +257,7 @@ def _check_cuts(model: nn.Module, tp: int) -> None:
 def fsdp_over_dp(
     model: nn.Module, units: list[nn.Module], dp_mesh: DeviceMesh, policies: dict[str, Any]
 ) -> None:
-    """FSDP2 over the dp mesh dim: each unit, then the root. Must be called on all ranks."""
+    """FSDP2 over `dp_mesh` (fsdp_mesh): each unit, then the root. Must be called on all ranks."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=policies["param_dtype"], reduce_dtype=policies["reduce_dtype"])

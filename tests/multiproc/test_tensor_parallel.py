@@ -4,6 +4,7 @@ with every sample seen once, transformers' Llama and GPT-2 (tied) under tp=2, an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -136,6 +137,28 @@ def test_interrupted_2x2_run_is_bitwise_identical_and_reshards_to_1x2_exactly(tm
     round_trip(src, tmp_path / "copy", 2, *TP, pipeline=[*BASE, TP_DIGITS])
 
 
+def test_hybrid_sharding_trains_like_ddp_resumes_bitwise_and_reshards_to_fsdp(tmp_path, tmp_path_factory):
+    """parallel.dp_replicate=2 on 2 ranks: two replica groups of one shard each (HSDP: gradients all-reduced
+    across the groups, parameters Replicate x Shard(0) on the mesh)."""
+    hybrid = ["trainer.strategy=fsdp", "parallel.dp_replicate=2"]
+    expected = reference(tmp_path_factory, tuple(hybrid))
+    close_records(expected["records"], reference(tmp_path_factory, ())["records"], rel=1e-5)
+    run_dir = tmp_path / "hsdp"
+    interrupt(run_dir, hybrid, after_checkpoint(8))
+    resume(run_dir, hybrid)
+    assert outcome(run_dir) == expected
+    manifest = json.loads((run_dir / "checkpoints" / "step_00000024" / "manifest.json").read_text())
+    files = {p["file"] for e in manifest["layout"].values() for p in e.get("shards", [])}
+    assert files == {"shard_00000.safetensors"}, "the second replica group writes nothing (a replica, once)"
+    round_trip(
+        run_dir / "checkpoints" / "step_00000024",
+        tmp_path / "copy",
+        2,
+        "trainer.strategy=fsdp",
+        pipeline=BASE,
+    )
+
+
 def test_ddp_then_tp2_then_one_rank_sees_every_sample_once(tmp_path):
     """Two topology changes in one epoch: ddp (2 ranks, 2 data-parallel) stopped, resumed at tp=2 (2 ranks,
     1 data-parallel: both read the same batch), stopped, finished on one rank."""
@@ -190,7 +213,7 @@ def test_transformers_models_train_under_tp_like_ddp(tmp_path, model):
 
 def test_bad_tensor_parallel_settings_exit_2_with_one_line_and_write_nothing(tmp_path):
     cases = [
-        (1, ["trainer.strategy=fsdp", "parallel.tp=2"], "parallel.tp=2 does not divide the world size 1"),
+        (1, ["trainer.strategy=fsdp", "parallel.tp=2"], "x parallel.tp=2 does not divide the world size 1"),
         (1, ["parallel.tp=2"], "parallel.tp=2 needs trainer.strategy=fsdp"),
         (2, ["pipeline.target=tests.pipelines:ProbeDigits", *TP], "has no tensor-parallel plan"),
         (2, [*TINY_GPT, "pipeline.args.n_head=3", "pipeline.args.d_model=48", *TP],

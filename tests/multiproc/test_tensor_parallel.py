@@ -76,6 +76,20 @@ def test_tp_trains_like_ddp_and_exports_the_same_weights(tiny_gpt_runs, tmp_path
         torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-4, msg=key)
 
 
+def test_gradient_accumulation_under_tp_equals_ddp(tmp_path):
+    """Two micro-batches a step: FSDP defers its reduce-scatter to the last one; the tp halves of each
+    layer accumulate locally. No dropout: a tp group is one data-parallel rank, whose masks differ from
+    those of ddp's two ranks."""
+    args = [*BASE, TP_DIGITS, "trainer.grad_accum=2", "trainer.max_steps=6", "trainer.eval_every=0",
+            "pipeline.args.dropout=0.0"]  # fmt: skip
+    logs = {}
+    for name, extra in (("ddp", ()), ("tp", TP)):
+        proc = run_main(f"run_dir={tmp_path / name}", *args, *extra, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[name] = read_jsonl(tmp_path / name / "metrics.jsonl")
+    close_records(logs["tp"], logs["ddp"], rel=1e-5)
+
+
 def round_trip(src: Path, dst: Path, world: int, *args: str, pipeline: list[str] = TINY_GPT) -> None:
     """Load `src` at `world` ranks with `args` and save it again at once (fsdp_probe): every tensor of the
     model and optimizer must come back bit for bit."""

@@ -83,15 +83,16 @@ def build(
 ) -> Parts:
     """Every part of a segment, then the checkpoint `resume` names loaded into them. Must be called on
     all ranks (it builds a distributed model and may load a checkpoint). Raises ConfigError."""
-    rank, world = dist.rank(), dist.world_size()
+    world = dist.world_size()
+    dp_rank, dp_size = strategy.data_parallel()  # a tensor-parallel group reads one batch, draws one stream
     pipeline = load_pipeline(cfg.pipeline)
     splits = pipeline.datasets()
-    data = _train_data(cfg, pipeline, splits, strategy.device, rank, world)
+    data = _train_data(cfg, pipeline, splits, strategy.device, dp_rank, dp_size)
     model = _distributed_model(cfg, pipeline, strategy)
     schedule = Schedule(
         strategy.optimizer, build_scheduler(cfg.scheduler, strategy.optimizer, cfg.trainer.max_steps)
     )
-    seed_all(rank_seed(cfg.seed, rank))  # per-rank stream for dropout & co
+    seed_all(rank_seed(cfg.seed, dp_rank))  # per-rank stream for dropout & co
     files, progress = build_run_files(cfg.run_dir), Progress(cfg.data.batch_size)
     events = EventLog(cfg.run_dir, cluster.job_id, cluster.restart_count, cfg=cfg)
     window = StepMetrics(cfg, strategy.device, pipeline)
@@ -167,7 +168,7 @@ def _distributed_model(cfg: Config, pipeline: Pipeline, strategy: Strategy) -> t
     model = before_wrap(pipeline.build_model(), cfg.trainer, pipeline)
     on_cuda = strategy.device.type == "cuda"
     units = pipeline.shard_units(model) if cfg.trainer.strategy == "fsdp" else []
-    strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, on_cuda, pipeline), units)
+    strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, on_cuda, pipeline), units, pipeline.tp_plan)
     return after_wrap(strategy.model, cfg.trainer)
 
 

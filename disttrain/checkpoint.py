@@ -20,7 +20,6 @@ from typing import Any
 
 from torch import nn
 
-from disttrain import dist
 from disttrain import events as ev
 from disttrain.ckpt_read import Loaded
 from disttrain.ckpt_write import CheckpointManager, SaveResult, Shards
@@ -131,7 +130,7 @@ class Checkpointing:
         if loaded.rank_state is not None:  # same world size: continue this rank's exact random streams
             self.registry.load_rank(loaded.rank_state)
         else:  # another world size: no per-rank stream to continue; a fresh one for this segment
-            seed_all(rank_seed(self.cfg.seed, dist.rank(), self.progress.step))
+            seed_all(rank_seed(self.cfg.seed, self.strategy.data_parallel()[0], self.progress.step))
 
 
 class CheckpointHook(Hook):

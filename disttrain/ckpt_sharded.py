@@ -1,12 +1,17 @@
-"""The sharded checkpoint format (trainer.strategy=fsdp), and loading any checkpoint into any layout.
+"""The sharded checkpoint format (trainer.strategy=fsdp, with or without parallel.tp), and loading any
+checkpoint into any layout.
 
 A sharded step directory holds, besides `state.pt` and `ranks.pt` (as in the replicated format):
 
-    shard_00000.safetensors ...   one per rank: its rows of every sharded tensor, under
+    shard_00000.safetensors ...   one per rank: its pieces of every sharded tensor, under
                                   `model/<name>` and `optim/<param name>/<state>` (exp_avg, ...)
 
 and its `manifest.json` (format 2) records the layout as JSON: for every sharded tensor its global
-shape, dtype and each rank's rows of dim 0, and for every tied name (two state_dict keys of one
+shape, dtype and the pieces each rank saved. A piece is `{"file", "rows": [a, b)}` (rows of dim 0, whole
+other dims: fsdp over one mesh dim, the layout disttrain always wrote) or `{"file", "key", "box"}` (a
+box, per-dim [start, stop), under its own key in the file: a tp x dp layout, or one run of a strided
+shard; ckpt_boxes). A replica (a tensor not cut over tp) is saved by the ranks at coordinate 0 of that
+mesh dim only, so the pieces tile each tensor exactly once. For every tied name (two state_dict keys of one
 Parameter: GPT-2's `lm_head.weight` is `transformer.wte.weight`) the name it is saved under,
 `{"tied_to": "model/transformer.wte.weight"}`: a tied tensor is saved once (safetensors refuses two
 names for one memory) and loads back into the one shared Parameter. Nothing in it is pickled;
@@ -14,9 +19,10 @@ names for one memory) and loads back into the one shared Parameter. Nothing in i
 buffers) is loaded only with `torch.load(weights_only=True)` after its sha256 matched, like every
 other file.
 
-`SavedState` reads either format and hands out rows of any tensor, so a checkpoint loads into the
-same layout (each rank reads only its own shard file), another world size (rows are cut from the
-saved shards that overlap), or the other strategy (a replicated checkpoint into fsdp and back).
+`SavedState` reads either format and hands out any box of any tensor, so a checkpoint loads into the
+same layout (each rank reads only its own shard file), another world size or tp degree (boxes are cut
+from the saved pieces that overlap), or another strategy (a replicated checkpoint into fsdp or tp and
+back).
 
 Ties, in both formats: a reader gets every state_dict key (an alias reads its canonical tensor), and
 per-parameter optimizer state is keyed by the canonical name, the first name `named_parameters()`
@@ -35,6 +41,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from disttrain import ckpt_boxes as boxes
 from disttrain import ckpt_format as fmt
 from disttrain import dist, fs
 from disttrain.errors import CheckpointError
@@ -79,14 +86,22 @@ def split_state(
 
 
 def _put(key: str, t: Any, rows: dict, layout: State, plain: State, plain_key: str) -> None:
-    if isinstance(t, torch.Tensor) and dist.is_sharded(t):
-        local = dist.local_part(t)
-        start, _ = dist.local_rows(t)
-        rows[key] = local
-        layout[key] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-                       "rows": [start, start + local.shape[0]]}  # fmt: skip
-    else:
+    if not (isinstance(t, torch.Tensor) and boxes.is_dtensor(t)):
         plain[plain_key] = t
+        return
+    entry: State = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "pieces": []}
+    layout[key] = entry
+    if not boxes.owns(t):  # a replica: the rank at coordinate 0 of that mesh dim writes it
+        return
+    parts = boxes.pieces(t)
+    whole_rows = len(parts) == 1 and all(d == [0, n] for d, n in zip(parts[0][0][1:], t.shape[1:]))
+    if whole_rows:  # rows of dim 0 (FSDP over one mesh dim): the layout every disttrain so far wrote
+        rows[key] = parts[0][1]
+        entry["pieces"].append({"rows": parts[0][0][0] if t.dim() else [0, 1]})
+        return
+    for i, (box, view) in enumerate(parts):  # a box of a 2-D layout (tp x dp), or runs of a strided shard
+        rows[f"{key}#{i}"] = view
+        entry["pieces"].append({"key": f"{key}#{i}", "box": box})
 
 
 def tied_names(module: nn.Module) -> dict[str, str]:
@@ -113,7 +128,7 @@ def write_shard(work: str, rank: int, rows: dict[str, torch.Tensor]) -> tuple[st
 
 
 def merge_layouts(per_rank: list[State]) -> State:
-    """Rank 0: one layout from every rank's, each tensor with the rows each rank holds."""
+    """Rank 0: one layout from every rank's, each tensor with the pieces (rows or boxes) each rank wrote."""
     merged: State = {}
     for rank, layout in enumerate(per_rank):
         for key, entry in layout.items():
@@ -121,7 +136,8 @@ def merge_layouts(per_rank: list[State]) -> State:
                 merged[key] = {"tied_to": entry["tied_to"]}
                 continue
             into = merged.setdefault(key, {"shape": entry["shape"], "dtype": entry["dtype"], "shards": []})
-            into["shards"].append({"file": shard_name(rank), "rows": entry["rows"]})
+            pieces = entry["pieces"] if "pieces" in entry else [{"rows": entry["rows"]}]  # one run of rows
+            into["shards"].extend({"file": shard_name(rank), **piece} for piece in pieces)
     return merged
 
 
@@ -164,27 +180,45 @@ class SavedState:
         """The key a tensor is saved under: a tied alias's canonical key, else `key` itself."""
         return self.ties.get(key, key)
 
-    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the saved tensor `key`, cut from the shards that hold them."""
+    def box(self, key: str, box: boxes.Box) -> torch.Tensor:
+        """The part `box` of the saved tensor `key`, cut from the saved pieces that overlap it (rows of
+        an fsdp checkpoint, boxes of a tp x dp one, whole tensors of a replicated one)."""
         key = self._key(key)
         entry = self.layout[key]
-        pieces = []
+        out = torch.empty([b - a for a, b in box], dtype=getattr(torch, entry["dtype"]))
+        filled = 0
         for shard in entry["shards"]:
-            lo, hi = shard["rows"]
-            a, b = max(lo, start), min(hi, stop)
-            if a < b:
-                pieces.append(self._file(shard["file"])[key][a - lo : b - lo])
-        if not pieces:
-            shape = [max(0, stop - start), *entry["shape"][1:]]
-            return torch.empty(shape, dtype=getattr(torch, entry["dtype"]))
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            saved_box = (
+                shard["box"] if "box" in shard else [shard["rows"], *([0, n] for n in entry["shape"][1:])]
+            )
+            common = boxes.overlap(saved_box, box) if box else saved_box  # a 0-d tensor: its one value
+            if common is None:
+                continue
+            data = self._file(shard["file"])[shard.get("key", key)]
+            if not box:
+                return data.reshape(())
+            boxes.view_of(out, common, box).copy_(boxes.view_of(data, common, saved_box))
+            filled += boxes.volume(common)
+        if filled != boxes.volume(box):  # the owner rule writes each element once: a gap is a broken layout
+            raise CheckpointError(
+                f"{self.path}: {key} holds {filled} of the {boxes.volume(box)} values asked for"
+            )
+        return out
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the saved tensor `key`."""
+        shape = self.layout[self._key(key)]["shape"]
+        return self.box(key, [[start, stop], *([0, n] for n in shape[1:])])
 
     def full(self, key: str) -> torch.Tensor:
         key = self._key(key)
         entry = self.layout[key]
-        if len(entry["shards"]) == 1:  # whole in one file (a replicated checkpoint, or one rank)
-            return self._file(entry["shards"][0]["file"])[key]
-        return self.rows(key, 0, entry["shape"][0])
+        shards = entry["shards"]
+        if (
+            len(shards) == 1 and "rows" in shards[0]
+        ):  # whole in one file (a replicated checkpoint, or one rank)
+            return self._file(shards[0]["file"])[key]
+        return self.box(key, [[0, n] for n in entry["shape"]])
 
     def _file(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self._files:
@@ -255,19 +289,23 @@ def load_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, saved: S
 
 
 def _cut(saved: SavedState, key: str, like: torch.Tensor) -> torch.Tensor:
-    """The saved tensor `key` in the layout of `like`: this rank's rows if `like` is sharded."""
-    if dist.is_sharded(like):
-        start, stop = dist.local_rows(like)
-        return dist.sharded_like(like, saved.rows(key, start, stop).to(dist.local_part(like).dtype))
-    return saved.full(key)
+    """The saved tensor `key` in the layout of `like`: this rank's pieces if `like` is a DTensor."""
+    if not boxes.is_dtensor(like):
+        return saved.full(key)
+    local = torch.empty_like(like.to_local())  # type: ignore[attr-defined]
+    for box, view in boxes.pieces(like, local):
+        view.copy_(saved.box(key, box))
+    return dist.sharded_like(like, local)
 
 
 def _cut_plain(value: Any, param: torch.Tensor) -> Any:
-    """A whole per-parameter state tensor (from a replicated checkpoint) cut to a sharded parameter's rows."""
-    if isinstance(value, torch.Tensor) and dist.is_sharded(param) and value.shape == param.shape:
-        start, stop = dist.local_rows(param)
-        return dist.sharded_like(param, value[start:stop].to(dist.local_part(param).dtype))
-    return value
+    """A whole per-parameter state tensor (from a replicated checkpoint) cut to a sharded parameter's pieces."""
+    if not (isinstance(value, torch.Tensor) and boxes.is_dtensor(param) and value.shape == param.shape):
+        return value
+    local = torch.empty_like(param.to_local())  # type: ignore[attr-defined]
+    for box, view in boxes.pieces(param, local):
+        view.copy_(value[tuple(slice(a, b) for a, b in box)])
+    return dist.sharded_like(param, local)
 
 
 def parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -99,6 +99,25 @@ class FSDPConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor parallelism and hybrid sharding (with trainer.strategy=fsdp) over a (dp_replicate, dp_shard,
+    tp) mesh: layers split over tp ranks, FSDP2 over dp_shard, replicas over dp_replicate."""
+
+    tp: int = _f(
+        1,
+        "tensor-parallel degree: consecutive ranks that split each layer (divides the world size; "
+        "1: no tensor parallelism)",
+        min=1,
+    )
+    dp_replicate: int = _f(
+        1,
+        "hybrid sharding: replica groups (e.g. one per node) each sharding over world / (dp_replicate x tp) "
+        "ranks; only gradients cross groups (1: shard over all)",
+        min=1,
+    )
+
+
+@dataclass
 class DataConfig:
     """Batching and loading. Batch sizes are global: summed over ranks and accumulation steps."""
 
@@ -228,6 +247,7 @@ class Config:
     name: str = _f("", "a human name for the run (wandb, status); defaults to the run_dir's last part")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -525,6 +545,13 @@ def validate(cfg: Config, source: Source | None = None) -> None:
 
 def _validate_fsdp(cfg: Config, source: Source) -> None:
     """What sharded training does not combine with yet: each refused up front, with the way out."""
+    for key in ("tp", "dp_replicate"):
+        value = getattr(cfg.parallel, key)
+        if value > 1 and cfg.trainer.strategy != "fsdp":
+            raise ConfigError(
+                f"parallel.{key}={value} needs trainer.strategy=fsdp (the model is sharded over a device mesh); "
+                f"set it, or parallel.{key}=1 [{source.of(f'parallel.{key}', 'trainer.strategy')}]"
+            )
     if cfg.trainer.strategy != "fsdp":
         return
     refused = {

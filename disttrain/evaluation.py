@@ -85,7 +85,7 @@ class Evaluator:
         model.eval()
         sums: dict[str, torch.Tensor] = {}
         size = dataset_size(dataset, split)
-        batches = ShardedEvalBatches(size, self.spec.batch_size, dist.rank(), dist.world_size())
+        batches = ShardedEvalBatches(size, self.spec.batch_size, *self.strategy.data_parallel())
         pin = self.strategy.device.type == "cuda"
         try:
             with torch.no_grad(), self.strategy.autocast(), self._weights():

@@ -1,14 +1,15 @@
-"""How the model is distributed: `ddp` (replicated, through HuggingFace accelerate) or `fsdp` (sharded
-with PyTorch's FSDP2 `fully_shard`), behind one small interface the trainer uses for every step.
+"""How the model is distributed: `ddp` (replicated, through HuggingFace accelerate), `fsdp` (sharded
+with PyTorch's FSDP2 `fully_shard`) or tp x fsdp (`parallel.tp` > 1: layers split over tp ranks with the
+pipeline's plan, FSDP2 across the groups; disttrain.tensor_parallel), behind one small interface the
+trainer uses for every step.
 
 Why fsdp does not go through accelerate: accelerate 1.15 ignores its FSDP plugin on CPU (it silently
 gives DDP), so CPU tests and GPU runs would not share a code path. `fully_shard` runs the same on gloo
 (CPU) and NCCL (GPU); accelerate keeps what it does well for ddp (device placement, DDP, autocast, the
 fp16 grad scaler).
 
-Sharding is along dim 0 over all ranks (FSDP2's default `Shard(0)` on a 1-D mesh): rank r holds rows
-[r*c, min((r+1)*c, n)) of an n-row tensor, c = ceil(n / world). The checkpoint layer relies on that
-(`dist.local_rows`) to save each rank's rows and reshard them on load at any world size.
+The checkpoint layer (ckpt_sharded, ckpt_boxes) reads each sharded tensor's layout off its DTensor
+placements (every rank's boxes of the whole tensor), so it saves and reshards any of these layouts.
 """
 
 from __future__ import annotations
@@ -54,8 +55,20 @@ class Strategy:
     stepper: Any  # what `step` goes through: the optimizer, or a wrapper holding the fp16 grad scaler
     scaler: Any = None  # fp16 grad scaler (ddp only)
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
+        """Distribute `model` and build its optimizer; `tp_plan` is the pipeline's `tp_plan` method (tp only)."""
         raise NotImplementedError
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(this rank's data-parallel rank, the data-parallel size): how the data is split. Every rank
+        is its own data-parallel rank, except under tensor parallelism (a tp group reads one batch)."""
+        return dist.rank(), dist.world_size()
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Context of one micro-batch; gradients are reduced across ranks on the `last` one only."""
@@ -132,9 +145,11 @@ class Strategy:
 
 
 def build_strategy(cfg: Config) -> Strategy:
-    """The strategy `trainer.strategy` names; initialises the process group. Must be called on all ranks."""
+    """The strategy `trainer.strategy` names (tp x fsdp when parallel.tp > 1); initialises the process
+    group. Must be called on all ranks."""
     if cfg.trainer.strategy == "fsdp":
-        return FSDPStrategy(cfg)
+        mesh = cfg.parallel.tp > 1 or cfg.parallel.dp_replicate > 1
+        return MeshStrategy(cfg) if mesh else FSDPStrategy(cfg)
     return DDPStrategy(cfg)
 
 
@@ -167,7 +182,13 @@ class DDPStrategy(Strategy):
         )
         self.device = self.accelerator.device
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
         self.model, wrapped = self.accelerator.prepare(model, make_optimizer(model))
         self.module = uncompiled(self.accelerator.unwrap_model(self.model))
         self._wrapped = wrapped  # accelerate's optimizer: the fp16 scaler steps through it
@@ -234,7 +255,13 @@ class FSDPStrategy(Strategy):
         cuda = torch.cuda.is_available() and not cfg.trainer.cpu
         self.device = dist.init_for_sharding(cuda, cfg.trainer.collective_timeout_s)
 
-    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer, shard_units: list[nn.Module]) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
         # No model.to(device) first: fully_shard moves one unit at a time and keeps only its shard, so a
         # model that does not fit on one GPU whole never has to.
         dist.fully_shard(model, shard_units, device=self.device, **self._policies())
@@ -283,6 +310,65 @@ class FSDPStrategy(Strategy):
         load_optimizer(
             self.optimizer, self.module, loaded.saved(parameter_names(self.module, self.optimizer))
         )
+
+
+# ----------------------------------------------------------------------------------------- tp x fsdp
+
+
+class MeshStrategy(FSDPStrategy):
+    """FSDP2 on a (dp_replicate, dp_shard, tp) mesh, tp innermost: tensor parallel inside groups of
+    `parallel.tp` consecutive ranks (the pipeline's `tp_plan`), FSDP2 over dp_shard, and with
+    `parallel.dp_replicate` > 1 hybrid sharding (HSDP: each replica group holds the whole model sharded,
+    gradients are all-reduced across groups). Every parameter is a DTensor on the mesh. The ranks of a tp
+    group read one batch, so the data is split by the data-parallel rank (replica x shard). The step, the
+    grad norm (DTensor norms count each shard once, replicas not at all) and the checkpoint (pieces with
+    their boxes, ckpt_sharded) are fsdp's."""
+
+    name = "mesh"
+
+    def __init__(self, cfg: Config):
+        import os
+
+        world, p = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel
+        if world % (p.dp_replicate * p.tp):  # before the process group: every rank refuses alike
+            raise ConfigError(
+                f"parallel.dp_replicate={p.dp_replicate} x parallel.tp={p.tp} does not divide the world size "
+                f"{world}; pick sizes whose product divides it"
+            )
+        super().__init__(cfg)
+        from disttrain import tensor_parallel
+
+        shard = world // (p.dp_replicate * p.tp)
+        self.mesh = tensor_parallel.build_mesh(self.device.type, p.dp_replicate, shard, p.tp)
+
+    def data_parallel(self) -> tuple[int, int]:
+        from disttrain import tensor_parallel
+
+        return tensor_parallel.dp_rank_size(self.mesh)
+
+    def setup(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        shard_units: list[nn.Module],
+        tp_plan: Any = None,
+    ) -> None:
+        from disttrain import tensor_parallel
+
+        tp = self.cfg.parallel.tp
+        if tp > 1:
+            plan = tp_plan(model, self.mesh["tp"]) if tp_plan is not None else None
+            if not plan:
+                raise ConfigError(
+                    f"parallel.tp={tp}: the pipeline {self.cfg.pipeline.target} has no tensor-parallel plan for "
+                    "its model; define Pipeline.tp_plan(model, mesh), or use parallel.tp=1"
+                )
+            tensor_parallel.apply_plan(model, self.mesh["tp"], plan)
+        tensor_parallel.fsdp_over_dp(
+            model, shard_units, tensor_parallel.fsdp_mesh(self.mesh), self._policies()
+        )
+        self.model, self.module = model, uncompiled(model)
+        self.optimizer = self.stepper = make_optimizer(model)
 
 
 def _clip_or_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -59,6 +59,14 @@ class Pipeline:
         in an nn.ModuleList; none means only the whole model is one unit."""
         return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
 
+    def tp_plan(self, model: nn.Module, mesh: Any) -> dict[str, Any] | None:
+        """With parallel.tp > 1, how the model's layers are split over the tp ranks: {module name: a
+        torch.distributed.tensor.parallel style} for `parallelize_module` over `mesh` (the 1-D tp mesh),
+        e.g. ColwiseParallel() then RowwiseParallel() for a block's attention and MLP. Modules left out
+        are replicated on every tp rank. Raise disttrain.errors.ConfigError when a size does not divide
+        by mesh.size(). None: the model has no plan (tp > 1 is refused)."""
+        return None
+
     def eval_step(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums over the batch, plus "count". disttrain adds them over all batches and ranks, then reports
         each as sum / count: return {"loss": loss_sum, "accuracy": n_correct, "count": n} to get the mean

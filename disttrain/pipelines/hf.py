@@ -89,6 +89,12 @@ class CausalLM(Pipeline):
         )
         return {"loss": loss, "accuracy": ((logits.argmax(-1) == labels) & valid).sum(), "count": valid.sum()}
 
+    def tp_plan(self, model: nn.Module, mesh: Any) -> dict[str, Any]:
+        """Llama-class blocks from transformers' own plan, GPT-2's Conv1D blocks (pipelines/hf_tp.py)."""
+        from disttrain.pipelines.hf_tp import causal_lm_plan
+
+        return causal_lm_plan(model, mesh.size())
+
     def num_tokens(self, batch: Batch) -> torch.Tensor:
         """Tokens the model reads, padding excluded (train/tokens_per_sec); a tensor: no host sync."""
         return batch["attention_mask"].sum()

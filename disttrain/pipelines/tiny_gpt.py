@@ -41,7 +41,7 @@ class CharWindows(Dataset):
 class Block(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float):
         super().__init__()
-        self.n_head = n_head
+        self.head_dim = d_model // n_head
         self.dropout = dropout
         self.ln1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -55,12 +55,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        b, t, _ = x.shape
+        # Sizes from the tensors, not the config: under tensor parallelism this rank's qkv output is
+        # [q_r | k_r | v_r], n_head / tp heads of each (tp_plan).
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=2)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
         p = self.dropout if self.training else 0.0
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, c)))
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, t, -1)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -167,3 +169,18 @@ class TinyGPTPipeline(Pipeline):
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)  # type: ignore[arg-type]
+
+    def tp_plan(self, model: nn.Module, mesh: Any) -> dict[str, Any]:
+        """Megatron's split of each block: the fused qkv and the MLP's first layer cut by output
+        columns (heads), the projections after them by input rows (one all-reduce each per direction);
+        embeddings, norms and the head stay whole on every tp rank."""
+        from disttrain.tensor_parallel import ColwiseParallel, FusedColwise, RowwiseParallel, check_divides
+
+        check_divides("pipeline.args.n_head", self.dims["n_head"], mesh.size())
+        plan: dict[str, Any] = {}
+        for i in range(self.dims["n_layer"]):
+            plan[f"blocks.{i}.qkv"] = FusedColwise(parts=3)  # rank r: [q_r; k_r; v_r]
+            plan[f"blocks.{i}.proj"] = RowwiseParallel()
+            plan[f"blocks.{i}.mlp.0"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.2"] = RowwiseParallel()
+        return plan

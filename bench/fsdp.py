@@ -137,10 +137,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _state_bytes(trainer: Any) -> int:
     """Bytes of this rank's parameters, their gradients (parameter-sized) and optimizer state."""
-    from disttrain import dist
 
-    def local(t: Any) -> int:
-        part = dist.local_part(t)
+    def local(t: Any) -> int:  # a DTensor's own piece, whatever its placements (fsdp, tp, both)
+        part = t.to_local() if hasattr(t, "to_local") else t
         return part.numel() * part.element_size()
 
     params = sum(local(p) for p in trainer.module.parameters())

@@ -91,6 +91,7 @@ class LocalTier:
         self.last_step: int | None = None  # the step this rank last wrote (or resumed from)
         self._thread: threading.Thread | None = None
         self._warned = False
+        self.first_attempt = first_attempt
         if self.on and first_attempt:
             fs.remove(self.dir, recursive=True)  # another run's pieces, or a deleted run dir's: never ours
 
@@ -199,14 +200,20 @@ class LocalTier:
         Must be called on all ranks (the tier being on is config: every rank sees the same)."""
         if not self.on:
             return None, []
-        found = self._newest()
+        # Not gated on the restart count: a replacement node's torchrun counts no restart while the
+        # others do, and every rank must reach the all-gather.
+        found = (
+            Found(None, "a first attempt (it cleared its folder)") if self.first_attempt else self._newest()
+        )
         newest = found.loaded.step if found.loaded is not None else None
-        reports = dist.all_gather_objects((newest, found.problem, socket.gethostname()))
-        missing = [(r, host, why) for r, (s, why, host) in enumerate(reports) if s is None]
+        reports = dist.all_gather_objects((newest, found.problem, socket.gethostname(), self.first_attempt))
+        if all(first for *_, first in reports):
+            return None, []  # a fresh start: nothing to look for, nothing to report
+        missing = [(r, host, why) for r, (s, why, host, _) in enumerate(reports) if s is None]
         if missing:
             rank, host, why = missing[0]
             return None, [_note(None, f"rank {rank} ({host}) has no verified local copy: {why}")]
-        step = min(int(s) for s, _, _ in reports)
+        step = min(int(r[0]) for r in reports)
         if durable_step is not None and durable_step >= step:
             return None, []  # the durable tier is as new: nothing was lost by not using this one
         loaded, problem = found.loaded, None

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import child_env, free_port, read_jsonl, run_main
-from tests.multiproc.test_exact_resume import BASE, STEPS, outcome
+from tests.conftest import child_env, free_port, read_jsonl
+from tests.multiproc.test_exact_resume import BASE, STEPS, outcome, reference
 
 pytestmark = pytest.mark.multiproc
 
@@ -72,16 +72,11 @@ def run_and_kill(run_dir: Path, local: Path, args: list[str], then=None) -> tupl
     return out, proc.returncode
 
 
-def reference(tmp_path: Path, args: list[str]) -> dict:
-    run_dir = tmp_path / "reference"
-    proc = run_main(f"run_dir={run_dir}", *BASE, *args, nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return outcome(run_dir)
-
-
-def test_kill_9_one_worker_resumes_from_the_local_tier_bit_identical(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill_9_one_worker_resumes_from_the_local_tier_bit_identical(tmp_path, tmp_path_factory, strategy):
     local = tmp_path / "local"
-    args = extra(local, durable_every=1000)  # no durable checkpoint before the final one
+    # No durable checkpoint before the final one: only the local tier can serve the restart.
+    args = [*extra(local, durable_every=1000), f"trainer.strategy={strategy}"]
     run_dir = tmp_path / "run"
     out, code = run_and_kill(run_dir, local, args)
     assert code == 0, out[-4000:]
@@ -96,11 +91,12 @@ def test_kill_9_one_worker_resumes_from_the_local_tier_bit_identical(tmp_path):
     assert [e["event"] for e in events][-2:] == ["finish", "exit"]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [f"step_{STEPS:08d}"]
     assert "(local tier)" in out
-    assert outcome(run_dir) == reference(tmp_path, args)
+    # The same numbers and final weights as a run never interrupted, with no local tier at all.
+    assert outcome(run_dir) == reference(tmp_path_factory, (f"trainer.strategy={strategy}",))
     assert not (local / "rank_00000").exists(), "a finished run leaves no local pieces"
 
 
-def test_a_local_folder_gone_falls_back_to_the_durable_tier_and_says_why(tmp_path):
+def test_a_local_folder_gone_falls_back_to_the_durable_tier_and_says_why(tmp_path, tmp_path_factory):
     local = tmp_path / "local"
     args = extra(local, durable_every=LOCAL_EVERY)
     run_dir = tmp_path / "run"
@@ -113,4 +109,4 @@ def test_a_local_folder_gone_falls_back_to_the_durable_tier_and_says_why(tmp_pat
     assert resume["tier"] == "durable" and fallback["served"] == "durable" and fallback["tier"] == "local"
     assert "rank 1" in fallback["reason"] and "no verified local copy" in fallback["reason"]
     assert events.index(fallback) < events.index(resume)
-    assert outcome(run_dir) == reference(tmp_path, args)
+    assert outcome(run_dir) == reference(tmp_path_factory, ())

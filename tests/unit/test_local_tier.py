@@ -98,7 +98,8 @@ def test_no_piece_says_why_and_a_first_attempt_clears_old_pieces(tmp_path):
     save(tier(tmp_path), 2, 4)
     assert tier(tmp_path).restore(None)[0].step == 4  # a restarted attempt finds them
     fresh = tier(tmp_path, first_attempt=True)  # a first attempt: whatever is there is not this run's
-    loaded, fallbacks = fresh.restore(None)
+    assert fresh.restore(None) == (None, []) and fresh.steps() == []
+    loaded, fallbacks = tier(tmp_path).restore(None)  # a restart that finds nothing says so
     assert loaded is None and fallbacks[0]["step"] is None and "rank 0" in fallbacks[0]["reason"]
 
 

@@ -202,22 +202,14 @@ class LocalTier:
             return None, []
         # Not gated on the restart count: a replacement node's torchrun counts no restart while the
         # others do, and every rank must reach the all-gather.
-        found = (
-            Found(None, "a first attempt (it cleared its folder)") if self.first_attempt else self._newest()
-        )
+        found = Found(None, "a first attempt cleared its folder") if self.first_attempt else self._newest()
         newest = found.loaded.step if found.loaded is not None else None
         reports = dist.all_gather_objects((newest, found.problem, socket.gethostname(), self.first_attempt))
-        if all(first for *_, first in reports):
-            return None, []  # a fresh start: nothing to look for, nothing to report
-        missing = [(r, host, why) for r, (s, why, host, _) in enumerate(reports) if s is None]
-        if missing:
-            rank, host, why = missing[0]
-            return None, [_note(None, f"rank {rank} ({host}) has no verified local copy: {why}")]
-        step = min(int(r[0]) for r in reports)
-        if durable_step is not None and durable_step >= step:
-            return None, []  # the durable tier is as new: nothing was lost by not using this one
+        step, notes = _agree(reports, durable_step)
+        if step is None:
+            return None, notes
         loaded, problem = found.loaded, None
-        if loaded is None or loaded.step != step:
+        if loaded is None or loaded.step != step:  # another rank's newest is older: use this one's too
             loaded, problem = self._read(step)
         problems = dist.all_gather_objects(problem)
         bad = next(((r, p) for r, p in enumerate(problems) if p is not None), None)
@@ -251,6 +243,21 @@ class LocalTier:
         if m.get("strategy", "ddp") != self.strategy:
             return None, f"{path} was written under trainer.strategy={m.get('strategy', 'ddp')}"
         return Loaded(path, m, app, ranks[0], tier=TIER), None
+
+
+def _agree(reports: list[Any], durable_step: int | None) -> tuple[int | None, list[State]]:
+    """From every rank's (newest verified step or None, why not, host, first attempt): the step all
+    ranks can restore when it beats the durable tier, else None and why (nothing when nothing was
+    lost: a fresh start, or a durable checkpoint at least as new as any rank's piece)."""
+    present = [int(r[0]) for r in reports if r[0] is not None]
+    beaten = bool(present) and durable_step is not None and durable_step >= max(present)
+    if beaten or all(r[3] for r in reports):
+        return None, []
+    for rank, (step, why, host, _) in enumerate(reports):
+        if step is None:
+            return None, [_note(None, f"rank {rank} ({host}) has no verified local copy: {why}")]
+    step = min(present)
+    return (step, []) if durable_step is None or step > durable_step else (None, [])
 
 
 def _note(step: int | None, reason: str) -> State:

@@ -157,3 +157,24 @@ def test_config_keys():
         load_config(None, ["checkpoint.local.every_steps=-1"])
     with pytest.raises(ConfigError, match="did you mean checkpoint.local.every_steps"):
         load_config(None, ["checkpoint.local.every_step=5"])
+
+
+def test_ranks_agree_on_the_newest_step_all_of_them_can_restore():
+    from disttrain.local_tier import _agree
+
+    def report(step, why=None, first=False):
+        return (step, why, "host", first)
+
+    # A rank killed while writing step 12 still has 8: every rank restores 8.
+    assert _agree([report(12), report(8)], durable_step=None) == (8, [])
+    assert _agree([report(12), report(8)], durable_step=4) == (8, [])
+    # A durable checkpoint at least as new serves, and nothing was lost by skipping the local tier.
+    assert _agree([report(12), report(8)], durable_step=12) == (None, [])
+    assert _agree([report(12), report(8)], durable_step=8) == (None, [])
+    # A rank without a piece: the durable tier serves, and the record says which rank and why.
+    step, notes = _agree([report(12), report(None, "none in /x")], durable_step=4)
+    assert step is None and notes == [
+        {"tier": "local", "step": None, "reason": "rank 1 (host) has no verified local copy: none in /x"}
+    ]
+    # A fresh start on every rank: nothing to say.
+    assert _agree([report(None, "first", True), report(None, "first", True)], durable_step=None) == (None, [])

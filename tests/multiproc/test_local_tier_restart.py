@@ -62,11 +62,13 @@ def kill_one_worker_after(proc: subprocess.Popen, local: Path, step: int, then=N
     return out
 
 
-def run_and_kill(run_dir: Path, local: Path, args: list[str], then=None) -> tuple[str, int]:
+def run_and_kill(
+    run_dir: Path, local: Path, args: list[str], then=None, at: int = 2 * LOCAL_EVERY
+) -> tuple[str, int]:
     proc = subprocess.Popen(torchrun(run_dir, args), env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        out = kill_one_worker_after(proc, local, 2 * LOCAL_EVERY, then)
+        out = kill_one_worker_after(proc, local, at, then)
     finally:
         proc.kill()
     return out, proc.returncode
@@ -98,9 +100,11 @@ def test_kill_9_one_worker_resumes_from_the_local_tier_bit_identical(tmp_path, t
 
 def test_a_local_folder_gone_falls_back_to_the_durable_tier_and_says_why(tmp_path, tmp_path_factory):
     local = tmp_path / "local"
-    args = extra(local, durable_every=LOCAL_EVERY)
+    # Durable every 8 steps, killed after the local piece of step 12: the local tier would have served.
+    args = extra(local, durable_every=2 * LOCAL_EVERY)
     run_dir = tmp_path / "run"
-    out, code = run_and_kill(run_dir, local, args, then=lambda: shutil.rmtree(local / "rank_00001"))
+    wipe = lambda: shutil.rmtree(local / "rank_00001")  # noqa: E731
+    out, code = run_and_kill(run_dir, local, args, then=wipe, at=3 * LOCAL_EVERY)
     assert code == 0, out[-4000:]
 
     events = read_jsonl(run_dir / "events.jsonl")
@@ -108,5 +112,6 @@ def test_a_local_folder_gone_falls_back_to_the_durable_tier_and_says_why(tmp_pat
     fallback = next(e for e in events if e["event"] == "tier_fallback")
     assert resume["tier"] == "durable" and fallback["served"] == "durable" and fallback["tier"] == "local"
     assert "rank 1" in fallback["reason"] and "no verified local copy" in fallback["reason"]
+    assert resume["step"] % (2 * LOCAL_EVERY) == 0 and resume["step"] < resume["interrupted_at"]
     assert events.index(fallback) < events.index(resume)
     assert outcome(run_dir) == reference(tmp_path_factory, ())

@@ -88,9 +88,9 @@ class Checkpointing:
             )
 
     def finished(self) -> None:
-        """The run finished: once its last step is durable, this rank's local pieces are dropped (tmpfs
-        is memory); otherwise they stay for a restart."""
-        if self.local.on and self.manager.last_step == self.progress.step:
+        """The run finished: this rank's local pieces are dropped (tmpfs is memory, and nothing restarts a
+        finished run; a later first attempt would clear them anyway). After a stop or a crash they stay."""
+        if self.local.on:
             self.local.discard()
 
     def save(self, reason: str = "manual") -> None:
@@ -108,7 +108,9 @@ class Checkpointing:
         return {**model.shared, **self.registry.shared_state()}, self._rank_state(), model.shards
 
     def wait(self) -> None:
-        """Block until no save is in flight; raise its failure."""
+        """Block until no save is in flight (either tier); raise a durable save's failure. A local write
+        still running at exit would be cut off by the interpreter's teardown mid-file."""
+        self.local.wait()
         self.manager.wait()
 
     def _model_state(self) -> ModelState:

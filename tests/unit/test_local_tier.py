@@ -178,3 +178,16 @@ def test_ranks_agree_on_the_newest_step_all_of_them_can_restore():
     ]
     # A fresh start on every rank: nothing to say.
     assert _agree([report(None, "first", True), report(None, "first", True)], durable_step=None) == (None, [])
+
+
+def test_a_finished_run_leaves_no_pieces_and_a_fresh_run_no_fallback(tmp_path):
+    from tests.conftest import FAST, read_jsonl, run_main
+
+    local = tmp_path / "local"
+    args = ["pipeline.target=tests.pipelines:ProbeDigits", "trainer.max_steps=6", "trainer.eval_every=0"]
+    proc = run_main(f"run_dir={tmp_path / 'run'}", *args, *FAST, "checkpoint.every_steps=100",
+                    "checkpoint.save_final=false", "checkpoint.local.every_steps=2", f"checkpoint.local.dir={local}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert local.is_dir() and not list(local.iterdir()), "the user's folder stays, empty"
+    events = [e["event"] for e in read_jsonl(tmp_path / "run" / "events.jsonl")]
+    assert "tier_fallback" not in events and "resume" not in events and "warning" not in proc.stderr

@@ -7,8 +7,12 @@ cursor, guard, hooks; per rank: RNG, log window, a stream's position). `Checkpoi
 together and hands them to the `CheckpointManager` (ckpt_write: the publish protocol, async saves,
 retention), which decides when a periodic save is due; every save is one `checkpoint` event.
 
-Loading (`restore`) follows `resume` (auto: the newest checkpoint that verifies, falling back to older
-ones; a path; never) and, on a fresh run, `init_from` (weights only). The model state loads first, so
+The local tier (`checkpoint.local`, local_tier.LocalTier) is each rank's own piece in node-local storage,
+written every `checkpoint.local.every_steps` from a host copy in the background.
+
+Loading (`restore`) follows `resume` (auto: the newest step every rank can restore, from its own local
+piece or else the durable checkpoints, falling back to older ones; a path; never) and, on a fresh run,
+`init_from` (weights only). The model state loads first, so
 that the schedule can re-apply the configured optimizer settings over the loaded ones.
 """
 

@@ -21,10 +21,11 @@ Event = dict[str, Any]
 
 START = "start"  # step, world_size, max_steps: a segment's first record, before any other
 CONFIG_CHANGED = "config_changed"  # step, changes: config keys applied from this step on (resume)
-RESUME = "resume"  # step (resumed from), cause, interrupted_at (the last step logged before), tier
-# (local: each rank's own copy in checkpoint.local.dir; durable: the run dir's checkpoints)
-# tier (the one that did not serve: local), step (its step, null when a rank had none), reason, served
-# (the tier that did): recorded before the `resume` it explains
+# step (resumed from), cause, interrupted_at (the last step logged before), tier (local: each rank's own
+# piece in checkpoint.local.dir; durable: the run dir's checkpoints)
+RESUME = "resume"
+# tier (the one that could not serve: local), step (null when a rank had no piece), reason (which rank,
+# its host, why), served (the tier that did): just before the `resume` it explains
 TIER_FALLBACK = "tier_fallback"
 READY = "ready"  # step, process_start, job_start, startup {phase: seconds}: start-up ends, training begins
 EVAL = "eval"  # step, split, seconds (blocking), cut (true: a stop was agreed part way)

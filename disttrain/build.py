@@ -117,8 +117,9 @@ def build(
     evaluator = Evaluator(spec, splits, pipeline, strategy, stopping, ema, events, files)
     registry = _registry(schedule, progress, data, guard, window)
     checkpointing = Checkpointing(
-        cfg, manager, strategy, registry, progress, data, events, files, guard.check_weights
-    )
+        cfg, manager, strategy, registry, progress, data, events, files, guard.check_weights,
+        restart_count=cluster.restart_count,
+    )  # fmt: skip
     bar = _use_bar(cfg) and dist.is_main()
     user = config_hooks(cfg) + list(hooks or [])
     stock = _stock_hooks(cfg, log, evaluator, checkpointing, stopping, guard, user, bar)

@@ -7,25 +7,33 @@ cursor, guard, hooks; per rank: RNG, log window, a stream's position). `Checkpoi
 together and hands them to the `CheckpointManager` (ckpt_write: the publish protocol, async saves,
 retention), which decides when a periodic save is due; every save is one `checkpoint` event.
 
-Loading (`restore`) follows `resume` (auto: the newest checkpoint that verifies, falling back to older
-ones; a path; never) and, on a fresh run, `init_from` (weights only). The model state loads first, so
+The local tier (`checkpoint.local`, local_tier.LocalTier) is each rank's own piece in node-local storage,
+written every `checkpoint.local.every_steps` from a host copy in the background.
+
+Loading (`restore`) follows `resume` (auto: the newest step every rank can restore, from its own local
+piece or else the durable checkpoints, falling back to older ones; a path; never) and, on a fresh run,
+`init_from` (weights only). The model state loads first, so
 that the schedule can re-apply the configured optimizer settings over the loaded ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from disttrain import dist
 from disttrain import events as ev
-from disttrain.ckpt_read import Loaded
+from disttrain.ckpt_read import Loaded, agreed, from_main
 from disttrain.ckpt_write import CheckpointManager, SaveResult, Shards
 from disttrain.config import Config
 from disttrain.data import TrainData
+from disttrain.errors import CheckpointError
 from disttrain.hooks import Hook, Loop
+from disttrain.local_tier import LocalTier
 from disttrain.parallel import ModelState, Strategy
 from disttrain.resume import check_compatible
 from disttrain.sections import CHECKPOINT, Sections
@@ -50,25 +58,44 @@ class Checkpointing:
         events: EventLog,
         files: RunFiles,
         check_weights: WeightsCheck,
+        *,
+        restart_count: int = 0,
     ):
         self.cfg, self.manager, self.strategy, self.registry = cfg, manager, strategy, registry
         self.progress, self.data, self.events, self.files = progress, data, events, files
         self.check_weights = check_weights
         self.resumed: Loaded | None = None  # what this segment started from
+        # Only a restarted attempt reads the local tier; a first one clears this rank's folder.
+        first = restart_count == 0
+        self.local = LocalTier(
+            cfg.checkpoint.local, cfg.run_dir, manager.meta, strategy.name, first_attempt=first
+        )
 
     # ---------------------------------------------------------------------------------------- save
 
     def maybe_save(self, final: bool = False) -> None:
         """Save if the manager says this step is due (or at the end, `final`)."""
         model = functools.cache(self._model_state)  # captured once, only when a save is due
+        step = self.progress.step
         result = self.manager.maybe_save(
-            self.progress.step,
+            step,
             lambda: {**model().shared, **self.registry.shared_state()},
             self._rank_state,
             final=final,
             shards=lambda: model().shards,
         )
         self._record(result)
+        if not final and self.local.due(step):  # every rank alike: the step decides, no collective
+            state = model()
+            self.local.save(
+                step, {**state.shared, **self.registry.shared_state()}, self._rank_state(), state.shards
+            )
+
+    def finished(self) -> None:
+        """The run finished: this rank's local pieces are dropped (tmpfs is memory, and nothing restarts a
+        finished run; a later first attempt would clear them anyway). After a stop or a crash they stay."""
+        if self.local.on:
+            self.local.discard()
 
     def save(self, reason: str = "manual") -> None:
         """Save now, synchronously; a step already saved is not saved again."""
@@ -85,7 +112,9 @@ class Checkpointing:
         return {**model.shared, **self.registry.shared_state()}, self._rank_state(), model.shards
 
     def wait(self) -> None:
-        """Block until no save is in flight; raise its failure."""
+        """Block until no save is in flight (either tier); raise a durable save's failure. A local write
+        still running at exit would be cut off by the interpreter's teardown mid-file."""
+        self.local.wait()
         self.manager.wait()
 
     def _model_state(self) -> ModelState:
@@ -106,13 +135,41 @@ class Checkpointing:
         mode = self.cfg.resume
         loaded = None
         if mode == "auto":
-            loaded = self.manager.load_newest(self._load)
+            loaded = self._restore_newest()
         elif mode != "never":
             loaded = self.manager.read(mode)
             self._load(loaded)
         if loaded is None and self.cfg.init_from:
             self._init_weights(self.cfg.init_from)
         self.resumed = loaded
+        return loaded
+
+    def _restore_newest(self) -> Loaded | None:
+        """The newest step every rank can restore: its own local piece when all ranks have one newer
+        than the newest durable checkpoint, else the durable tier (falling back to older ones)."""
+        durable = from_main(lambda: next(iter(self.manager.layout.committed_steps()), None))
+        local, fallbacks = self.local.restore(durable)
+        if local is not None:
+            try:
+                return self._load_local(local)
+            except CheckpointError as err:  # on every rank alike (agreed): the durable tier loads over it
+                fallbacks = [{"tier": "local", "step": local.step, "reason": str(err)}]
+        loaded = self.manager.load_newest(self._load)
+        if fallbacks:
+            self.files.warn(
+                f"disttrain: local checkpoint tier not used: {fallbacks[0]['reason']}; "
+                + (f"resuming from durable step {loaded.step}" if loaded else "no durable checkpoint either")
+            )
+        return dataclasses.replace(loaded, fallbacks=tuple(fallbacks)) if loaded else None
+
+    def _load_local(self, loaded: Loaded) -> Loaded:
+        """Each rank's own piece into this run, with rank 0's shared state (schedule, progress, cursor,
+        hooks), as a durable resume reads it from rank 0's files. The weights and optimizer state stay
+        each rank's own: replicas are identical under ddp, and shards are each rank's under fsdp."""
+        heavy = ("model", "optimizer")
+        shared = dist.broadcast_from_main({k: v for k, v in loaded.app.items() if k not in heavy})
+        loaded = dataclasses.replace(loaded, app={**loaded.app, **shared})
+        agreed(lambda: self._load(loaded))
         return loaded
 
     def _init_weights(self, source: str) -> None:
@@ -146,3 +203,4 @@ class CheckpointHook(Hook):
     def after_train(self, loop: Loop) -> None:
         if not loop.stopping:
             self.checkpointing.maybe_save(final=True)
+            self.checkpointing.finished()

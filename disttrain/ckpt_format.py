@@ -26,6 +26,10 @@ from disttrain.rundir import MANIFEST
 
 State = dict[str, Any]
 
+# What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
+# at save time, so a checkpoint that saved is one that loads.
+_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
 
 def write_files(work: str, host: State, ranks: list[Any], model: bool = True) -> dict[str, State]:
     """Rank 0's files: the weights (unless sharded: then each rank wrote its own), state.pt, ranks.pt."""
@@ -210,3 +214,20 @@ def _torch_load(data: bytes, where: str) -> Any:
         raise CheckpointError(
             f"{where}: refused by torch.load(weights_only=True): {fs.first_line(err)}"
         ) from None
+
+
+def host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
+    """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);
+    refuses what weights_only loading would refuse."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=snapshot)
+    if isinstance(obj, dict):
+        return {k: host_copy(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj))
+    if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
+        return obj
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
+        "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
+    )

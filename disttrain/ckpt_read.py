@@ -32,6 +32,9 @@ class Loaded:
     manifest: State
     app: State
     rank_state: State | None
+    tier: str = "durable"  # local: this rank's own copy in checkpoint.local.dir (local_tier)
+    # Why a faster tier did not serve: [{"tier", "step", "reason"}], recorded with the resume.
+    fallbacks: tuple[State, ...] = ()
 
     @property
     def step(self) -> int:
@@ -138,9 +141,9 @@ class CheckpointReader:
         world size changed (no per-rank stream to continue)."""
         path = from_main(lambda: self._resolve(path_or_step))
         if self.cfg.load_mode == "broadcast":  # one reader, for storage that suffers under many
-            m, app, ranks = from_main(lambda: _read(path))
+            m, app, ranks = from_main(lambda: read_dir(path))
         else:
-            m, app, ranks = agreed(lambda: _read(path))
+            m, app, ranks = agreed(lambda: read_dir(path))
         mine = ranks[dist.rank()] if len(ranks) == dist.world_size() else None
         return Loaded(path, m, app, mine)
 
@@ -185,7 +188,7 @@ class CheckpointReader:
         return self.layout.step_dir(step)
 
 
-def _read(path: str) -> tuple[State, State, list[Any]]:
+def read_dir(path: str) -> tuple[State, State, list[Any]]:
     """(manifest, shared state, per-rank states) of either format, every file verified before use.
     Shard files of a sharded checkpoint are read later, by the rank that needs their rows."""
     m = manifest.read(path)
@@ -218,3 +221,6 @@ def from_main(fn: Callable[[], Any]) -> Any:
     if err is not None:
         raise CheckpointError(err)
     return out
+
+
+_read = read_dir  # the name tests/multiproc/test_fsdp.py (and other branches) import

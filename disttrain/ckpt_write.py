@@ -37,10 +37,6 @@ State = dict[str, Any]
 Make = Callable[[], State]
 Shards = tuple[dict[str, torch.Tensor], State]  # this rank's rows of sharded tensors, and their layout
 
-# What torch.load(weights_only=True) accepts besides tensors and containers. Anything else is refused
-# at save time, so a checkpoint that saved is one that loads.
-_PLAIN = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-
 
 @dataclass(frozen=True)
 class SaveResult:
@@ -83,6 +79,11 @@ class CheckpointManager(CheckpointReader):
         self._bytes: int | None = None  # bytes of the last save this process committed
         self._group: Any = None  # a gloo group for async sharded saves, made at the first one
         self.auto = for_run(self.layout, cfg)  # None unless checkpoint.interval=auto
+
+    @property
+    def meta(self) -> State:
+        """What every manifest of this run records besides its files (the local tier's too)."""
+        return dict(self._meta)
 
     def maybe_save(
         self,
@@ -136,9 +137,9 @@ class CheckpointManager(CheckpointReader):
 
         def prepare() -> tuple[Any, Any, Any]:
             self.check()  # a failed background save fails this save on every rank, not only on rank 0
-            mine = _host_copy(rank_state, "rank_state", background)
-            rows = _host_copy(shards[0], "shards", background) if shards is not None else None
-            return (_host_copy(app_state, "app_state", background) if dist.is_main() else None), mine, rows
+            mine = fmt.host_copy(rank_state, "rank_state", background)
+            rows = fmt.host_copy(shards[0], "shards", background) if shards is not None else None
+            return (fmt.host_copy(app_state, "app_state", background) if dist.is_main() else None), mine, rows
 
         host, mine, rows = agreed(prepare)
         self.last_step, self._last_time, self._bytes = step, time.monotonic(), None
@@ -310,20 +311,3 @@ class CheckpointManager(CheckpointReader):
             if fmt.problem(info.path, full=True) is None:
                 return info.step
         return saved
-
-
-def _host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
-    """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);
-    refuses what weights_only loading would refuse."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=snapshot)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
-    if type(obj) in (list, tuple):
-        return type(obj)(_host_copy(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj))
-    if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
-        return obj
-    raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
-        "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
-    )

@@ -151,6 +151,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class LocalTierConfig:
+    """The local checkpoint tier: each rank's own copy in node-local storage, for a restart in place."""
+
+    every_steps: int = _f(
+        0, "write each rank's piece to node-local storage every N optimizer steps (0: off)", min=0
+    )
+    dir: str = _f(
+        "",
+        "node-local folder ('': /dev/shm/disttrain/RUN_ID/HOST, RUN_ID from run_dir's name and a hash of its path)",
+    )
+    keep_last: int = _f(2, "newest local copies each rank keeps", min=1, max=8)
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
@@ -169,6 +183,7 @@ class CheckpointConfig:
     async_save: bool = _f(False, "write in a background thread; the step blocks only for the host copy")
     save_final: bool = _f(True, "save when training finishes")
     load_mode: str = _f("all", "who reads a checkpoint", choices=("all", "broadcast"))
+    local: LocalTierConfig = field(default_factory=LocalTierConfig)
 
 
 @dataclass

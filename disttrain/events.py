@@ -7,7 +7,7 @@ A record is one JSON object a line: {"time", "event", "job_id", "restart_count",
 is a list of segments, one process lifetime each (one SLURM attempt, one torchrun restart), each opening
 with `start` and closing, unless it was killed, with `exit`:
 
-    start [config_changed] [resume] ready (eval | checkpoint | nonfinite | profile | straggler)* [signal checkpoint]
+    start [config_changed] [tier_fallback] [resume] ready (eval | checkpoint | nonfinite | profile | straggler)* [signal checkpoint]
           (finish | stopped [requeue | requeue_refused] | [hang] error | nonfinite(stop) | interrupted) exit
 """
 
@@ -21,7 +21,12 @@ Event = dict[str, Any]
 
 START = "start"  # step, world_size, max_steps: a segment's first record, before any other
 CONFIG_CHANGED = "config_changed"  # step, changes: config keys applied from this step on (resume)
-RESUME = "resume"  # step (resumed from), cause, interrupted_at (the last step logged before)
+# step (resumed from), cause, interrupted_at (the last step logged before), tier (local: each rank's own
+# piece in checkpoint.local.dir; durable: the run dir's checkpoints)
+RESUME = "resume"
+# tier (the one that could not serve: local), step (null when a rank had no piece), reason (which rank,
+# its host, why), served (the tier that did): just before the `resume` it explains
+TIER_FALLBACK = "tier_fallback"
 READY = "ready"  # step, process_start, job_start, startup {phase: seconds}: start-up ends, training begins
 EVAL = "eval"  # step, split, seconds (blocking), cut (true: a stop was agreed part way)
 CHECKPOINT = (
@@ -41,7 +46,7 @@ HANG = "hang"  # step, ranks [{rank, host, section, frame}]: the rank(s) a colle
 EXIT = "exit"  # step: the process is done with the run dir (goodput's end of the segment)
 
 NAMES = (
-    START, CONFIG_CHANGED, RESUME, READY, EVAL, CHECKPOINT, NONFINITE, PROFILE, SIGNAL, STOPPED, REQUEUE,
+    START, CONFIG_CHANGED, TIER_FALLBACK, RESUME, READY, EVAL, CHECKPOINT, NONFINITE, PROFILE, SIGNAL, STOPPED, REQUEUE,
     REQUEUE_REFUSED, FINISH, ERROR, INTERRUPTED, STRAGGLER, HANG, EXIT,
 )  # fmt: skip
 COMMON = ("time", "event", "job_id", "restart_count")  # in every record (writers.EventLog)

@@ -50,8 +50,10 @@ def continue_after_restart(cfg: Config) -> None:
     """A restarted attempt (a SLURM requeue, a torchrun restart) continues from the run's own newest
     committed checkpoint, whatever `resume` said for the first attempt: `never` meant "nothing there
     before this run", and a path is where the run started from, not where it got to. Before its first
-    commit (a save killed half way leaves only a `.tmp-` dir) it starts again as the first attempt did."""
-    if cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps():
+    commit (a save killed half way leaves only a `.tmp-` dir) it starts again as the first attempt did.
+    `never` becomes `auto` even then: the local tier (checkpoint.local) may hold the attempt's state
+    where the run dir holds none yet, and with nothing anywhere `auto` starts fresh as `never` did."""
+    if cfg.resume == "never" or (cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps()):
         cfg.resume = "auto"
 
 

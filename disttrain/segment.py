@@ -48,12 +48,18 @@ class Segment:
             self.events.emit(ev.CONFIG_CHANGED, step=step, changes=changed)
         if resumed is not None:
             self._note_threads(resumed.manifest.get("num_threads"))
+            for note in resumed.fallbacks:  # why a faster tier did not serve, before what did
+                self.events.emit(ev.TIER_FALLBACK, **note, served=resumed.tier)
             # interrupted_at: the last step logged before the interruption, so `disttrain status` and the
             # curves can say exactly how many steps a kill -9 cost.
             self.events.emit(
-                ev.RESUME, step=step, cause=self._cause(), interrupted_at=self.log.logged_through
+                ev.RESUME,
+                step=step,
+                cause=self._cause(),
+                interrupted_at=self.log.logged_through,
+                tier=resumed.tier,
             )
-            self.files.say(f"resumed from step {step}")
+            self.files.say(f"resumed from step {step} ({resumed.tier} tier)")
 
     def ready(self, step: int) -> None:
         """Start-up ends here: the first step comes next."""

@@ -241,3 +241,45 @@ def test_bad_tensor_parallel_settings_exit_2_with_one_line_and_write_nothing(tmp
         # one process exits 2 itself; under torchrun each worker does (torchrun then reports a failure)
         assert proc.returncode == 2 if nproc == 1 else "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
         assert not run_dir.exists()
+
+
+def test_hybrid_sharding_over_two_torchrun_agents_equals_one_agent(tmp_path, tmp_path_factory):
+    """dp_replicate=2 as on two nodes: two torchrun agents on loopback (static rendezvous, one worker
+    each), so each replica group is one agent's. Every logged number and the final weights equal the
+    same run under one agent with two workers."""
+    hybrid = ["trainer.strategy=fsdp", "parallel.dp_replicate=2"]
+    expected = reference(tmp_path_factory, tuple(hybrid))
+    run_dir, port = tmp_path / "two_agents", str(free_port())
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                "-m",
+                "disttrain.main",
+                f"run_dir={run_dir}",
+                *BASE,
+                *hybrid,
+            ],
+            env=child_env(),
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    logs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert outcome(run_dir) == expected

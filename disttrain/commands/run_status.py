@@ -217,7 +217,16 @@ def _interruption(segment: list[Record], previous: list[Record]) -> dict[str, An
         "cause": resume.get("cause"),
         "job_id": resume.get("job_id"),
         "restart_count": resume.get("restart_count"),
+        "tier": resume.get("tier"),  # local | durable (checkpoint.local); absent before the local tier
+        "fallback": next((e.get("reason") for e in segment if ev.kind(e) == ev.TIER_FALLBACK), None),
     }
+
+
+def _tier(interruption: dict[str, Any]) -> str:
+    """`; local tier`, or why the durable tier served instead (a rank's local piece missing or bad)."""
+    if interruption["fallback"]:
+        return f"; durable tier: {interruption['fallback']}"
+    return f"; {interruption['tier']} tier" if interruption["tier"] else ""
 
 
 def _checkpoints(run_dir: str) -> list[dict[str, Any]]:
@@ -281,7 +290,7 @@ def render(report: dict[str, Any]) -> str:
     for i in r["interruptions"]:
         lines.append(
             f"  {_when(i['time'])}  {i['by']} at step {i['interrupted_at']}, resumed from {i['resumed_from']} "
-            f"({i['steps_lost']} lost; {i['cause']})"
+            f"({i['steps_lost']} lost; {i['cause']}{_tier(i)})"
         )
     if r["skipped_steps"]:
         share = (

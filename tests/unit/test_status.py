@@ -336,3 +336,37 @@ def test_the_sweep_view_shows_each_tasks_slowest_rank_and_a_blank_for_none(tmp_p
     column = header.index("slowest rank")
     assert slow_row[column:].startswith("r1@node2 5.00s ") and slow_row.endswith(" seed=1")
     assert even_row[column:].strip() == "seed=2", "blank where no rank was slow"
+
+
+def test_history_says_which_checkpoint_tier_a_restart_resumed_from_and_why_not_the_local_one(
+    tmp_path, capsys
+):
+    events = [
+        (-100, "start", 0, {}),
+        (-90, "checkpoint", 8, {"seconds": 0.2, "reason": "periodic"}),
+        (-60, "start", 12, {"restart_count": 1}),
+        (-60, "resume", 12, {"cause": "torchrun restart 1", "interrupted_at": 13, "tier": "local"}),
+        (-30, "start", 8, {"restart_count": 2}),
+        (
+            -30,
+            "tier_fallback",
+            8,
+            {
+                "tier": "local",
+                "step": None,
+                "served": "durable",
+                "reason": "rank 1 on node2: no verified piece (folder missing)",
+            },
+        ),  # fmt: skip
+        (-30, "resume", 8, {"cause": "torchrun restart 2", "interrupted_at": 15, "tier": "durable"}),
+    ]
+    report = collect(str(_run_dir(tmp_path, events, max_steps=300)), now=time.time())
+    local, durable = report["interruptions"]
+    assert (local["tier"], local["fallback"], local["steps_lost"]) == ("local", None, 1)
+    assert durable["tier"] == "durable" and "rank 1 on node2" in durable["fallback"]
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from 12 (1 lost; torchrun restart 1; local tier)" in out
+    assert (
+        "resumed from 8 (7 lost; torchrun restart 2; durable tier: rank 1 on node2: no verified piece" in out
+    )

@@ -59,7 +59,9 @@ class Segment:
                 interrupted_at=self.log.logged_through,
                 tier=resumed.tier,
             )
-            self.files.say(f"resumed from step {step} ({resumed.tier} tier)")
+            # The tier is news only when there are two: a run without checkpoint.local reads as before.
+            local = resumed.tier == "local" or resumed.fallbacks
+            self.files.say(f"resumed from step {step}" + (f" ({resumed.tier} tier)" if local else ""))
 
     def ready(self, step: int) -> None:
         """Start-up ends here: the first step comes next."""

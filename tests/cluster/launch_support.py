@@ -91,6 +91,11 @@ def release(slurm, job: int, timeout: float = 60) -> None:
     from tests.cluster.slurm_cluster import SlurmError
 
     deadline = time.monotonic() + timeout
+    # The previous attempt may still be completing on its nodes for a moment after the job shows
+    # PENDING; started then, SLURM kills it ("Job credential revoked", FAILED; seen once in a full run).
+    # SLURM itself would wait out BeginTime (~2 min): here, wait until no node is completing.
+    while _completing(slurm) and time.monotonic() < deadline:
+        time.sleep(0.5)
     while slurm.job_state(job) == "PENDING":
         assert time.monotonic() < deadline, f"job {job} stayed PENDING: {slurm.scontrol_show_job(job)}"
         try:
@@ -99,6 +104,11 @@ def release(slurm, job: int, timeout: float = 60) -> None:
             if "no longer pending" not in str(err):
                 raise
         time.sleep(1)
+
+
+def _completing(slurm) -> bool:
+    states = slurm.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.split()
+    return any("comp" in state for state in states)
 
 
 def outcome(run_dir: Path, steps: int) -> dict:

@@ -99,13 +99,17 @@ def _launcher_gone() -> bool:
     parent = os.getppid()
     if parent != 1:
         return parent == 0
+    maps = _read("/proc/1/maps")
+    if maps is not None:
+        return b"libtorch" not in maps
+    cmdline = _read("/proc/1/cmdline")
+    return cmdline is not None and b"torch" not in cmdline  # cannot tell: trust it
+
+
+def _read(path: str) -> bytes | None:
+    """A /proc file's bytes, or None where it is not readable (init's memory map often is not)."""
     try:
-        with open("/proc/1/maps", encoding="utf-8", errors="replace") as fh:
-            return not any("libtorch" in line for line in fh)
+        with open(path, "rb") as fh:
+            return fh.read()
     except OSError:
-        pass
-    try:
-        with open("/proc/1/cmdline", "rb") as fh:
-            return b"torch" not in fh.read()
-    except OSError:  # cannot tell: trust it
-        return False
+        return None

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, Row, Section, machine_info, median, ratio_row, run_worker, worker_main
-from bench.report import TABLE_HEAD, _row_line
-from bench.sections import replace_section
+from bench.sections import write_owned
 
 WORKLOADS = {
     "digits": {"config": None, "overrides": []},
@@ -326,14 +325,8 @@ def main() -> None:
     t0 = time.time()
     sec = run(args.quick)
     info["wall_time_s"] = round(time.time() - t0)
-    head = (
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info['nproc']} CPUs "
-        f"({info['cpu_model']}, no GPU), torch {info['torch']}, commit {info['git_commit']}; "
-        f"`python -m bench.attribution{' --quick' if args.quick else ''}`, {info['wall_time_s']} s; "
-        f"load average {'/'.join(f'{x:.2f}' for x in info['load_avg_at_start'])} at start."
-    )
-    table = "\n".join([*TABLE_HEAD, *(_row_line(r) for r in sec.rows)])
-    replace_section(args.out, "attribution", f"## {sec.title}\n\n{head}\n\n{table}")
+    command = f"python -m bench.attribution{' --quick' if args.quick else ''}"
+    write_owned(args.out, sec, info, command, info["wall_time_s"])
     Path(args.out).with_name("RESULTS_attribution.json").write_text(
         json.dumps(
             {"machine": info, "rows": [r.as_dict() for r in sec.rows], "extra": sec.extra},

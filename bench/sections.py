@@ -5,7 +5,9 @@ its own command, and is carried over unchanged when `python -m bench` rewrites t
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 
 def _markers(key: str) -> tuple[str, str]:
@@ -30,3 +32,20 @@ def owned_sections(path: str | Path) -> str:
         return ""
     found = re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", path.read_text(encoding="utf-8"), re.S)
     return "\n\n".join(match.group(0) for match in found)
+
+
+def write_owned(
+    out: str | Path, sec: Any, info: dict[str, Any], command: str, seconds: float, extra: str = ""
+) -> None:
+    """A command's own section of RESULTS.md: its title, one line saying when, where, what and how long
+    (`extra` appended), and its table."""
+    from bench.report import TABLE_HEAD, _row_line
+
+    head = (
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info['nproc']} CPUs "
+        f"({info['cpu_model']}, no GPU), torch {info['torch']}, commit {info['git_commit']}; "
+        f"`{command}`, {seconds:.0f} s; load average "
+        f"{'/'.join(f'{x:.2f}' for x in info['load_avg_at_start'])} at start.{extra}"
+    )
+    table = "\n".join([*TABLE_HEAD, *(_row_line(r) for r in sec.rows)])
+    replace_section(out, sec.key, f"## {sec.title}\n\n{head}\n\n{table}")

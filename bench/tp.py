@@ -19,8 +19,7 @@ from typing import Any
 
 from bench.common import REPO, Section, machine_info, ratio_row, run_worker
 from bench.fsdp import MODEL
-from bench.report import TABLE_HEAD, _row_line
-from bench.sections import replace_section
+from bench.sections import write_owned
 
 LAYOUTS = {
     "ddp": ["trainer.strategy=ddp"],
@@ -62,15 +61,9 @@ def main() -> None:
     args = p.parse_args()
     info, t0 = machine_info(), time.time()
     sec = run(args.quick)
-    head = (
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {info['nproc']} CPUs "
-        f"({info['cpu_model']}, no GPU), torch {info['torch']}, commit {info['git_commit']}; "
-        f"`python -m bench.tp{' --quick' if args.quick else ''}`, {time.time() - t0:.0f} s; load average "
-        f"{'/'.join(f'{x:.2f}' for x in info['load_avg_at_start'])} at start. Memory is a count of bytes "
-        f"and does not depend on load; step times do."
-    )
-    table = "\n".join([*TABLE_HEAD, *(_row_line(r) for r in sec.rows)])
-    replace_section(args.out, "tp", f"## {sec.title}\n\n{head}\n\n{table}")
+    command = f"python -m bench.tp{' --quick' if args.quick else ''}"
+    note = " Memory is a count of bytes and does not depend on load; step times do."
+    write_owned(args.out, sec, info, command, time.time() - t0, note)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ section. Facts only; how to read them is in bench/README.md."""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from bench.common import Row, Section
@@ -61,6 +63,26 @@ def _summary(sections: list[Section]) -> list[str]:
     return out
 
 
+def _last_gpu_run(path: str) -> list[str]:
+    """Section 6 when this run had no GPU: the goals of the last `python -m bench --gpu` (its own report,
+    RESULTS_GPU.md, has the whole section), or how to make one."""
+    if not os.path.exists(path):
+        return ["Not in this run: `python -m bench --gpu` needs a CUDA device."]
+    with open(path, encoding="utf-8") as fh:
+        last = json.load(fh)
+    info = last["machine"]
+    rows = [row for sec in last["sections"] for row in sec["rows"]]
+    head = (f"Not in this run (no CUDA device). The last GPU run, `{last['command']}` on {info.get('gpu', '?')} "
+            f"at {info.get('date', '?')}, commit {info.get('git_commit', '?')}; all of it in bench/RESULTS_GPU.md:")  # fmt: skip
+    table = ["", "| figure | ratio | goal | goal met? |", "| --- | --- | --- | --- |"]
+    table += [f"| {r['figure']} | {r['ratio']:.3f} | {r['goal']} | {_verdict(r['met'])} |" for r in rows]
+    return [head, *table]
+
+
+def _verdict(met: bool | None) -> str:
+    return "—" if met is None else ("met" if met else "**missed**")
+
+
 def write_report(path: str, sections: list[Section], info: dict[str, Any], command: str, quick: bool) -> None:
     lines = ["# disttrain benchmarks", "",
              "Written by `python -m bench`; how to read it: bench/README.md; raw numbers in the .json next to "
@@ -70,7 +92,7 @@ def write_report(path: str, sections: list[Section], info: dict[str, Any], comma
         lines += [f"## {sec.title}", "", f"Section time: {sec.seconds:.0f} s.", "", *TABLE_HEAD]
         lines += [_row_line(r) for r in sec.rows] + [""] + [f"- {n}" for n in sec.notes] + [""]
     if not any(s.key == "gpu" for s in sections):
-        lines += ["## 6. GPU", "", "Not in this run: `python -m bench --gpu` needs a CUDA device.", ""]
+        lines += ["## 6. GPU", "", *_last_gpu_run(os.path.join(os.path.dirname(path), "RESULTS_GPU.json")), ""]
     kept = owned_sections(path)  # sections other commands write (bench/sections.py) stay as they were
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines).rstrip() + "\n" + (f"\n{kept}\n" if kept else ""))

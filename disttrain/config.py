@@ -53,6 +53,12 @@ class TrainerConfig:
         min=1.0,
     )
     cpu: bool = _f(False, "train on CPU even when a GPU is present")
+    deterministic: bool = _f(
+        False,
+        "GPU: only deterministic kernels (torch.use_deterministic_algorithms, a fixed cuBLAS workspace, no "
+        "cuDNN autotuning), so two runs and a resumed run are bit-identical; slower, and an op with no "
+        "deterministic kernel fails the run",
+    )
     strategy: str = _f(
         "ddp",
         "ddp: replicate the model; fsdp: shard params, grads and optimizer state",

@@ -171,6 +171,20 @@ def apply_threads(cfg: Config, env: ClusterEnv) -> None:
         torch.set_num_threads(n)
 
 
+def apply_determinism(cfg: Config) -> None:
+    """trainer.deterministic: pin the GPU kernels that may differ run to run (atomics in scatter/embedding
+    backward, cuBLAS split-K workspaces, cuDNN autotuning). CPU kernels here are deterministic already at
+    a fixed thread count (apply_threads). Must run before the first CUDA call (the cuBLAS variable is read
+    when its handle is made)."""
+    if not cfg.trainer.deterministic:
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _int(text: str | None) -> int:
     return int(text) if text and text.strip().isdigit() else 0
 
@@ -224,6 +238,7 @@ def execute(
 
     phases.CLOCK.mark(phases.IMPORTS)
     apply_threads(cfg, env)
+    apply_determinism(cfg)
     trainer, clean, lease = None, False, RunLease(cfg.run_dir, env)
     try:
         strategy = start_strategy(cfg)  # the process group: every rank learns the lease's outcome over it

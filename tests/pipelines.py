@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from disttrain.pipelines import Pipeline
 from disttrain.pipelines.digits import DigitsPipeline
 from disttrain.pipelines.hf import CausalLM
+from disttrain.pipelines.tiny_gpt import TinyGPTPipeline
 
 
 class Indexed(Dataset):
@@ -133,6 +134,18 @@ class ProbeStream(Pipeline):
 
 class SlowCausalLM(CausalLM):
     """The built-in HF pipeline with a per-step delay, so that a signal lands where a test wants it."""
+
+    def __init__(self, step_delay: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.step_delay = step_delay
+
+    def loss(self, model, batch):
+        time.sleep(self.step_delay)
+        return super().loss(model, batch)
+
+
+class SlowTinyGPT(TinyGPTPipeline):
+    """tiny_gpt with a per-step delay: a GPU step is too short for a signal to land mid-run otherwise."""
 
     def __init__(self, step_delay: float = 0.0, **kwargs):
         super().__init__(**kwargs)

@@ -10,7 +10,7 @@ import torch
 
 from disttrain.cluster import ClusterEnv
 from disttrain.config import load_config
-from disttrain.run import apply_threads, preflight
+from disttrain.run import apply_determinism, apply_threads, preflight
 from tests.conftest import FAST, REPO, child_env, read_jsonl, run_main
 from tests.unit.test_main import assert_refused
 
@@ -175,6 +175,20 @@ def test_thread_count_is_recorded_and_a_change_on_resume_is_said(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     notes = [line for line in proc.stdout.splitlines() if "no longer bit-identical" in line]
     assert len(notes) == 1 and "2 intra-op thread(s)" in notes[0] and "with 1" in notes[0], proc.stdout
+
+
+def test_deterministic_pins_the_kernels_before_cuda_starts(monkeypatch):
+    """trainer.deterministic: torch refuses nondeterministic kernels, and cuBLAS gets the fixed workspace
+    it needs for that (read when its handle is made, so it must be set before any CUDA call)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    apply_determinism(load_config(None, []))
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    try:
+        apply_determinism(load_config(None, ["trainer.deterministic=true"]))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_a_slurm_task_computes_with_its_cpus_per_task(monkeypatch):

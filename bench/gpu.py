@@ -47,6 +47,10 @@ def run(quick: bool, smoke: bool = False, compile_model: bool = True) -> Section
         toks = tps / median(a)
         sec.rows.append(Row(f"Trainer {label}: tokens/s; ratio = MFU (model FLOP/s / measured peak)", toks,
                             peak / fpt, "tokens/s", toks * fpt / peak, "(context)", None, f"n={len(a)}"))  # fmt: skip
+    if out.get("a_sync"):
+        sec.rows.append(ratio_row("time per step: trainer.nonfinite=skip (a device read a step) vs the plain loop",
+                                  out["a_sync"], out["b"], "ms", "(context)", None, scale=1e3,
+                                  note="stop, the default, reads the verdict a step late: no read"))  # fmt: skip
     label = f"{out['ckpt_bytes'] / 1e6:.0f} MB GPU state"
     sec.rows += [*io_rows(label, out["ckpt_bytes"], out["ckpt"]), async_row(label, out["async"])]
     return sec
@@ -145,7 +149,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device("cpu" if smoke else "cuda")
     out: dict[str, Any] = {"device": "cpu (smoke)" if smoke else torch.cuda.get_device_name(0),
                            "peak_flops": measure_peak(device, 256 if smoke else 8192, 5 if smoke else 50),
-                           "a": [], "b": [], "a_compiled": [], "b_compiled": []}  # fmt: skip
+                           "a": [], "b": [], "a_sync": [], "a_compiled": [], "b_compiled": []}  # fmt: skip
     base = {"config": GPU_CONFIG, "steps": spec["warmup"] + spec["steps"] + 1,
             "overrides": [*(SMOKE_ARGS if smoke else []), f"trainer.cpu={str(smoke).lower()}",
                           "scheduler.warmup_steps=2"]}  # fmt: skip
@@ -159,6 +163,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             a, trainer = run_trainer(cfg(f"a{i}"), w, False)
             out["a"].append(a)
             out["b"].append(run_plain(cfg(f"b{i}"), w, False, device))
+            skip = cfg(f"s{i}")  # the guard deciding at the step: one device read a step
+            skip.trainer.nonfinite = "skip"
+            out["a_sync"].append(run_trainer(skip, w, False)[0])
         c = cfg("flops")
         out["flops_per_token"] = model_flops_per_token(trainer.module, c)
         out["tokens_per_step"] = c.data.batch_size * c.pipeline.args["block_size"]

@@ -92,7 +92,8 @@ def write_report(path: str, sections: list[Section], info: dict[str, Any], comma
         lines += [f"## {sec.title}", "", f"Section time: {sec.seconds:.0f} s.", "", *TABLE_HEAD]
         lines += [_row_line(r) for r in sec.rows] + [""] + [f"- {n}" for n in sec.notes] + [""]
     if not any(s.key == "gpu" for s in sections):
-        lines += ["## 6. GPU", "", *_last_gpu_run(os.path.join(os.path.dirname(path), "RESULTS_GPU.json")), ""]
+        gpu = os.path.join(os.path.dirname(path), "RESULTS_GPU.json")
+        lines += ["## 6. GPU", "", *_last_gpu_run(gpu), ""]
     kept = owned_sections(path)  # sections other commands write (bench/sections.py) stay as they were
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines).rstrip() + "\n" + (f"\n{kept}\n" if kept else ""))

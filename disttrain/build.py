@@ -114,7 +114,7 @@ def build(
     features = feature_hooks(cfg, cuda, events, files)
     spec = EvalSpec(cfg.data.eval_batch_size, cfg.data.num_workers, cfg.ema.eval)
     ema = EMAHook.find(features, strategy.module)
-    evaluator = Evaluator(spec, splits, pipeline, strategy, stopping, ema, events, files)
+    evaluator = Evaluator(spec, splits, pipeline, strategy, stopping, ema, events, files, guard.flush)
     registry = _registry(schedule, progress, data, guard, window)
     checkpointing = Checkpointing(
         cfg, manager, strategy, registry, progress, data, events, files, guard.check_weights,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +51,16 @@ class Evaluator:
         ema: EMAHook | None,
         events: EventLog,
         files: RunFiles,
+        verdict: Callable[[], None] = lambda: None,
     ):
         self.spec, self.splits, self.pipeline, self.strategy = spec, splits, pipeline, strategy
+        self.verdict = verdict  # the guard's verdict still in flight, acted on before weights are judged
         self.stopping, self.ema, self.events, self.files = stopping, ema, events, files
 
     def run(self, split: str, step: int) -> dict[str, float] | None:
         """Evaluate a split during training and record it; None if a stop was agreed mid-way (every
         rank sees the same). A non-finite metric is said, and recorded with the eval."""
+        self.verdict()
         t0 = time.perf_counter()
         metrics = self.evaluate(split, stoppable=True)
         fields: dict[str, Any] = {"step": step, "split": split, "seconds": round(time.perf_counter() - t0, 4)}

@@ -110,6 +110,7 @@ class Trainer:
                 self._call("before_step")
                 self.train_step(batches)
                 self._call("after_step")
+            self.guard.flush()  # the last step's verdict, where it is read a step late (GPU, stop)
             self.stop.drain()
             self._call("after_train")
             self.checkpointing.wait()
@@ -151,7 +152,9 @@ class Trainer:
         """Clip (or only measure), check, step and zero, on the micro-batch that ends an optimizer step.
         Returns whether the update was applied, and the global gradient norm before clipping."""
         norm = grad_norm(self.strategy, self.cfg.trainer, self.progress.step + 1, self.guard.on)
-        bad = self.guard.bad_step(norm)  # the same verdict on every rank: the norm is of reduced gradients
+        # The same verdict on every rank: the norm is of reduced gradients (a GPU stop-mode run reads it
+        # at the next boundary instead, and this is the previous step's verdict acted on: guard.py).
+        bad = self.guard.bad_step(norm, self.progress.step + 1)
         if bad:
             self.guard.act(self.progress.step + 1, *self.guard.judge())  # raises on "stop", before any update
             self.strategy.drop_step()

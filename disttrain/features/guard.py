@@ -15,6 +15,14 @@ Under fp16 the grad scaler owns non-finite gradients (it skips the step and lowe
 routine), so there the guard watches the loss alone and learns of it from the agreement, a few step
 boundaries later; the poisoned step itself was already skipped by the scaler on every rank.
 
+On a GPU with `stop` (the default) the verdict is read one step late, so that the loop never waits for
+the device: the step's norm and loss flag are copied to pinned host memory without blocking, and the
+next step boundary (or a save, or the end of the loop, whichever comes first) reads them, long after
+the copy landed. A bad step's update is then already applied, but nothing can keep it: the run ends
+(exit 1) at that boundary, naming the bad step, and a save flushes the verdict before it captures
+anything. `skip` must decide before the update, so it reads the verdict at the step (one device sync a
+step, about 1% of a GPU step: bench/RESULTS_GPU.md).
+
 Independently of the mode, `check_state` refuses to save parameters that are not finite (or buffers
 holding NaN; a buffer may hold -inf on purpose, e.g. an attention mask).
 """
@@ -69,6 +77,10 @@ class NonFiniteGuard:
         self.watch_grad = self.on and not scaler  # fp16: non-finite gradients are the scaler's business
         self.host = device.type == "cpu"  # reading a CPU scalar costs nothing; a GPU one would sync
         self._bad_dev: torch.Tensor | None = None  # GPU: this rank's loss verdict, read once per step
+        # GPU + stop: the verdict of the last step, read at the next boundary (step, host copy, copy done)
+        self.defer = self.watch_grad and not self.host and self.mode == "stop"
+        self._pending: tuple[int, torch.Tensor, Any] | None = None
+        self._host_buf: torch.Tensor | None = None
         self._exchanges = 0  # fp16: the agreement's exchanges already looked at
         self.consecutive = 0  # skipped steps in a row
         self.skipped = 0  # skipped steps in the whole run
@@ -78,7 +90,7 @@ class NonFiniteGuard:
         so that the gradient all-reduce carries this rank's verdict to every rank."""
         if not self.on:
             return loss
-        if self.host:
+        if self.host and not self.defer:
             if math.isfinite(loss.item()):
                 return loss
             self.flag.raised = True  # travels in the next exchange
@@ -87,11 +99,17 @@ class NonFiniteGuard:
         self._bad_dev = ~ok if self._bad_dev is None else self._bad_dev | ~ok
         return loss * torch.where(ok, 1.0, NAN)
 
-    def bad_step(self, norm: torch.Tensor | None) -> bool:
-        """After the gradients are reduced, before the update: whether this step must not be applied.
+    def bad_step(self, norm: torch.Tensor | None, step: int) -> bool:
+        """After the gradients of `step` are reduced, before its update: whether it must not be applied.
         The same on every rank (the global norm is). A good step ends a run of skips. `norm` is None
-        only when nothing computed it, which the guard being on rules out (metrics.grad_norm)."""
+        only when nothing computed it, which the guard being on rules out (metrics.grad_norm). Deferred
+        (GPU, stop): acts on the previous step's verdict instead, and always answers False. Must be
+        called on all ranks."""
         if not self.on or norm is None:
+            return False
+        if self.defer:
+            self.flush()
+            self._post(norm, step)
             return False
         value = self._read(norm)  # also hands this rank's loss flag to the agreement (fp16 needs it)
         bad = self.watch_grad and not math.isfinite(value)
@@ -107,6 +125,37 @@ class NonFiniteGuard:
         self._bad_dev = None
         self.flag.raised = self.flag.raised or bool(bad)
         return value
+
+    def _post(self, norm: torch.Tensor, step: int) -> None:
+        """Start copying `step`'s norm and loss flag to the host; `flush` reads them."""
+        bad = self._bad_dev if self._bad_dev is not None else torch.zeros((), device=norm.device)
+        self._bad_dev = None
+        both = torch.stack([norm.detach().float(), bad.float()])
+        if self._host_buf is None:  # one pinned buffer, reused: flush reads it before the next copy
+            self._host_buf = torch.empty(2, pin_memory=both.is_cuda)
+        self._host_buf.copy_(both, non_blocking=both.is_cuda)
+        done = None
+        if both.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        self._pending = (step, self._host_buf, done)
+
+    def flush(self) -> None:
+        """Act on a verdict still in flight (deferred mode; otherwise nothing is): raises NonFiniteError
+        naming the bad step. Called at every step boundary, before a save and when the loop ends. Must be
+        called on all ranks (the verdict is the same on every rank)."""
+        if self._pending is None:
+            return
+        step, host, done = self._pending
+        self._pending = None
+        if done is not None:
+            done.synchronize()  # at a step boundary the copy finished long ago: no wait in practice
+        value, bad = host.tolist()
+        self.flag.raised = self.flag.raised or bool(bad)
+        if math.isfinite(value):
+            self.consecutive = 0
+            return
+        self.act(step, *self.judge())
 
     def judge(self) -> tuple[str, str]:
         """A bad step, the same on every rank: exchange the flags now (blocking; rare) to learn whether
@@ -168,7 +217,9 @@ class NonFiniteGuard:
     def check_weights(self, module: torch.nn.Module, step: int) -> None:
         """Refuse to save weights that are not finite: NonFiniteError on every rank, nothing written. Must
         be called on all ranks (one tiny all-reduce, so that sharded parameters, checked shard by shard,
-        give every rank the same answer)."""
+        give every rank the same answer). A verdict still in flight is acted on first, so the error names
+        the step that went bad rather than the parameters it poisoned."""
+        self.flush()
         bad = _first_bad(module)
         if dist.any_flag(bad is not None):
             where = bad or "a parameter shard on another rank"

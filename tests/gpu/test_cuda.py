@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, read_jsonl, run_main
+from tests.unit.test_features import poisoned
 
 pytestmark = [
     pytest.mark.gpu,
@@ -80,3 +81,15 @@ def test_tiny_gpt_compiled_bf16_reports_mfu_and_saves_plain_names(tmp_path):
     assert ("train/mfu" in last) == known and (not known or 0 < last["train/mfu"] < 1)
     names = load_file(tmp_path / "checkpoints" / "step_00000020" / "model.safetensors")
     assert not any("_orig_mod" in k for k in names)
+
+
+def test_nonfinite_loss_on_gpu_stops_naming_its_step_and_saves_nothing_after(tmp_path):
+    """On a GPU the stop-mode verdict is read a step late (no device sync a step): the run still fails
+    with exit 1 naming the step whose loss went NaN, and the checkpoint before it is the newest."""
+    proc = run_main(f"run_dir={tmp_path}", "pipeline.target=tests.pipelines:PoisonDigits", poisoned(3),
+                    "trainer.max_steps=10", "checkpoint.every_steps=2", *FAST)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite loss at step 3" in proc.stderr, proc.stderr[-3000:]
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2]
+    assert [(e["step"], e["action"]) for e in events if e["event"] == "nonfinite"] == [(3, "stop")]

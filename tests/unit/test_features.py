@@ -69,6 +69,30 @@ def test_skips_stop_after_max_skips_in_a_row_and_the_run_is_failed(tmp_path):
     assert collect(str(run_dir))["state"] == "failed"
 
 
+@pytest.mark.parametrize(
+    "bad, steps, every, saved", [(3, 10, 0, []), (3, 10, 1, [1, 2]), (4, 4, 0, []), (4, 8, 0, [])]
+)
+def test_a_verdict_read_a_step_late_still_stops_at_the_bad_step_and_saves_nothing_after(
+    tmp_path, bad, steps, every, saved
+):
+    """The GPU stop-mode path (the verdict copied off the device and read at the next boundary), run
+    here on the CPU: the error names the step whose loss went NaN whether the next thing is another
+    step, a save (every step) or the end of the loop, and no checkpoint holds that step or a later one."""
+    run_dir = tmp_path / "run"
+    trainer = build(run_dir, "pipeline.target=tests.pipelines:PoisonDigits", poisoned(bad), "trainer.eval_every=4",
+                    f"trainer.max_steps={steps}", f"checkpoint.every_steps={every}")  # fmt: skip
+    assert not trainer.guard.defer, "on the CPU the verdict costs nothing and is read at the step"
+    trainer.guard.defer = True
+    with pytest.raises(NonFiniteError, match=f"non-finite loss at step {bad} .trainer.nonfinite=stop"):
+        trainer.fit()
+    trainer.close()
+    found = [(e["step"], e["action"]) for e in events(run_dir) if e["event"] == "nonfinite"]
+    assert found == [(bad, "stop")]
+    assert [e["step"] for e in events(run_dir) if e["event"] == "checkpoint"] == saved
+    assert not [e for e in events(run_dir) if e["event"] == "eval" and e["step"] >= bad], "judged NaN weights"
+    assert collect(str(run_dir))["state"] == "failed"
+
+
 def test_a_stop_signal_and_a_nonfinite_loss_together_are_not_requeued(tmp_path):
     """SLURM's time-limit warning arrived, and then the loss went NaN: a failure, never a requeue (the
     signal alone would requeue: tests/unit/test_preemption.py)."""

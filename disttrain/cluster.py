@@ -31,6 +31,13 @@ class ClusterEnv:
     master_port: int = 29500
     job_id: str = ""  # what scontrol takes for this job: `A_T` for task T of array A (slurm_job_id)
     restart_count: int = 0
+    # torchrun workers of a SLURM job's in-job agents (launch/agent.py): a stop requeues the job
+    slurm_agent: bool = False
+
+    @property
+    def requeues_slurm(self) -> bool:
+        """Whether an agreed stop hands the job back to SLURM (rank 0 requeues it)."""
+        return self.launcher == "slurm" or self.slurm_agent
 
     @property
     def is_distributed(self) -> bool:
@@ -53,6 +60,9 @@ def host_name(env: Mapping[str, str] | None = None) -> str:
     hostname: what attribution and hang records name a rank's host by."""
     env = os.environ if env is None else env
     return env.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+SLURM_AGENT_ENV = "DISTTRAIN_SLURM_AGENT"  # set by launch/agent.py for the workers of its torchrun
 
 
 def detect(env: Mapping[str, str] | None = None) -> ClusterEnv:
@@ -81,7 +91,10 @@ def _from_torchrun(env: Mapping[str, str]) -> ClusterEnv:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", 29500)),
         job_id=slurm_job_id(env) or env.get("TORCHELASTIC_RUN_ID", ""),
-        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", env.get("SLURM_RESTART_COUNT", 0))),
+        # torchrun inside a SLURM job: a requeued attempt is a restart too, whatever the agent counts
+        restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        + int(env.get("SLURM_RESTART_COUNT") or 0),
+        slurm_agent=env.get(SLURM_AGENT_ENV) == "1" and bool(slurm_job_id(env)),
     )
 
 

@@ -226,7 +226,7 @@ def is_stale(holder: Holder, env: ClusterEnv, now: float | None = None) -> bool:
     """An object-store lease no live run holds: not renewed for the TTL, its process on this host gone,
     or an earlier attempt of this very SLURM job (requeued: its tasks are gone)."""
     now = time.time() if now is None else now
-    if env.launcher == "slurm" and env.job_id and holder.get("job_id") == env.job_id:
+    if env.requeues_slurm and env.job_id and holder.get("job_id") == env.job_id:
         return True
     if judged_here(holder) and not alive_here(holder):
         return True

@@ -49,14 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from disttrain import phases, run
     from disttrain.config import load_config
     from disttrain.errors import ConfigError
-    from disttrain.secrets import mask_output, secret_values
+    from disttrain.secrets import mask_output, secret_values, take_secrets
     from disttrain.slurm import RequeuePolicy
 
     phases.pause_gc()  # until the first step: start-up is the lever of goodput (disttrain.phases)
     mask_output(secret_values())  # credentials from the environment, in anything printed from now on
     try:
         args = build_parser().parse_intermixed_args(argv)  # flags may sit between overrides
-        cfg = load_config(args.config, args.overrides)
+        # Secrets arrive in the environment (an in-job agent's workers: launch/agent.py), never as arguments
+        cfg = load_config(args.config, [*args.overrides, *take_secrets()])
     except ConfigError as err:
         if env.rank == 0:
             print(f"disttrain: error: {err}", file=sys.stderr)

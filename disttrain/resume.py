@@ -57,6 +57,22 @@ def continue_after_restart(cfg: Config) -> None:
         cfg.resume = "auto"
 
 
+def ended_for_good(run_dir: str) -> str | None:
+    """Why a restarted attempt must not train again, or None. A run whose last segment stopped on a
+    non-finite value would only reach it again from the same checkpoint (the numbers are the same), so a
+    torchrun or in-job restart after it fails at once instead of spending the allocation on it."""
+    from disttrain import events as ev  # torch-free
+
+    last = ev.last_end(ev.read(run_dir))
+    if last is None or ev.kind(last) != ev.NONFINITE or last.get("action") != "stop":
+        return None
+    return (
+        f"the run stopped at step {last.get('step')} on a non-finite {last.get('quantity', 'value')}; a restart "
+        "would reach it again from the same checkpoint, so it is not trained again: fix the cause (lower "
+        "optim.lr, check the data, or set trainer.nonfinite=skip) and run the same command again"
+    )
+
+
 def source(cfg: Config, committed: list[int]) -> str | None:
     """The checkpoint directory `resume` points at before anything is verified (the newest committed one
     of the run dir, or of the run dir `resume=PATH` names); None for a fresh start."""

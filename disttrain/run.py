@@ -212,6 +212,11 @@ def start(
         preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
     except ConfigError as err:
         return _bad_input(env, err)
+    final = resume.ended_for_good(cfg.run_dir) if env.restart_count > 0 and not test else None
+    if final is not None:  # a restart (torchrun, in-job, requeue) after a non-finite stop: fail again at once
+        if env.rank == 0:
+            print(f"disttrain: error: {final}", file=sys.stderr)
+        return RunResult(Outcome.FAILED, message=final)
     _setup_logging(env.rank)
     if env.launcher == "torchrun":
         _fresh_store_after_torchrun_restart(os.environ)
@@ -280,7 +285,7 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, policy: slurm.
     if fit.stop is None:
         return RunResult(Outcome(fit.outcome), fit.step, message=fit.reason)
     files, events = trainer.segment.files, trainer.segment.events
-    if env.launcher != "slurm":
+    if not env.requeues_slurm:
         files.warn(stop_note(trainer.run_dir, fit.step, fit.stop.signal, env.launcher))
         return RunResult(Outcome.STOPPED, fit.step, fit.stop.signal)
     from disttrain.stop import after_stop

@@ -113,7 +113,16 @@ def submit(plan: SweepPlan) -> int:
     secrets: list[str] = []
     for cfg in plan.configs:  # the secrets are not swept (sweep.py refuses), so every task's are the same
         config_yaml, secrets = split_secrets(cfg)
-        jobs.append(TrainJob(config_yaml, o.max_requeues, cfg.run_dir, o.exclude_slow_nodes))
+        jobs.append(
+            TrainJob(
+                config_yaml,
+                o.max_requeues,
+                cfg.run_dir,
+                o.exclude_slow_nodes,
+                o.in_job_restarts,
+                o.ranks_per_node,
+            )
+        )
     created = first_missing(plan.folder)
     try:
         executor = make_executor(o, plan.folder, plan.job_name, array_size=len(jobs))

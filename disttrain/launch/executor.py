@@ -3,6 +3,8 @@ submission itself.
 
 What disttrain asks of SLURM and why:
 - one task per GPU (or per CPU rank), `--ntasks-per-node`; ranks come from SLURM_PROCID & co (cluster.py);
+  with `--in-job-restarts N`, one task per node instead (its CPUs: --cpus-per-task x the node's ranks),
+  whose torch elastic agent spawns the node's ranks (launch/agent.py);
 - `--signal=USR2@N`: the time-limit warning that lets the job save and requeue before the limit;
 - `--requeue`: the job may be requeued even where the cluster's JobRequeue default says otherwise;
 - `--open-mode=append` (submitit's default): every attempt of a requeued job appends to the same logs.
@@ -21,10 +23,11 @@ from disttrain.launch.options import SubmitOptions
 
 def slurm_parameters(o: SubmitOptions, job_name: str) -> dict[str, Any]:
     """Keyword arguments for submitit's SlurmExecutor.update_parameters (sbatch names)."""
+    agent = o.in_job_restarts > 0  # one task per node: its elastic agent spawns the node's ranks
     params: dict[str, Any] = {
         "job_name": job_name,
         "nodes": o.nodes,
-        "ntasks_per_node": o.ranks_per_node,
+        "ntasks_per_node": 1 if agent else o.ranks_per_node,
         "time": o.time_minutes,  # submitit keeps minutes for itself; the exact text goes below
         "signal_delay_s": o.signal_delay,
         "additional_parameters": {"requeue": True, "time": o.time},
@@ -32,7 +35,7 @@ def slurm_parameters(o: SubmitOptions, job_name: str) -> dict[str, Any]:
     if o.gpus_per_node:
         params["gpus_per_node"] = o.gpus_per_node
     optional = {
-        "cpus_per_task": o.cpus_per_task,
+        "cpus_per_task": o.cpus_per_task * o.ranks_per_node if agent and o.cpus_per_task else o.cpus_per_task,
         "mem": o.mem,
         "partition": o.partition,
         "account": o.account,

@@ -44,6 +44,8 @@ class TrainJob:
     max_requeues: int
     run_dir: str
     exclude_slow_nodes: bool = False  # --exclude-slow-nodes: a requeue leaves out the nodes that were slow
+    in_job_restarts: int = 0  # > 0: this task is a node's elastic agent (launch/agent.py), not a rank
+    ranks_per_node: int = 1  # the ranks that agent spawns
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal
@@ -61,7 +63,25 @@ class TrainJob:
         except ConfigError as err:
             return self.finish(run.RunResult(run.Outcome.BAD_INPUT, message=str(err)), env)
         policy = RequeuePolicy(self.max_requeues, self.exclude_slow_nodes)
+        if self.in_job_restarts and env.launcher == "slurm":
+            return self.run_agent(cfg, env, stop, policy)
         return self.finish(run.start(cfg, env, stop, policy=policy), env)
+
+    def run_agent(self, cfg: Config, env: ClusterEnv, stop: Any, policy: RequeuePolicy) -> dict[str, Any]:
+        """This node's elastic agent, to its end; then the run's outcome as `finish` reports it."""
+        from disttrain.launch import agent
+
+        secrets = secret_overrides(to_dict(cfg, redact=False))
+        code = agent.run_node(self.config_yaml, secrets, env, stop, ranks_per_node=self.ranks_per_node,
+                              restarts=self.in_job_restarts, policy=policy)  # fmt: skip
+        ended, record = agent.how_it_ended(self.run_dir, env.job_id)
+        if ended == "finished":
+            return {"outcome": "finished", "step": record and record.get("step"), "run_dir": self.run_dir}
+        if ended == "requeued":
+            raise SystemExit(0)  # as after a rank's own requeue: the next attempt writes the result
+        what = ev_name(record)
+        raise JobError(f"job {env.job_id} node {env.node_rank}: torchrun exited {code} (up to {self.in_job_restarts} "
+                       f"in-job restart(s)); the run's last end: {what} (events: {self.run_dir}/events.jsonl)")  # fmt: skip
 
     def config(self) -> Config:
         with tempfile.TemporaryDirectory(prefix="disttrain-job-") as tmp:
@@ -87,6 +107,12 @@ class TrainJob:
             + (f": {result.message}" if result.message else "")
             + f" (events: {self.run_dir}/events.jsonl)"
         )
+
+
+def ev_name(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return "none recorded"
+    return f"{record.get('event')} at step {record.get('step')}"
 
 
 class JobError(RuntimeError):

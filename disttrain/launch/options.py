@@ -48,6 +48,7 @@ class SubmitOptions:
     exclude_slow_nodes: bool = False
     signal_delay: int = DEFAULT_SIGNAL_DELAY_S
     max_requeues: int = DEFAULT_MAX_REQUEUES
+    in_job_restarts: int = 0  # > 0: one elastic agent per node restarts crashed ranks in the allocation
     cluster: str = "slurm"
     container_image: str | None = None
     log_dir: str | None = None
@@ -83,7 +84,7 @@ class SubmitOptions:
 # Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "cluster",
+    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "cluster",
     "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds of warning (SIGUSR2) before the time limit (default {DEFAULT_SIGNAL_DELAY_S})",
     )
     add("--max-requeues", type=int, help=f"give up after this many requeues (default {DEFAULT_MAX_REQUEUES})")
+    add(
+        "--in-job-restarts",
+        type=int,
+        help="restart crashed ranks inside the allocation up to N times (one torch elastic agent per node, "
+        "resuming from checkpoint.local or the newest checkpoint); default 0: a crash fails the job",
+    )
     add(
         "--cluster",
         choices=CLUSTERS,
@@ -230,7 +237,7 @@ def validate(o: SubmitOptions) -> None:
 
 def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                      ("signal_delay", 0), ("max_requeues", 0), ("array_parallelism", 1)):  # fmt: skip
+                      ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("array_parallelism", 1)):  # fmt: skip
         value = getattr(o, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ConfigError(f"--{name.replace('_', '-')}: {value!r} must be an integer >= {low}")
@@ -246,6 +253,10 @@ def _check_cluster(o: SubmitOptions) -> None:
         raise ConfigError(f"--cluster {o.cluster!r}: choose slurm or local")
     if o.cluster == "local" and o.nodes != 1:
         raise ConfigError(f"--cluster local runs on this machine: --nodes must be 1, not {o.nodes}")
+    if o.cluster == "local" and o.in_job_restarts:
+        raise ConfigError(
+            "--in-job-restarts needs --cluster slurm; on one machine use torchrun --max-restarts N"
+        )
     if o.cluster == "local" and o.container_image:
         raise ConfigError("--container-image needs --cluster slurm (pyxis passes it to srun)")
 

@@ -61,7 +61,16 @@ def submit(plan: Plan) -> int:
         executor = make_executor(opts, plan.folder, plan.job_name)
         # submitit echoes sbatch's stderr on failure; the error below carries it, on one line
         with secrets_in_environment(secrets), contextlib.redirect_stderr(io.StringIO()):
-            job = executor.submit(TrainJob(config_yaml, opts.max_requeues, run_dir, opts.exclude_slow_nodes))
+            job = executor.submit(
+                TrainJob(
+                    config_yaml,
+                    opts.max_requeues,
+                    run_dir,
+                    opts.exclude_slow_nodes,
+                    opts.in_job_restarts,
+                    opts.ranks_per_node,
+                )
+            )
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind
         return not_submitted(err, created)
     print_submitted(plan, job.job_id)

@@ -43,6 +43,8 @@ def test_help_is_instant_and_imports_no_torch():
         (["--cluster", "k8s"], "invalid choice: 'k8s'"),
         (["--cluster", "local", "--nodes", "2"], "--nodes must be 1"),
         (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task per GPU"),
+        (["--in-job-restarts", "-1"], "--in-job-restarts: -1 must be an integer >= 0"),
+        (["--cluster", "local", "--in-job-restarts", "2"], "--in-job-restarts needs --cluster slurm"),
         (["--profile", "nosuch.yaml"], "--profile 'nosuch.yaml' not found"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["trainer.max_stepz=5"], "did you mean trainer.max_steps?"),
@@ -140,6 +142,19 @@ def test_dry_run_prints_a_script_sbatch_accepts(slurm, tmp_path):
     assert "to start at" in message and "node[1-2]" in message, message
     assert slurm.run(["squeue", "-h"]).stdout.strip() == ""
     assert not run_dir.exists()
+
+
+def test_in_job_restarts_asks_for_one_task_per_node_with_the_nodes_cpus(slurm, tmp_path):
+    """--in-job-restarts: one task per node (its elastic agent spawns the node's ranks), holding the CPUs
+    of all of them."""
+    proc = run_submit(
+        slurm, "--dry-run", "--nodes", "2", "--tasks-per-node", "4", "--cpus-per-task", "3", "--in-job-restarts", "2",
+        f"run_dir={tmp_path / 'run'}", *PROBE, "data.batch_size=64",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout.partition("# resolved config")[0]
+    assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --cpus-per-task=12\n" in script, script
+    assert "world size 8" in proc.stdout
 
 
 def test_a_partition_sbatch_refuses_exits_2_and_leaves_nothing(slurm, tmp_path):

@@ -40,6 +40,18 @@ def test_torchrun_inside_slurm_uses_torchrun_ranks():
     assert (env.launcher, env.rank, env.job_id) == ("torchrun", 1, "9")
 
 
+def test_torchrun_under_an_in_job_agent_requeues_and_counts_slurm_attempts():
+    """The workers of launch/agent.py: torchrun's ranks, a stop requeues the SLURM job, and a requeued
+    attempt counts as a restart even though the new agent counts none."""
+    base = {"RANK": "0", "WORLD_SIZE": "2", "SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+            "TORCHELASTIC_RESTART_COUNT": "0", "SLURM_RESTART_COUNT": "1"}  # fmt: skip
+    plain = detect(base)
+    assert (plain.launcher, plain.restart_count, plain.requeues_slurm) == ("torchrun", 1, False)
+    agent = detect({**base, "DISTTRAIN_SLURM_AGENT": "1", "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert (agent.launcher, agent.restart_count, agent.requeues_slurm) == ("torchrun", 3, True)
+    assert not detect({"RANK": "0", "WORLD_SIZE": "2", "DISTTRAIN_SLURM_AGENT": "1"}).requeues_slurm
+
+
 HOSTLISTS = {
     "node1": ["node1"],
     "node[1-3]": ["node1", "node2", "node3"],

@@ -1,0 +1,151 @@
+"""`--in-job-restarts` on the two-node loopback cluster: one task per node runs torch's elastic agent,
+which spawns that node's rank. A rank killed with SIGKILL is restarted inside the same allocation (no
+requeue: SLURM shows Restarts=0), both ranks resume from their local pieces (checkpoint.local), and the
+run ends with the weights and logged numbers of an uninterrupted `torchrun --nproc_per_node 2` run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from launch_support import (
+    WHOLE_CLUSTER,
+    Reference,
+    events,
+    job_logs,
+    outcome,
+    release,
+    submit,
+    wait_finished,
+    wait_for_event,
+)
+
+STEPS = 40
+RUN = (
+    "pipeline.target=tests.pipelines:ProbeDigits", f"trainer.max_steps={STEPS}", "pipeline.args.step_delay=0.15",
+    "trainer.log_every=5", "trainer.eval_every=20", "checkpoint.keep_last=2",
+)  # fmt: skip
+LOCAL_EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ref = Reference(tmp_path_factory.mktemp("reference") / "run", RUN, STEPS)
+    yield ref
+    ref.stop()
+
+
+def workers(job: int) -> dict[int, int]:
+    """{rank: pid} of the job's training processes (disttrain.main under torchrun), from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = dict(
+                item.split(b"=", 1)
+                for item in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                if b"=" in item
+            )
+        except OSError:
+            continue
+        ours = environ.get(b"SLURM_JOB_ID") == str(job).encode() and b"RANK" in environ
+        if ours and b"disttrain.main" in cmdline and b"torch.distributed.run" not in cmdline:
+            found[int(environ[b"RANK"])] = int(entry)
+    return found
+
+
+def pieces(local: Path, rank: int) -> list[int]:
+    folder = local / f"rank_{rank:05d}"
+    return sorted(int(p.parent.name[5:]) for p in folder.glob("step_*/manifest.json") if ".tmp" not in str(p))
+
+
+def test_a_killed_rank_is_restarted_inside_the_allocation_and_ends_bit_identical(slurm, tmp_path, reference):
+    run_dir, local = tmp_path / "run", tmp_path / "local"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--time", "5", "--in-job-restarts", "2",
+                 *RUN, f"checkpoint.local.every_steps={LOCAL_EVERY}", f"checkpoint.local.dir={local}",
+                 "checkpoint.every_steps=1000")  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not all(pieces(local, r) and pieces(local, r)[-1] >= 2 * LOCAL_EVERY for r in (0, 1)):
+        assert time.monotonic() < deadline and slurm.job_state(job) in ("PENDING", "RUNNING"), job_logs(
+            run_dir
+        )
+        time.sleep(0.05)
+    ranks = workers(job)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    wait_finished(slurm, job, run_dir, timeout=150)
+
+    info = slurm.scontrol_show_job(job)
+    assert info["Restarts"] == "0" and info["NumTasks"] == "2", (
+        "restarted inside the allocation, not requeued"
+    )
+    starts = [e for e in events(run_dir) if e["event"] == "start"]
+    assert [s["restart_count"] for s in starts] == [0, 1] and all(s["job_id"] == str(job) for s in starts)
+    resumed = [e for e in events(run_dir) if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["tier"] == "local" and resumed[0]["step"] >= 2 * LOCAL_EVERY, (
+        resumed
+    )
+    assert "requeue" not in [e["event"] for e in events(run_dir)]
+    assert outcome(run_dir, STEPS) == reference.outcome()
+
+
+def test_preemption_under_the_agents_saves_requeues_and_resumes_bit_identical(slurm, tmp_path, reference):
+    """SIGTERM from a preempting `high` job reaches each node's task; it hands it to torch's agent, which
+    stops its rank: both ranks save at the same step, rank 0 requeues the job, the next attempt resumes."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", "--time", "5",
+                 "--in-job-restarts", "2", *RUN, "checkpoint.every_steps=10")  # fmt: skip
+    wait_for_event(run_dir, lambda e: e["event"] == "checkpoint" and e["step"] >= 10, 90, slurm, job)
+    slurm.sbatch("--partition=high", *WHOLE_CLUSTER, wrap="sleep 1")
+    requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", timeout=30, slurm=slurm, job=job)
+    assert requeue["signal"] == "SIGTERM" and 10 <= requeue["step"] < STEPS, requeue
+    slurm.wait_state(job, "PENDING", timeout=30)
+    assert slurm.scontrol_show_job(job)["Restarts"] == "1"
+    release(slurm, job)
+    wait_finished(slurm, job, run_dir, timeout=120)
+    resumed = [e for e in events(run_dir) if e["event"] == "resume"]
+    assert [e["step"] for e in resumed] == [requeue["step"]], resumed
+    assert outcome(run_dir, STEPS) == reference.outcome()
+
+
+def test_a_nonfinite_stop_is_not_trained_again_by_a_restart(slurm, tmp_path):
+    """trainer.nonfinite=stop under --in-job-restarts: the restarted ranks see how the run ended and fail
+    at once, without a step; the job fails (exit 1), is not requeued, and the checkpoints stay."""
+    from disttrain.data import epoch_order
+
+    poisoned = int(epoch_order(1259, 0, 0, True)[3 * 64 + 32])  # rank 1's first sample at step 4
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--time", "5", "--in-job-restarts", "2",
+                 "trainer.max_steps=20", "pipeline.target=tests.pipelines:PoisonDigits",
+                 f"pipeline.args.poison=[{poisoned}]", "checkpoint.every_steps=2")  # fmt: skip
+    state = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=150)
+    assert state == "FAILED" and slurm.scontrol_show_job(job)["Restarts"] == "0", job_logs(run_dir)
+    kinds = [e["event"] for e in events(run_dir)]
+    assert kinds.count("nonfinite") == 1 and kinds.count("start") == 1, kinds
+    assert "requeue" not in kinds
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*.err"))
+    assert "is not trained again" in logs, logs[-3000:]
+
+
+def test_the_time_limit_warning_reaches_the_ranks_through_their_agent(slurm, tmp_path):
+    """USR2 (the time-limit warning) goes to the node's task; torch's agent would die of it, so the task
+    keeps it from the agent and hands it to the ranks: they save at the same step and rank 0 requeues."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--time", "1", "--signal-delay", "20",
+                 "--in-job-restarts", "1", *RUN[:1], "trainer.max_steps=400", "pipeline.args.step_delay=0.3",
+                 "trainer.log_every=5", "checkpoint.every_steps=50")  # fmt: skip
+    requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", timeout=100, slurm=slurm, job=job)
+    assert requeue["signal"] == "SIGUSR2" and 0 < requeue["step"] < 400, requeue
+    slurm.wait_state(job, "PENDING", timeout=30)
+    info = slurm.scontrol_show_job(job)
+    assert info["Restarts"] == "1", info
+    stopped = [e for e in events(run_dir) if e["event"] == "stopped"]
+    assert stopped and stopped[-1]["step"] == requeue["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{requeue['step']:08d}"
+    slurm.cancel(job)

@@ -9,7 +9,10 @@ shows it RUNNING) until it finishes, at least `--cycles` times:
   saves, requeues itself and exits; once the preemptor is done the job is released with StartTime=now,
   so queue wait is excluded (it is reported apart);
 - unclean: kill -9 of the job's rank processes (no grace, no save; the batch step fails), then
-  `scontrol requeue` and StartTime=now, with a fixed and with the auto checkpoint interval.
+  `scontrol requeue` and StartTime=now, with a fixed and with the auto checkpoint interval;
+- in-job: kill -9 of **one** rank every P seconds of a job submitted with `--in-job-restarts` and the
+  local tier (checkpoint.local.every_steps); the harness does nothing else: each node's torch agent
+  restarts its rank inside the allocation and the ranks resume from their local pieces (no requeue).
 
 Per cycle (one segment): SLURM's held time (RUNNING/COMPLETING, polled every 0.25 s), the running time
 events.jsonl shows (process start to exit), the time in steps kept, the lost time by cause, the steps
@@ -53,6 +56,8 @@ STEP_DELAY = 0.1  # seconds of sleep per step; a step takes a little more
 HELD = ("RUNNING", "COMPLETING", "CONFIGURING")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY")
 GOALS = {120: 0.95, 60: 0.90}
+IN_JOB_GOALS = {120: 0.96, 60: 0.93}  # issue 20: kill -9 of one rank every P s, restarted in the job
+LOCAL_EVERY = 20  # in-job variant: a local piece every this many steps (about 2 s of training)
 
 
 def run_args(steps: int, interval: tuple[str, ...]) -> tuple[str, ...]:
@@ -113,6 +118,7 @@ class Variant:
     cycles: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # command, date, load, commit of the run that made it
+    in_job: bool = False  # kill one rank; the job's own agents restart it (--in-job-restarts)
 
 
 def wait(predicate: Any, timeout: float, what: str, poll: float = 0.25) -> None:
@@ -145,6 +151,55 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def rank_pid(job: int, rank: int) -> int | None:
+    """The training process of `rank` of an in-job-restarts job (torchrun's worker), if it runs now."""
+    for pid in _pids_with_env({f"SLURM_JOB_ID={job}".encode()}):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and b"disttrain.main" in _cmdline(pid).split(b"\0"):
+                return pid
+    return None
+
+
+def kill_one_rank(job: int, run_dir: Path, tracker: Tracker) -> dict[str, Any]:
+    """kill -9 rank 1 and wait until the ranks train again (a new `ready` event); what the harness saw."""
+    pid = rank_pid(job, 1)
+    if pid is None:
+        return {}
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL)
+
+    def training_again() -> bool:
+        path = run_dir / "events.jsonl"
+        records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        return any(e.get("event") == "ready" and e["time"] > t0 for e in records) or tracker.state not in HELD
+
+    wait(training_again, 180, "the restarted ranks to train again")
+    return {"killed_processes": 1, "kill_to_training_s": round(time.time() - t0, 2)}
+
+
+def run_in_job(
+    cluster: SlurmCluster, job: int, tracker: Tracker, v: Variant, run_dir: Path, cycles: int
+) -> list:
+    """Kill one rank every P seconds until the job ends; the job restarts it by itself."""
+    seen: list[dict[str, Any]] = []
+    wait(lambda: tracker.state in HELD or tracker.state in ENDED, 300, "the job to run")
+    last = tracker.running_since() or time.time()
+    while tracker.state in HELD:
+        wait(lambda s=last: time.time() - s >= v.period or tracker.state not in HELD, v.period + 60, "P")
+        if tracker.state not in HELD:
+            break
+        if len(seen) >= 3 * cycles:
+            cluster.cancel(job)
+            break
+        last = time.time()
+        got = kill_one_rank(job, run_dir, tracker)
+        if got:
+            seen.append(got)
+            print(f"[goodput] {v.name}: kill {len(seen)} at {time.strftime('%H:%M:%S')}: {got}", flush=True)
+    return seen
+
+
 def interrupt(cluster: SlurmCluster, job: int, tracker: Tracker, v: Variant) -> dict[str, Any]:
     """One interruption of the running job, then its release; returns what the harness saw."""
     t0 = time.time()
@@ -174,13 +229,17 @@ def run_variant(cluster: SlurmCluster, v: Variant, cycles: int, root: Path) -> V
     shutil.rmtree(base, ignore_errors=True)
     reference = Reference(base / "reference", args, steps)
     run_dir = base / "run"
+    in_job = ("--in-job-restarts", "1000", f"checkpoint.local.every_steps={LOCAL_EVERY}",
+              f"checkpoint.local.dir={base / 'local'}") if v.in_job else ()  # fmt: skip
     job = submit(cluster, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2",
-                 "--time", "600", "--max-requeues", "1000", *args)  # fmt: skip
+                 "--time", "600", "--max-requeues", "1000", *in_job, *args)  # fmt: skip
     tracker = Tracker(cluster, job)
     tracker.start()
     seen: list[dict[str, Any]] = []
     try:
-        while True:
+        if v.in_job:
+            seen = run_in_job(cluster, job, tracker, v, run_dir, cycles)
+        while not v.in_job:
             wait(lambda: tracker.state in HELD or tracker.state in ENDED, 300, "the job to run")
             if tracker.state in ENDED:
                 break
@@ -267,7 +326,13 @@ def report(variants: list[Variant]) -> str:
     ]  # fmt: skip
     for v in variants:
         s = v.summary
-        goal = GOALS.get(int(v.period)) if not v.unclean else None
+        goal = (
+            IN_JOB_GOALS.get(int(v.period))
+            if v.in_job
+            else GOALS.get(int(v.period))
+            if not v.unclean
+            else None
+        )
         verdict = (
             "(context)"
             if goal is None
@@ -278,13 +343,13 @@ def report(variants: list[Variant]) -> str:
                      f"{_pct(s['goodput_vs_held'])} | {verdict} | {'n/a' if redone is None else f'{redone:.1f}'} | "
                      f"{_same(s)} |")  # fmt: skip
     lines += ["", "Lost time by cause, whole run (seconds): start-up, checkpoint saves, eval, signal-to-exit, "
-              "teardown, redone, stragglers, unexplained; SLURM-held minus events running time.", "",
-              "| variant | running | start-up | saves | eval | stop | teardown | redone | stragglers | unexplained | "
-              "outside the process | queued (excluded) |", "|" + " --- |" * 12]  # fmt: skip
+              "teardown, restart in place, redone, stragglers, unexplained; SLURM-held minus events running time.", "",
+              "| variant | running | start-up | saves | eval | stop | teardown | restart | redone | stragglers | "
+              "unexplained | outside the process | queued (excluded) |", "|" + " --- |" * 13]  # fmt: skip
     for v in variants:
         s, lost = v.summary, v.summary["lost"]
         outside = (s["slurm_held_s"] or 0) - s["running_s"]
-        lines.append(f"| {v.name} | {s['running_s']:.0f} | " + " | ".join(_s(lost[c]) for c in goodput.CAUSES)
+        lines.append(f"| {v.name} | {s['running_s']:.0f} | " + " | ".join(_s(lost.get(c, 0.0)) for c in goodput.CAUSES)
                      + f" | {outside:.1f} | {s['queued_s']:.0f} |")  # fmt: skip
     for v in variants:
         lines += ["", f"### {v.name}: per cycle", "", _cycle_head(v), "| " + " | ".join(["---"] * 9) + " |"]
@@ -313,7 +378,13 @@ def _same(s: dict[str, Any]) -> str:
 
 
 def _cycle_head(v: Variant) -> str:
-    last = "kill -9: processes" if v.unclean else "signal to off the nodes"
+    last = (
+        "kill -9 to training again s"
+        if v.in_job
+        else "kill -9: processes"
+        if v.unclean
+        else "signal to off the nodes"
+    )
     return (
         f"| cycle | ended | SLURM held s | running s | start-up s | stop s | redone steps | goodput (events / "
         f"SLURM) | {last} |"
@@ -321,7 +392,7 @@ def _cycle_head(v: Variant) -> str:
 
 
 def _cycle_row(c: dict[str, Any]) -> str:
-    harness = c.get("off_nodes_s", c.get("killed_processes", ""))
+    harness = c.get("off_nodes_s", c.get("kill_to_training_s", c.get("killed_processes", "")))
     return (
         f"| {c['cycle']} | {c['ended']} | {_s(c['slurm_held_s'])} | {c['running_s']:.2f} | "
         f"{sum(c['startup'].values()):.2f} | {c['lost']['stop']:.2f} | {c['redone_steps']} | "
@@ -339,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         "--fixed-steps", type=int, default=250, help="unclean variant: the fixed interval compared"
     )
     p.add_argument("--cycles", type=int, default=10, help="interruptions per variant (at least)")
-    p.add_argument("--variants", default="clean,unclean")
+    p.add_argument("--variants", default="clean,unclean", help="comma list of clean, unclean, in-job")
+    p.add_argument("--in-job-periods", default="120,60", help="in-job variant: seconds between kills")
     p.add_argument("--workdir", default="/tmp/gpbench", help="cluster and runs (short: unix socket paths)")
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     args = p.parse_args(argv)
@@ -355,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         fixed = f"checkpoint.every_steps={args.fixed_steps}"
         plan += [Variant(f"unclean P={up:.0f}, fixed every {args.fixed_steps} steps", True, up, (fixed,)),
                  Variant(f"unclean P={up:.0f}, auto interval", True, up, ("checkpoint.interval=auto",))]  # fmt: skip
+    if "in-job" in args.variants.split(","):
+        plan += [Variant(f"in-job P={int(x)}, local every {LOCAL_EVERY} steps", True, float(x),
+                         ("checkpoint.interval=auto",), in_job=True) for x in args.in_job_periods.split(",")]  # fmt: skip
     signal.signal(signal.SIGTERM, _exit_cleanly)  # stop the cluster's daemons on the way out
     info = machine_info()
     root = Path(args.workdir)
@@ -396,7 +471,7 @@ def _merged(raw_path: Path, done: list[Variant]) -> list[Variant]:
         for d in saved.get("variants", [])
         if d["name"] not in fresh
     ]
-    return sorted([*kept, *done], key=lambda v: (v.unclean, -v.period, v.name))
+    return sorted([*kept, *done], key=lambda v: (v.unclean, v.in_job, -v.period, v.name))
 
 
 def _exit_cleanly(signum: int, _frame: Any) -> None:

@@ -25,8 +25,10 @@ A run is a list of segments (one process lifetime each, opening with `start`):
 
 Lost time by cause: start-up (launch, imports, process group, build, checkpoint load, other), checkpoint
 (blocking saves in the loop), eval, stop (the agreed stop to the end: stop save, requeue, exit), teardown
-(the end of a segment that finished or failed), redone, stragglers, unexplained. Queue time between
-segments is shown apart and is not running time.
+(the end of a segment that finished or failed), restart (the gap before a segment that torchrun's agent
+restarted inside the same allocation: detecting the failure, stopping the other ranks, starting new
+processes), redone, stragglers, unexplained. Other gaps between segments are queue time, shown apart and
+not running time.
 """
 
 from __future__ import annotations
@@ -39,8 +41,19 @@ from disttrain import events as ev
 from disttrain.events import Event
 
 PHASES = ("launch", "imports", "process_group", "build", "checkpoint", "other")  # start-up, in order
-CAUSES = ("startup", "checkpoint", "eval", "stop", "teardown", "redone", "stragglers", "unexplained")
-CAUSE_WORDS = {"startup": "start-up", "stop": "signal-to-exit", "checkpoint": "checkpoint saves"}
+CAUSES = (
+    "startup",
+    "checkpoint",
+    "eval",
+    "stop",
+    "teardown",
+    "restart",
+    "redone",
+    "stragglers",
+    "unexplained",
+)
+CAUSE_WORDS = {"startup": "start-up", "stop": "signal-to-exit", "checkpoint": "checkpoint saves",
+               "restart": "restart in place"}  # fmt: skip
 PHASE_WORDS = {"process_group": "process group", "checkpoint": "checkpoint load"}
 _KEEPS_ALL = (ev.FINISH, "running", ev.STOPPED, ev.REQUEUE, ev.REQUEUE_REFUSED)
 
@@ -107,9 +120,21 @@ def compute(events: list[Event], open_until: float | None = None, open_step: int
         after = segments[i + 1] if i + 1 < len(segments) else None
         alive = open_until if after is None else None
         timed.append(_segment(i, seg, after, alive, open_step))
-    for before, later in zip(timed, timed[1:]):
-        later.queued_before_s = max(0.0, later.begin - before.end)
+    for (before, later), seg in zip(zip(timed, timed[1:]), segments[1:]):
+        gap = max(0.0, later.begin - before.end)
+        if _restarted_in_place(seg) and before.ended not in (ev.REQUEUE, ev.REQUEUE_REFUSED):
+            later.begin -= gap  # the allocation was held: failure detection, teardown, the new processes
+            later.lost["restart"] = gap
+        else:
+            later.queued_before_s = gap
     return _total(timed, _interval(events))
+
+
+def _restarted_in_place(seg: list[Event]) -> bool:
+    """A segment torchrun's agent started again inside the same allocation (`--max-restarts`, or a SLURM
+    job's in-job agents), rather than one that waited in a queue: its gap is lost running time."""
+    resume = next((e for e in seg if ev.kind(e) == ev.RESUME), None)
+    return resume is not None and str(resume.get("cause", "")).startswith("torchrun restart")
 
 
 def _total(segments: list[SegmentTime], interval: dict[str, Any] | None) -> Goodput:
@@ -192,6 +217,7 @@ def _segment(
         "eval": sum(_num(e["seconds"]) for e in busy if ev.kind(e) == ev.EVAL),
         "stop": end - p.signal["time"] if p.signal else 0.0,
         "teardown": end - p.end_event["time"] if (p.exit and p.end_event and not p.signal) else 0.0,
+        "restart": 0.0,  # set by compute: the gap before a segment restarted in its allocation
         "redone": redone,
         "stragglers": stragglers,
         "unexplained": unexplained,

@@ -15,7 +15,7 @@ from disttrain.rundir import TIMELINE, RunDir
 
 COLORS = {
     "training": "#4c9a4c", "startup": "#f0a030", "checkpoint": "#3a78c2", "eval": "#9467bd",
-    "stop": "#d62728", "teardown": "#8c564b", "redone": "#ff9896", "stragglers": "#e377c2", "unexplained": "#bbbbbb",
+    "stop": "#d62728", "teardown": "#8c564b", "restart": "#9467bd", "redone": "#ff9896", "stragglers": "#e377c2", "unexplained": "#bbbbbb",
     "queued": "#e8e8e8",
 }  # fmt: skip
 WORDS = {**goodput.CAUSE_WORDS, "queued": "queued (not counted)"}
@@ -39,7 +39,10 @@ def _segment_spans(seg: goodput.SegmentTime, evs: list[ev.Event], origin: float)
     def at(start: float, end: float, what: str) -> Span:
         return (start - origin, end - origin, what)
 
-    out = [at(seg.begin, seg.ready, "startup"), at(seg.ready, seg.end, "training")]
+    restart = seg.lost.get("restart", 0.0)  # the gap before a restart in place opens the segment
+    out = [at(seg.begin + restart, seg.ready, "startup"), at(seg.ready, seg.end, "training")]
+    if restart > 0:
+        out.insert(0, at(seg.begin, seg.begin + restart, "restart"))
     for e in evs:
         kind, seconds = ev.kind(e), e.get("seconds")
         if (

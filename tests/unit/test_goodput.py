@@ -70,8 +70,40 @@ def test_a_preempted_then_finished_run_second_by_second():
     assert g.running_s == pytest.approx(44.4) and g.queued_s == pytest.approx(9.0)
     assert g.training_s == pytest.approx(30.0) and g.ratio == pytest.approx(30 / 44.4)
     assert g.lost == pytest.approx({"startup": 8.0, "checkpoint": 2.0, "eval": 1.5, "stop": 1.0,
-                                    "teardown": 0.4, "redone": 0.0, "stragglers": 0.0, "unexplained": 1.5})  # fmt: skip
+                                    "teardown": 0.4, "restart": 0.0, "redone": 0.0, "stragglers": 0.0,
+                                    "unexplained": 1.5})  # fmt: skip
     assert g.startup["imports"] == pytest.approx(3.5) and g.startup["launch"] == pytest.approx(1.0)
+
+
+def test_a_restart_in_place_is_lost_running_time_not_queue():
+    """A rank killed at 12 s; torchrun's agent (or a SLURM job's in-job agents) starts the ranks again
+    inside the allocation: the 3 s until the new processes begin is the cause `restart`, not queue time.
+    A gap after a requeue stays queue time."""
+    rows = _events(
+        (2.0, "start", 0, {}),
+        (2.0, "ready", 0, {"process_start": 0.0, "startup": {"imports": 2.0}}),
+        (7.0, "checkpoint", 50, {"seconds": 0.0, "reason": "local"}),
+        (12.0, "error", 100, {}),
+        # restarted in place: the new processes start at 15
+        (17.0, "start", 100, {"restart_count": 1}),
+        (17.0, "resume", 100, {"interrupted_at": 100, "cause": "torchrun restart 1", "tier": "local"}),
+        (17.0, "ready", 100, {"process_start": 15.0, "startup": {"imports": 2.0}}),
+        (27.0, "finish", 200, {}),
+        (27.0, "exit", 200, {}),
+    )  # fmt: skip
+    g = goodput.compute(rows)
+    _balanced(g)
+    first, second = g.segments
+    assert second.lost["restart"] == pytest.approx(3.0) and second.queued_before_s == 0.0
+    assert (second.begin, second.running_s) == (12.0, pytest.approx(15.0))
+    assert (
+        g.queued_s == 0.0 and g.running_s == pytest.approx(27.0) and g.lost["restart"] == pytest.approx(3.0)
+    )
+    requeued = [dict(r) for r in rows]
+    requeued[3]["event"] = "requeue"  # the same gap after a requeue: SLURM's queue
+    requeued[5]["cause"] = "torchrun restart 1"
+    g = goodput.compute(requeued)
+    assert g.lost["restart"] == 0.0 and g.queued_s == pytest.approx(3.0)
 
 
 KILLED_THEN_FINISHED = _events(

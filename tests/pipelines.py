@@ -132,8 +132,9 @@ class ProbeStream(Pipeline):
         }
 
 
-class SlowCausalLM(CausalLM):
-    """The built-in HF pipeline with a per-step delay, so that a signal lands where a test wants it."""
+class StepDelay:
+    """A per-step delay before a pipeline's own loss, so that a signal lands where a test wants it (a
+    GPU step is too short otherwise). Mixed in before the pipeline class."""
 
     def __init__(self, step_delay: float = 0.0, **kwargs):
         super().__init__(**kwargs)
@@ -144,16 +145,12 @@ class SlowCausalLM(CausalLM):
         return super().loss(model, batch)
 
 
-class SlowTinyGPT(TinyGPTPipeline):
-    """tiny_gpt with a per-step delay: a GPU step is too short for a signal to land mid-run otherwise."""
+class SlowCausalLM(StepDelay, CausalLM):
+    """The built-in HF pipeline with a per-step delay."""
 
-    def __init__(self, step_delay: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.step_delay = step_delay
 
-    def loss(self, model, batch):
-        time.sleep(self.step_delay)
-        return super().loss(model, batch)
+class SlowTinyGPT(StepDelay, TinyGPTPipeline):
+    """tiny_gpt with a per-step delay."""
 
 
 class PlainIterable(DigitsPipeline):

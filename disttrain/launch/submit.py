@@ -90,7 +90,8 @@ def print_submitted(plan: Plan, job_id: str) -> None:
     )
     log = os.path.join(plan.folder, f"{job_id}_0_log")
     print(f"submitted job {job_id} ({o.cluster}): {o.nodes} node(s) x {ranks}, time {o.time}, "
-          f"USR2 {o.signal_delay}s before the limit, up to {o.max_requeues} requeue(s)")  # fmt: skip
+          f"USR2 {o.signal_delay}s before the limit, up to {o.max_requeues} requeue(s)"
+          + (f", up to {o.in_job_restarts} in-job restart(s)" if o.in_job_restarts else ""))  # fmt: skip
     print(f"  run dir  {plan.cfg.run_dir}")
     print(f"  logs     {log}.out  {log}.err  (rank r: {job_id}_<r>_log.*)")
     print(f"  status   disttrain status {plan.cfg.run_dir}")

@@ -73,6 +73,26 @@ def ended_for_good(run_dir: str) -> str | None:
     )
 
 
+FAILURES_TO_LEAVE_OUT = 2  # a node whose ranks failed this many times in one job is left out of it
+
+
+def failing_hosts(run_dir: str, job_id: str) -> list[str]:
+    """Hosts whose ranks died or hung `FAILURES_TO_LEAVE_OUT` times in this SLURM job (its attempts and
+    in-job restarts), as the `hang` events of the surviving ranks named them: one count per host per
+    segment. Torch-free: read before anything is built."""
+    from disttrain import events as ev
+
+    seen: dict[str, set[int]] = {}
+    for record in ev.read(run_dir):
+        if ev.kind(record) != ev.HANG or str(record.get("job_id", "")) != job_id:
+            continue
+        for rank in record.get("ranks") or []:
+            host = rank.get("host") if isinstance(rank, dict) else None
+            if host:
+                seen.setdefault(str(host), set()).add(int(record.get("restart_count") or 0))
+    return sorted(host for host, segments in seen.items() if len(segments) >= FAILURES_TO_LEAVE_OUT)
+
+
 def source(cfg: Config, committed: list[int]) -> str | None:
     """The checkpoint directory `resume` points at before anything is verified (the newest committed one
     of the run dir, or of the run dir `resume=PATH` names); None for a fresh start."""

@@ -212,6 +212,11 @@ def start(
         preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
     except ConfigError as err:
         return _bad_input(env, err)
+    failing = (
+        resume.failing_hosts(cfg.run_dir, env.job_id) if env.slurm_agent and env.restart_count > 0 else []
+    )
+    if failing:  # every rank reads the same records: all leave alike, rank 0 requeues without the node(s)
+        return _requeue_without(cfg, env, policy, failing)
     final = resume.ended_for_good(cfg.run_dir) if env.restart_count > 0 and not test else None
     if final is not None:  # a restart (torchrun, in-job, requeue) after a non-finite stop: fail again at once
         if env.rank == 0:
@@ -307,6 +312,39 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, policy: slurm.
     return RunResult(outcome, fit.step, decision.signal, decision.reason)
 
 
+def _requeue_without(
+    cfg: Config, env: ClusterEnv, policy: slurm.RequeuePolicy, hosts: list[str]
+) -> RunResult:
+    """An in-job restart whose node(s) failed twice in this job: the job goes back to SLURM with them
+    excluded (merged with --exclude), within --max-requeues, instead of restarting on them again. Rank 0
+    requeues; every rank returns the same outcome without training (exit 0, so torch's agent stops)."""
+    from disttrain.writers import EventLog
+
+    nodes = ", ".join(hosts)
+    if env.rank != 0:
+        return RunResult(Outcome.REQUEUED, message=f"node(s) {nodes} left out")
+    events = EventLog(cfg.run_dir, env.job_id, env.restart_count, cfg=cfg)
+    used = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    fields: dict[str, Any] = {"signal": None, "failing_nodes": hosts}
+    if used >= policy.max_requeues:
+        reason = f"node(s) {nodes} failed twice, and the requeue budget is spent ({used} of --max-requeues)"
+        events.emit(ev.REQUEUE_REFUSED, reason=reason, **fields)
+        print(f"disttrain: error: {reason}", file=sys.stderr)
+        return RunResult(Outcome.FAILED, message=reason)
+    decision = slurm.Requeue(
+        True, f"node(s) {nodes} failed twice in this job", None, policy.max_requeues - used - 1
+    )
+    decision = slurm.requeue(env.job_id, decision)
+    if decision.requeued:
+        decision = slurm.exclude(env.job_id, hosts, decision, what="failing")
+    kind = ev.REQUEUE if decision.requeued else ev.REQUEUE_REFUSED
+    excluded = {"excluded": list(decision.excluded)} if decision.excluded else {}
+    events.emit(kind, reason=decision.reason, budget_left=decision.budget_left, **fields, **excluded)
+    print(f"disttrain: {'requeued' if decision.requeued else 'not requeued'} job {env.job_id}: {decision.reason}",
+          file=sys.stderr)  # fmt: skip
+    return RunResult(Outcome.REQUEUED if decision.requeued else Outcome.FAILED, message=decision.reason)
+
+
 def stop_note(run_dir: str, step: int, signal: str | None, launcher: str) -> str:
     """The one line a stopped run leaves (off SLURM, where the requeue note says it): where it stopped,
     that its checkpoint is committed (checked, not assumed), and how it comes back."""
@@ -387,7 +425,13 @@ def _collective_failure(trainer: Trainer | None, cfg: Config, cause: str) -> str
     named = "; ".join(c.describe(what, waited) for c in found)
     stacks = RunDir(cfg.run_dir).stacks
     ranks = [{"rank": c.rank, "host": c.host, "frame": c.frame, "section": c.section} for c in found]
-    trainer.segment.events.emit(ev.HANG, step=trainer.step, waited_in=section, ranks=ranks)
+    events = trainer.segment.events
+    survivors = [r for r in range(dist.world_size()) if r not in {c.rank for c in found}]
+    if not events.enabled and survivors and dist.rank() == survivors[0]:
+        # rank 0 is the one that died: the lowest rank left records it (a restart counts a node's
+        # failures from these records, resume.failing_hosts), since rank 0 will write nothing more
+        events = events.writable_here(cfg)
+    events.emit(ev.HANG, step=trainer.step, waited_in=section, ranks=ranks)
     return f"a collective failed: {named} (stacks in {stacks}; trainer.collective_timeout_s={timeout})"
 
 

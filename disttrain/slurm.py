@@ -230,7 +230,7 @@ def _failed(decision: Requeue, why: str) -> Requeue:
     return Requeue(False, f"{decision.reason}; {why}", decision.signal, decision.budget_left)
 
 
-def exclude(job_id: str, nodes: list[str], decision: Requeue) -> Requeue:
+def exclude(job_id: str, nodes: list[str], decision: Requeue, what: str = "slow") -> Requeue:
     """Rank 0, right after `requeue` (a pending job's ExcNodeList can be changed, a running one's not):
     add `nodes` to the job's excluded nodes, keeping those it had (--exclude). The requeue stands either
     way; the reason says when the nodes could not be left out."""
@@ -241,15 +241,15 @@ def exclude(job_id: str, nodes: list[str], decision: Requeue) -> Requeue:
     try:
         res = scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(merged)}")
     except (OSError, subprocess.TimeoutExpired) as err:
-        return _excluded_failed(decision, nodes, str(err))
+        return _excluded_failed(decision, nodes, str(err), what)
     if res.returncode != 0:
         return _excluded_failed(
-            decision, nodes, (res.stderr or res.stdout).strip() or f"exit {res.returncode}"
+            decision, nodes, (res.stderr or res.stdout).strip() or f"exit {res.returncode}", what
         )
-    reason = f"{decision.reason}; slow node(s) {', '.join(nodes)} left out of the next attempt"
+    reason = f"{decision.reason}; {what} node(s) {', '.join(nodes)} left out of the next attempt"
     return Requeue(True, reason, decision.signal, decision.budget_left, tuple(nodes))
 
 
-def _excluded_failed(decision: Requeue, nodes: list[str], why: str) -> Requeue:
-    reason = f"{decision.reason}; could not leave out slow node(s) {', '.join(nodes)}: {why}"
+def _excluded_failed(decision: Requeue, nodes: list[str], why: str, what: str) -> Requeue:
+    reason = f"{decision.reason}; could not leave out {what} node(s) {', '.join(nodes)}: {why}"
     return Requeue(True, reason, decision.signal, decision.budget_left)

@@ -132,6 +132,12 @@ def _state(
         return "finished", f"finished at step {last.get('step')}{why}"
     if kind == ev.ERROR or (kind == ev.NONFINITE and ev.ends_segment(last)):
         return "failed", str(last.get("error", "an error was recorded"))
+    if kind == ev.REQUEUE and last.get("failing_nodes"):  # an in-job restart that gave up on a node
+        nodes = ", ".join(last.get("excluded") or last["failing_nodes"])
+        return (
+            "requeued",
+            f"requeued without node(s) {nodes}, whose ranks failed twice in this job; waiting for SLURM",
+        )
     if any(ev.kind(e) == ev.REQUEUE for e in segment):
         return (
             "requeued",
@@ -219,6 +225,7 @@ def _interruption(segment: list[Record], previous: list[Record]) -> dict[str, An
         "restart_count": resume.get("restart_count"),
         "tier": resume.get("tier"),  # local | durable (checkpoint.local); absent before the local tier
         "fallback": next((e.get("reason") for e in segment if ev.kind(e) == ev.TIER_FALLBACK), None),
+        "left_out": ending.get("excluded") or [],  # nodes the requeue excluded (slow, or failing twice)
     }
 
 
@@ -290,7 +297,9 @@ def render(report: dict[str, Any]) -> str:
     for i in r["interruptions"]:
         lines.append(
             f"  {_when(i['time'])}  {i['by']} at step {i['interrupted_at']}, resumed from {i['resumed_from']} "
-            f"({i['steps_lost']} lost; {i['cause']}{_tier(i)})"
+            f"({i['steps_lost']} lost; {i['cause']}{_tier(i)}"
+            + (f"; {', '.join(i['left_out'])} left out" if i.get("left_out") else "")
+            + ")"
         )
     if r["skipped_steps"]:
         share = (

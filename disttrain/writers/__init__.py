@@ -7,6 +7,7 @@ step logged before an interruption and replayed after the resume is never shown 
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -73,6 +74,13 @@ class EventLog:
         self.secrets = secret_values(cfg) if self.enabled else []
         self._repaired = False
         self.failures = 0  # records storage refused: the run's exit is not recorded after one (run.execute)
+
+    def writable_here(self, cfg: Config | None) -> EventLog:
+        """This log, written from this rank rather than rank 0: for a record only a survivor can make
+        after rank 0 died (nothing else is writing then)."""
+        log = copy.copy(self)
+        log.enabled, log.secrets = True, secret_values(cfg)
+        return log
 
     def emit(self, event: str, **fields: Any) -> None:
         if not self.enabled:

@@ -23,6 +23,8 @@ from launch_support import (
     wait_for_event,
 )
 
+from disttrain.commands.run_status import collect
+
 STEPS = 40
 RUN = (
     "pipeline.target=tests.pipelines:ProbeDigits", f"trainer.max_steps={STEPS}", "pipeline.args.step_delay=0.15",
@@ -148,4 +150,50 @@ def test_the_time_limit_warning_reaches_the_ranks_through_their_agent(slurm, tmp
     stopped = [e for e in events(run_dir) if e["event"] == "stopped"]
     assert stopped and stopped[-1]["step"] == requeue["step"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{requeue['step']:08d}"
+    slurm.cancel(job)
+
+
+def node_worker(job: int, node: str) -> int | None:
+    """The pid of the job's training process on `node` (SLURMD_NODENAME), if one runs now."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            environ = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        mine = {f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode()} <= environ
+        if mine and b"disttrain.main" in cmdline and any(item.startswith(b"RANK=") for item in environ):
+            return int(entry)
+    return None
+
+
+def test_a_node_whose_ranks_fail_twice_is_left_out_of_the_requeued_job(slurm, tmp_path):
+    """Rank processes on node2 killed twice: the second restart does not train on node2 again; rank 0
+    requeues the job with node2 excluded (ExcNodeList), and the events name the node. (The test cluster
+    has no third node, so the requeued job waits; a real one would start on the others.)"""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--time", "5", "--in-job-restarts", "5",
+                 *RUN[:1], "trainer.max_steps=2000", "pipeline.args.step_delay=0.1", "trainer.log_every=5",
+                 "checkpoint.every_steps=20")  # fmt: skip
+    for restart in (0, 1):
+        wait_for_event(
+            run_dir, lambda e, r=restart: e["event"] == "ready" and e["restart_count"] == r, 120, slurm, job
+        )
+        deadline = time.monotonic() + 30
+        while (pid := node_worker(job, "node2")) is None:
+            assert time.monotonic() < deadline, job_logs(run_dir)
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few steps in, so that the survivor names the rank it lost
+        os.kill(pid, signal.SIGKILL)
+    requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", 120, slurm, job)
+    assert requeue["excluded"] == ["node2"] and requeue["failing_nodes"] == ["node2"], requeue
+    assert "node(s) node2 failed twice in this job" in requeue["reason"], requeue
+    slurm.wait_state(job, "PENDING", timeout=60)
+    info = slurm.scontrol_show_job(job)
+    assert (info["ExcNodeList"], info["Restarts"]) == ("node2", "1"), info
+    hangs = [e for e in events(run_dir) if e["event"] == "hang"]
+    assert len(hangs) == 2 and all(r["host"] == "node2" for e in hangs for r in e["ranks"]), hangs
+    assert "requeued without node(s) node2" in collect(str(run_dir))["detail"]
     slurm.cancel(job)

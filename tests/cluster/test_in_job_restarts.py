@@ -197,3 +197,7 @@ def test_a_node_whose_ranks_fail_twice_is_left_out_of_the_requeued_job(slurm, tm
     assert len(hangs) == 2 and all(r["host"] == "node2" for e in hangs for r in e["ranks"]), hangs
     assert "requeued without node(s) node2" in collect(str(run_dir))["detail"]
     slurm.cancel(job)
+    slurm.wait_state(job, {"CANCELLED"}, timeout=30)
+    deadline = time.monotonic() + 30  # a pending job's planned nodes must be idle for the next test
+    while "planned" in slurm.run(["sinfo", "-h", "-o", "%t"]).stdout and time.monotonic() < deadline:
+        time.sleep(0.5)

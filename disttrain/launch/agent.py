@@ -18,8 +18,10 @@ What this task process does, and nothing more:
   requeued by rank 0 (exit without a result, as TrainJob does), anything else a JobError.
 
 A run that uses up its restarts fails as before (exit 1, not requeued). Bad input fails every attempt at
-once, and a non-finite stop fails again at the same step after each restart (disttrain does not tell
-torch's agent which failures to retry).
+once. After a non-finite stop, each restarted attempt fails at once without training
+(resume.ended_for_good); after a node's ranks failed twice, the restart requeues the job without that
+node (resume.failing_hosts, run._requeue_without). torch's agent itself is not told which failures to
+retry: it restarts, and the restarted ranks decide.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ together and hands them to the `CheckpointManager` (ckpt_write: the publish prot
 retention), which decides when a periodic save is due; every save is one `checkpoint` event.
 
 The local tier (`checkpoint.local`, local_tier.LocalTier) is each rank's own piece in node-local storage,
-written every `checkpoint.local.every_steps` from a host copy in the background.
+written every `checkpoint.local.every_steps` from a host copy in the background, with copies on other nodes
+(`checkpoint.local.replicas`, local_peers).
 
 Loading (`restore`) follows `resume` (auto: the newest step every rank can restore, from its own local
-piece or else the durable checkpoints, falling back to older ones; a path; never) and, on a fresh run,
+piece, a copy of it on another node, or else the durable checkpoints, falling back to older ones; a path; never) and, on a fresh run,
 `init_from` (weights only). The model state loads first, so
 that the schedule can re-apply the configured optimizer settings over the loaded ones.
 """
@@ -145,19 +146,22 @@ class Checkpointing:
         return loaded
 
     def _restore_newest(self) -> Loaded | None:
-        """The newest step every rank can restore: its own local piece when all ranks have one newer
-        than the newest durable checkpoint, else the durable tier (falling back to older ones)."""
+        """The newest step every rank can restore: from the local tier (own node, else a peer's copy) when
+        every rank has a piece newer than the newest durable checkpoint, else the durable tier (falling
+        back to older ones)."""
         durable = from_main(lambda: next(iter(self.manager.layout.committed_steps()), None))
         local, fallbacks = self.local.restore(durable)
         if local is not None:
+            if fallbacks:  # a faster source failed, and the local tier served from another
+                self.files.warn(f"disttrain: {fallbacks[-1]['reason']}; resuming from the {local.tier} tier")
             try:
-                return self._load_local(local)
+                return dataclasses.replace(self._load_local(local), fallbacks=tuple(fallbacks))
             except CheckpointError as err:  # on every rank alike (agreed): the durable tier loads over it
-                fallbacks = [{"tier": "local", "step": local.step, "reason": str(err)}]
+                fallbacks = [*fallbacks, {"tier": local.tier, "step": local.step, "reason": str(err)}]
         loaded = self.manager.load_newest(self._load)
         if fallbacks:
             self.files.warn(
-                f"disttrain: local checkpoint tier not used: {fallbacks[0]['reason']}; "
+                f"disttrain: local checkpoint tier not used: {fallbacks[-1]['reason']}; "
                 + (f"resuming from durable step {loaded.step}" if loaded else "no durable checkpoint either")
             )
         return dataclasses.replace(loaded, fallbacks=tuple(fallbacks)) if loaded else None

@@ -168,6 +168,12 @@ class LocalTierConfig:
         "node-local folder ('': /dev/shm/disttrain/RUN_ID/HOST, RUN_ID from run_dir's name and a hash of its path)",
     )
     keep_last: int = _f(2, "newest local copies each rank keeps", min=1, max=8)
+    replicas: int = _f(
+        1,
+        "copies of each rank's piece kept on other nodes, sent over gloo (used when the job spans more nodes than this; 0: off)",
+        min=0,
+        max=3,
+    )
 
 
 @dataclass

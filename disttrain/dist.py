@@ -246,6 +246,54 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
+TRADE_HEADER, TRADE_BODY = 71, 72  # tags: one pair's messages of one tag arrive in the order sent
+
+
+def trade_bytes(
+    outgoing: dict[int, list[bytes] | None], incoming: list[int], parts: int, group: Any
+) -> dict[int, list[bytes] | None]:
+    """Point to point: send each rank in `outgoing` its `parts` byte strings (None: "nothing") and
+    receive one such message from each rank in `incoming`, as uint8 tensors over `group` (gloo; never
+    pickled). Every rank named on either side calls this at the same point with matching lists. Sends are
+    posted first (non-blocking) and receives block in order, so no pairing deadlocks."""
+    sends = []
+    for dst, blobs in outgoing.items():
+        sizes = [1, *map(len, blobs)] if blobs is not None else [0] * (parts + 1)
+        sends.append(tdist.isend(torch.tensor(sizes, dtype=torch.int64), dst, group=group, tag=TRADE_HEADER))
+    headers = {}
+    for src in incoming:
+        header = torch.zeros(parts + 1, dtype=torch.int64)
+        tdist.recv(header, src, group=group, tag=TRADE_HEADER)
+        headers[src] = [int(n) for n in header]
+    _wait(sends)
+    sends = [
+        tdist.isend(torch.frombuffer(bytearray(blob), dtype=torch.uint8), dst, group=group, tag=TRADE_BODY)
+        for dst, blobs in outgoing.items()
+        for blob in blobs or []
+        if blob  # gloo moves no empty tensor: the header says a part is empty
+    ]
+    got: dict[int, list[bytes] | None] = {}
+    for src in incoming:
+        present, *sizes = headers[src]
+        got[src] = [_receive(src, size, group) for size in sizes] if present else None
+    _wait(sends)
+    return got
+
+
+def _receive(src: int, size: int, group: Any) -> bytes:
+    if not size:
+        return b""
+    buf = torch.empty(size, dtype=torch.uint8)
+    tdist.recv(buf, src, group=group, tag=TRADE_BODY)
+    return buf.numpy().tobytes()
+
+
+def _wait(works: list[Any]) -> None:
+    for work in works:
+        if work is not None:
+            work.wait()
+
+
 _had_group = False  # whether `destroy` tore one down
 
 

@@ -3,7 +3,8 @@ node-local storage (`checkpoint.local.dir`, by default tmpfs under /dev/shm), so
 the allocation (`torchrun --max-restarts`) resumes from a step at most `checkpoint.local.every_steps`
 old instead of the last durable checkpoint.
 
-    LOCAL_DIR/rank_00001/step_00000012/   one rank's piece of step 12; manifest.json written last
+    LOCAL_DIR/rank_00001/step_00000012/   rank 1's piece of step 12; manifest.json written last
+    LOCAL_DIR/peer_00003/step_00000012/   a copy of rank 3's piece, kept here for rank 3 (another node)
 
 A piece is what that rank needs to continue exactly, and nothing another rank holds:
 - ddp: the replicated weights, optimizer and scaler (identical on every rank: DDP keeps the replicas in
@@ -20,25 +21,38 @@ renamed into place, the newest `keep_last` kept, every file hashed before it is 
 unpickled only after, with `weights_only=True`.
 
 Writes happen in a background thread of each rank, from a host copy taken at the step (the step blocks
-only for that copy); no collective is involved, so a rank that dies mid-write leaves only a `.tmp-`
-directory, never a piece that looks whole. A write that fails (tmpfs full) warns once and training goes
-on: the durable tier still covers. Ranks agree on the step to resume with one all-gather: the oldest of
-the ranks' newest verified pieces; it is used only when newer than the newest durable checkpoint.
+only for that copy); no collective on the training group is involved, so a rank that dies mid-write
+leaves only a `.tmp-` directory, never a piece that looks whole. A write that fails (tmpfs full) warns
+once and training goes on: the durable tier still covers.
+
+Peer copies (`checkpoint.local.replicas`, local_peers): when the job spans more than one node, the same
+thread then sends the piece's bytes to the rank(s) that keep copies of it on other nodes, over a gloo
+group of its own, and writes the copies it receives under `peer_RANK`. Every rank trades at every local
+step, with a piece or with "none" (its own write failed), so no trade waits for a message never sent.
+
+Resume: one rank per node lists every piece its folder holds (own or copies; their manifests judged for
+world size, rank and strategy), and one all-gather gives every rank the same map. The step is the newest,
+newer than the newest durable checkpoint, of which every rank's piece has a source; each rank reads its
+own node's copy when there is one, else the rank of a node holding one sends it over and it is kept as
+this rank's own. Every file is verified by the reader before use; a piece that fails is ruled out and the
+plan made again (the next source, an older step, or the durable tier), each failure a note that
+`tier_fallback` records. The tier served is `local` when every rank read its node's storage, `peer` when
+some piece came from another node.
 
 Only a restarted attempt (a torchrun restart, a SLURM requeue: restart count > 0) reads the tier; a
-first attempt clears its rank's folder, so a run dir deleted and started again never picks up an old
-run's state. A resume at another world size or strategy skips the tier (its pieces are per rank) and
-uses the durable one.
+first attempt clears this rank's folder and the copies it keeps, so a run dir deleted and started again
+never picks up an old run's state. A resume at another world size or strategy skips the tier (its pieces
+are per rank) and uses the durable one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import re
 import secrets
-import socket
 import sys
 import tempfile
 import threading
@@ -46,17 +60,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from disttrain import ckpt_format as fmt
-from disttrain import ckpt_sharded, dist, fs
+from disttrain import ckpt_sharded, dist, fs, local_peers
 from disttrain.ckpt_read import Loaded, read_dir
+from disttrain.cluster import host_name
 from disttrain.config import LocalTierConfig
 from disttrain.errors import CheckpointError
+from disttrain.local_peers import Topology
 from disttrain.manifest import build as build_manifest
+from disttrain.manifest import read as read_manifest
 from disttrain.rundir import is_committed, step_name, step_of
 
 log = logging.getLogger("disttrain.checkpoint")
 State = dict[str, Any]
 Shards = tuple[dict[str, Any], State]
-TIER = "local"
+TIER = "local"  # served from the node's own storage
+PEER_TIER = "peer"  # some rank's piece came from a copy on another node
+OWN, PEER = "rank_", "peer_"  # folder prefixes: a rank's own pieces; copies kept for a rank elsewhere
+_FOLDER = re.compile(r"(rank_|peer_)(\d{5,})")
 
 
 def default_dir(run_dir: str) -> str:
@@ -67,33 +87,47 @@ def default_dir(run_dir: str) -> str:
     full = where if "://" in where else os.path.abspath(where)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(full)) or "run"
     digest = hashlib.sha256(full.encode()).hexdigest()[:12]
-    return os.path.join(root, "disttrain", f"{name}-{digest}", socket.gethostname())
+    return os.path.join(root, "disttrain", f"{name}-{digest}", host_name())
 
 
 @dataclass(frozen=True)
-class Found:
-    """What this rank found in its folder: its newest verified piece, or why it has none."""
+class Source:
+    """Where a copy of one rank's piece of one step lies: a node and a folder in that node's storage."""
 
-    loaded: Loaded | None
-    problem: str | None
+    node: int
+    folder: str  # rank_RRRRR (that rank's own, or fetched for it) or peer_RRRRR (kept for it)
+
+
+Held = dict[tuple[int, int], dict[Source, "str | None"]]  # (owner, step) -> source -> why unusable
+Plan = tuple[int, dict[int, Source]]  # a step, and where each rank's piece of it comes from
 
 
 class LocalTier:
-    """This rank's local pieces. `save` and `discard` involve no collective; `restore` must be called
-    on all ranks."""
+    """This rank's local pieces, and copies of other ranks' pieces (local_peers). Construction and
+    `restore` must be called on all ranks; `save` on all ranks at the same steps."""
 
     def __init__(
         self, cfg: LocalTierConfig, run_dir: str, meta: State, strategy: str, *, first_attempt: bool
     ):
         self.cfg, self.meta, self.strategy = cfg, meta, strategy
         self.node_dir = cfg.dir or default_dir(run_dir)
-        self.dir = os.path.join(self.node_dir, f"rank_{dist.rank():05d}")
+        self.dir = self._folder(OWN, dist.rank())
         self.last_step: int | None = None  # the step this rank last wrote (or resumed from)
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._tidied = False
         self.first_attempt = first_attempt
-        if self.on and first_attempt:
-            fs.remove(self.dir, recursive=True)  # another run's pieces, or a deleted run dir's: never ours
+        self.topology = Topology(((host_name(), self.node_dir),), 0)
+        self._group: Any = None
+        if not self.on:
+            return
+        keys = dist.all_gather_objects((host_name(), os.path.abspath(self.node_dir)))
+        self.topology = Topology(tuple(tuple(k) for k in keys), cfg.replicas)
+        if len(self.topology.nodes()) > 1:  # pieces travel between nodes: copies, and fetches on resume
+            self._group = dist.new_gloo_group()
+        if first_attempt:  # another run's pieces, or a deleted run dir's: never ours
+            for owner in [dist.rank(), *self.topology.owners(dist.rank())]:
+                fs.remove(self._folder(PEER if owner != dist.rank() else OWN, owner), recursive=True)
 
     @property
     def on(self) -> bool:
@@ -102,28 +136,41 @@ class LocalTier:
     def due(self, step: int) -> bool:
         return self.on and step % self.cfg.every_steps == 0 and step != self.last_step
 
+    def _folder(self, kind: str, owner: int) -> str:
+        return os.path.join(self.node_dir, f"{kind}{owner:05d}")
+
     # -------------------------------------------------------------------------------------- write
 
     def save(self, step: int, shared: State, mine: State, shards: Shards | None) -> None:
-        """Copy this rank's state to host memory now; write it in the background. No collective."""
+        """Copy this rank's state to host memory now; write it (and trade copies with this rank's peers)
+        in the background. No collective on the training group."""
         self._join()  # one write in flight per rank
         try:
             host = fmt.host_copy(shared, "app_state")
             own = fmt.host_copy(mine, "rank_state")
             rows = None if shards is None else (fmt.host_copy(shards[0], "shards"), shards[1])
+            piece: tuple[State, State, Shards | None] | None = (host, own, rows)
         except CheckpointError as err:
             self._warn(step, err)
-            return
+            piece = None  # still trades: the peers wait for this rank's message ("none")
         self.last_step = step
         self._thread = threading.Thread(
-            target=self._write, args=(step, host, own, rows), name="disttrain-local-save", daemon=True
+            target=self._write, args=(step, piece), name="disttrain-local-save", daemon=True
         )  # a daemon: a kill or an exit mid-write leaves a .tmp- dir, which is no piece
         self._thread.start()
 
-    def _write(self, step: int, host: State, mine: State, rows: Shards | None) -> None:
+    def _write(self, step: int, piece: tuple[State, State, Shards | None] | None) -> None:
+        published = piece is not None and self._publish(step, *piece)
+        if not self._tidied:
+            self._tidied = True
+            self._tidy()
+        if self._group is not None and self.topology.copies():
+            self._trade(step, self._path(step) if published else None)
+
+    def _publish(self, step: int, host: State, mine: State, rows: Shards | None) -> bool:
         work = os.path.join(self.dir, f"{step_name(step)}.tmp-{secrets.token_hex(4)}")
         try:
-            self._clean_stale()
+            self._clean_stale(self.dir)
             meta = self.meta
             if rows is None:
                 files = fmt.write_files(work, host, [mine])
@@ -135,13 +182,44 @@ class LocalTier:
                 meta = {**meta, "format": ckpt_sharded.FORMAT, "strategy": "fsdp", "layout": layout}
             meta = {**meta, "tier": TIER, "rank": dist.rank()}
             fmt.publish(work, self._path(step), build_manifest(step, dist.world_size(), files, meta))
-            self._retain()
+            self._retain(self.dir)
+            return True
         except Exception as err:  # tmpfs full, a folder not writable: the durable tier still covers
             fs.remove(work, recursive=True)
             self._warn(step, err)
+            return False
 
-    def _warn(self, step: int, err: Exception) -> None:
-        text = f"local checkpoint step {step} in {self.dir} failed: {fs.first_line(err)}"
+    def _trade(self, step: int, path: str | None) -> None:
+        """Send this rank's piece of `step` to the ranks that keep its copies; keep the copies of the
+        ranks this one holds for. Every rank trades at every local step, with or without a piece."""
+        me = dist.rank()
+        try:
+            packed = local_peers.pack(path) if path is not None else None
+        except OSError as err:
+            self._warn(step, err)
+            packed = None
+        try:
+            outgoing: dict[int, local_peers.Packed | None] = dict.fromkeys(self.topology.holders(me), packed)
+            got = local_peers.transfer(outgoing, self.topology.owners(me), self._group)
+        except Exception as err:  # a peer gone: the run fails on its next collective and restarts
+            self._warn(step, err)
+            return
+        for owner, copy in got.items():
+            if copy is None:
+                continue
+            folder = self._folder(PEER, owner)
+            work = os.path.join(folder, f"{step_name(step)}.tmp-{secrets.token_hex(4)}")
+            try:
+                self._clean_stale(folder)
+                local_peers.unpack(copy, work, os.path.join(folder, step_name(step)))
+                self._retain(folder)
+            except (OSError, ValueError) as err:
+                fs.remove(work, recursive=True)
+                self._warn(step, err, f"rank {owner}'s copy")
+
+    def _warn(self, step: int, err: Exception, what: str = "") -> None:
+        text = f"local checkpoint step {step}{' (' + what + ')' if what else ''} in {self.node_dir} failed: "
+        text += fs.first_line(err)
         log.warning("%s", text)
         if not self._warned:  # one line per process, not one a save: training goes on without it
             self._warned = True
@@ -160,30 +238,53 @@ class LocalTier:
             self._thread.join()
             self._thread = None
 
-    def steps(self) -> list[int]:
-        """This rank's committed pieces, newest first (a manifest makes a piece, as in the run dir)."""
-        found = [s for s in map(step_of, fs.listdir(self.dir)) if s is not None]
-        return sorted((s for s in found if is_committed(self._path(s))), reverse=True)
+    def steps(self, folder: str | None = None) -> list[int]:
+        """Committed pieces in a folder (this rank's own by default), newest first (a manifest makes a
+        piece, as in the run dir)."""
+        where = folder or self.dir
+        found = [s for s in map(step_of, fs.listdir(where)) if s is not None]
+        return sorted((s for s in found if is_committed(os.path.join(where, step_name(s)))), reverse=True)
 
     def _path(self, step: int) -> str:
         return os.path.join(self.dir, step_name(step))
 
-    def _clean_stale(self) -> None:
-        """What a killed write left: `.tmp-` dirs (only this rank's thread writes here)."""
-        for name in fs.listdir(self.dir):
+    @staticmethod
+    def _clean_stale(folder: str) -> None:
+        """What a killed write left: `.tmp-` dirs (only one thread writes to a folder)."""
+        for name in fs.listdir(folder):
             if step_of(name) is None and name.startswith("step_"):
-                fs.remove(os.path.join(self.dir, name), recursive=True)
+                fs.remove(os.path.join(folder, name), recursive=True)
 
-    def _retain(self) -> None:
-        for step in self.steps()[self.cfg.keep_last :]:
-            fs.remove(os.path.join(self._path(step), "manifest.json"))  # first: never half a piece
-            fs.remove(self._path(step), recursive=True)
+    def _retain(self, folder: str) -> None:
+        for step in self.steps(folder)[self.cfg.keep_last :]:
+            path = os.path.join(folder, step_name(step))
+            fs.remove(os.path.join(path, "manifest.json"))  # first: never half a piece
+            fs.remove(path, recursive=True)
+
+    def _mine(self) -> list[str]:
+        """The folders this rank writes: its own and the copies it keeps."""
+        me = dist.rank()
+        return [self.dir, *(self._folder(PEER, owner) for owner in self.topology.owners(me))]
+
+    def _tidy(self) -> None:
+        """On a node's lowest rank, at its first write: remove the folders no rank writes any more (copies kept for ranks that moved after a restart, or of a larger world)."""
+        me = dist.rank()
+        if not self.topology.lowest_on_node(me):
+            return
+        # Every rank writing into this folder, whatever its host (a `checkpoint.local.dir` shared by nodes).
+        here = [r for r, key in enumerate(self.topology.keys) if key[1] == self.topology.keys[me][1]]
+        keep = {f"{OWN}{r:05d}" for r in here}
+        keep |= {f"{PEER}{o:05d}" for r in here for o in self.topology.owners(r)}
+        for name in fs.listdir(self.node_dir):
+            if _FOLDER.fullmatch(name) and name not in keep:
+                fs.remove(os.path.join(self.node_dir, name), recursive=True)
 
     def discard(self) -> None:
-        """Remove this rank's pieces (the run finished and its final checkpoint is durable): tmpfs is
-        memory. The node's folder goes too once its last rank left it."""
+        """Remove this rank's pieces and the copies it keeps (the run finished and its final checkpoint
+        is durable): tmpfs is memory. The node's folder goes too once its last rank left it."""
         self._join()
-        fs.remove(self.dir, recursive=True)
+        for folder in self._mine():
+            fs.remove(folder, recursive=True)
         if self.cfg.dir:
             return  # the user's folder stays
         for folder in (self.node_dir, os.path.dirname(self.node_dir)):
@@ -195,45 +296,107 @@ class LocalTier:
     # --------------------------------------------------------------------------------------- read
 
     def restore(self, durable_step: int | None) -> tuple[Loaded | None, list[State]]:
-        """The pieces of the newest step every rank has verified, when it is newer than `durable_step`
-        (the newest committed durable checkpoint); else None, with why the local tier did not serve.
-        Must be called on all ranks (the tier being on is config: every rank sees the same)."""
+        """The pieces of the newest step every rank can restore -- from its own node's storage, else a
+        copy on another node sent over -- when that step is newer than `durable_step` (the newest
+        committed durable checkpoint); else None. The notes say why a faster source did not serve (a
+        piece missing or failing verification), in the order it was tried. Must be called on all ranks
+        (the tier being on is config: every rank sees the same)."""
         if not self.on:
             return None, []
         # Not gated on the restart count: a replacement node's torchrun counts no restart while the
-        # others do, and every rank must reach the all-gather.
-        found = Found(None, "a first attempt cleared its folder") if self.first_attempt else self._newest()
-        newest = found.loaded.step if found.loaded is not None else None
-        reports = dist.all_gather_objects((newest, found.problem, socket.gethostname(), self.first_attempt))
-        step, notes = _agree(reports, durable_step)
-        if step is None:
-            return None, notes
-        loaded, problem = found.loaded, None
-        if loaded is None or loaded.step != step:  # another rank's newest is older: use this one's too
-            loaded, problem = self._read(step)
-        problems = dist.all_gather_objects(problem)
-        bad = next(((r, p) for r, p in enumerate(problems) if p is not None), None)
-        if bad is not None:
-            return None, [_note(step, f"rank {bad[0]} ({reports[bad[0]][2]}): {bad[1]}")]
-        self.last_step = step
-        return loaded, []
+        # others do, and every rank must reach the all-gather. One rank per node lists the node's pieces.
+        listed = [] if self.first_attempt or not self.topology.lowest_on_node(dist.rank()) else self._list()
+        reports = dist.all_gather_objects((listed, self.first_attempt))
+        if all(first for _, first in reports):
+            return None, []  # a fresh start everywhere: nothing was lost
+        held: Held = {}
+        for rank, (entries, _) in enumerate(reports):
+            for owner, step, folder, problem in entries:
+                held.setdefault((owner, step), {})[Source(self.topology.node_of(rank), folder)] = problem
+        notes: list[State] = []
+        for _ in range(1 + sum(len(sources) for sources in held.values())):  # each round rules one out
+            plan, why = plan_restore(held, durable_step, dist.world_size(), self.topology)
+            if plan is None:
+                return None, notes + ([why] if why else [])
+            loaded, problem, tier = self._fetch(*plan)
+            outcomes = dist.all_gather_objects((problem, tier))
+            failed = [(rank, p) for rank, (p, _) in enumerate(outcomes) if p is not None]
+            if not failed:
+                self.last_step = plan[0]
+                assert loaded is not None
+                served = PEER_TIER if any(t == PEER_TIER for _, t in outcomes) else TIER
+                return dataclasses.replace(loaded, tier=served), notes
+            for rank, problem in failed:
+                source = plan[1][rank]
+                held[(rank, plan[0])][source] = problem
+                tier = TIER if source.node == self.topology.node_of(rank) else PEER_TIER
+                notes.append(_note(plan[0], f"rank {rank} ({self.topology.host(rank)}): {problem}", tier))
+        return None, notes
 
-    def _newest(self) -> Found:
-        """This rank's newest piece that verifies (each newer one that does not is logged)."""
-        problems = []
-        for step in self.steps():
-            loaded, problem = self._read(step)
-            if loaded is not None:
-                return Found(loaded, None)
-            log.warning("local checkpoint step %d skipped: %s", step, problem)
-            problems.append(f"step {step}: {problem}")
-        return Found(None, "; ".join(problems) or f"none in {self.dir}")
+    def _list(self) -> list[tuple[int, int, str, str | None]]:
+        """Every piece in this node's storage: (owner rank, step, folder, why it cannot serve or None),
+        judged from its manifest (the files are verified when read)."""
+        out = []
+        for name in fs.listdir(self.node_dir):
+            match = _FOLDER.fullmatch(name)
+            if match is None:
+                continue
+            owner = int(match.group(2))
+            for step in self.steps(os.path.join(self.node_dir, name)):
+                path = os.path.join(self.node_dir, name, step_name(step))
+                out.append((owner, step, name, self._unfit(path, owner)))
+        return out
 
-    def _read(self, step: int) -> tuple[Loaded | None, str | None]:
-        """This rank's piece of `step`, every file verified before it is parsed or unpickled."""
-        path = self._path(step)
+    def _unfit(self, path: str, owner: int) -> str | None:
+        try:
+            m = read_manifest(path)
+        except CheckpointError as err:
+            return str(err)
+        if int(m["world_size"]) != dist.world_size() or m.get("rank") != owner:
+            return f"{path} is rank {m.get('rank')}'s of {m['world_size']}: the world size changed"
+        if m.get("strategy", "ddp") != self.strategy:
+            return f"{path} was written under trainer.strategy={m.get('strategy', 'ddp')}"
+        return None
+
+    def _fetch(self, step: int, sources: dict[int, Source]) -> tuple[Loaded | None, str | None, str]:
+        """This rank's piece of `step`: read from this node's storage, or received from the rank of the
+        node that holds it (which sends it here in the same call). All ranks."""
+        me, topo = dist.rank(), self.topology
+        remote = {o: topo.server(s.node, o) for o, s in sources.items() if s.node != topo.node_of(o)}
+        outgoing: dict[int, local_peers.Packed | None] = {}
+        for owner, server in remote.items():
+            if server == me:
+                outgoing[owner] = self._packed(
+                    os.path.join(self.node_dir, sources[owner].folder, step_name(step))
+                )
+        incoming = [remote[me]] if me in remote else []
+        got = local_peers.transfer(outgoing, incoming, self._group) if remote else {}
+        if me not in remote:
+            return *self._read(os.path.join(self.node_dir, sources[me].folder, step_name(step))), TIER
+        copy = got[remote[me]]
+        if copy is None:
+            return None, f"the copy on {topo.host(remote[me])} could not be read there", PEER_TIER
+        work = os.path.join(self.dir, f"{step_name(step)}.tmp-{secrets.token_hex(4)}")
+        try:  # kept as this rank's own piece: the next restart finds it here
+            local_peers.unpack(copy, work, self._path(step))
+        except (OSError, ValueError) as err:
+            fs.remove(work, recursive=True)
+            return None, f"the copy from {topo.host(remote[me])}: {fs.first_line(err)}", PEER_TIER
+        loaded, problem = self._read(self._path(step))
+        return loaded, (f"the copy from {topo.host(remote[me])}: {problem}" if problem else None), PEER_TIER
+
+    @staticmethod
+    def _packed(path: str) -> local_peers.Packed | None:
+        try:
+            return local_peers.pack(path)
+        except (OSError, ValueError) as err:
+            log.warning("local copy %s not sent: %s", path, err)
+            return None
+
+    def _read(self, path: str) -> tuple[Loaded | None, str | None]:
+        """The piece at `path`, every file verified before it is parsed or unpickled."""
         if not is_committed(path):
-            return None, f"no local copy of step {step} in {self.dir}"
+            return None, f"no local copy in {path}"
         try:
             m, app, ranks = read_dir(path)
         except CheckpointError as err:
@@ -245,20 +408,41 @@ class LocalTier:
         return Loaded(path, m, app, ranks[0], tier=TIER), None
 
 
-def _agree(reports: list[Any], durable_step: int | None) -> tuple[int | None, list[State]]:
-    """From every rank's (newest verified step or None, why not, host, first attempt): the step all
-    ranks can restore when it beats the durable tier, else None and why (nothing when nothing was
-    lost: a fresh start, or a durable checkpoint at least as new as any rank's piece)."""
-    present = [int(r[0]) for r in reports if r[0] is not None]
-    beaten = bool(present) and durable_step is not None and durable_step >= max(present)
-    if beaten or all(r[3] for r in reports):
-        return None, []
-    for rank, (step, why, host, _) in enumerate(reports):
-        if step is None:
-            return None, [_note(None, f"rank {rank} ({host}) has no verified local copy: {why}")]
-    step = min(present)
-    return (step, []) if durable_step is None or step > durable_step else (None, [])
+def plan_restore(
+    held: Held, durable_step: int | None, world: int, topology: Topology
+) -> tuple[Plan | None, State | None]:
+    """The newest step newer than `durable_step` of which every rank's piece has a usable source, each
+    rank's own node preferred; else None and why (nothing when nothing was lost: the durable tier is at
+    least as new as any piece, or as new as the newest step every rank has)."""
+    steps = sorted({step for _, step in held}, reverse=True)
+    if not steps:
+        return None, _note(
+            None, f"rank 0 ({topology.host(0)}) has no verified local copy: none kept on any node"
+        )
+    newer = [s for s in steps if durable_step is None or s > durable_step]
+    if not newer:
+        return None, None
+    lacking: tuple[int, int, str] | None = None
+    for step in steps:
+        sources: dict[int, Source] = {}
+        for owner in range(world):
+            found = held.get((owner, step), {})
+            usable = [s for s, problem in found.items() if problem is None]
+            if not usable:
+                if lacking is None and step in newer:
+                    why = "; ".join(p for p in found.values() if p) or "none kept on any node"
+                    lacking = (owner, step, why)
+                break
+            home = topology.node_of(owner)
+            sources[owner] = min(usable, key=lambda s: (s.node != home, not s.folder.startswith(OWN), s.node))
+        else:
+            if step in newer:
+                return (step, sources), None
+            return None, None  # every rank has the durable step's state locally too: nothing was lost
+    assert lacking is not None
+    owner, step, why = lacking
+    return None, _note(step, f"rank {owner} ({topology.host(owner)}) has no verified local copy: {why}")
 
 
-def _note(step: int | None, reason: str) -> State:
-    return {"tier": TIER, "step": step, "reason": reason}
+def _note(step: int | None, reason: str, tier: str = TIER) -> State:
+    return {"tier": tier, "step": step, "reason": reason}

@@ -60,7 +60,7 @@ class Segment:
                 tier=resumed.tier,
             )
             # The tier is news only when there are two: a run without checkpoint.local reads as before.
-            local = resumed.tier == "local" or resumed.fallbacks
+            local = resumed.tier != "durable" or resumed.fallbacks
             self.files.say(f"resumed from step {step}" + (f" ({resumed.tier} tier)" if local else ""))
 
     def ready(self, step: int) -> None:

@@ -223,16 +223,16 @@ def _interruption(segment: list[Record], previous: list[Record]) -> dict[str, An
         "cause": resume.get("cause"),
         "job_id": resume.get("job_id"),
         "restart_count": resume.get("restart_count"),
-        "tier": resume.get("tier"),  # local | durable (checkpoint.local); absent before the local tier
+        "tier": resume.get("tier"),  # local | peer | durable (checkpoint.local); absent before the local tier
         "fallback": next((e.get("reason") for e in segment if ev.kind(e) == ev.TIER_FALLBACK), None),
         "left_out": ending.get("excluded") or [],  # nodes the requeue excluded (slow, or failing twice)
     }
 
 
 def _tier(interruption: dict[str, Any]) -> str:
-    """`; local tier`, or why the durable tier served instead (a rank's local piece missing or bad)."""
+    """`; local tier`, or the tier that served and why a faster one did not (a piece missing or bad)."""
     if interruption["fallback"]:
-        return f"; durable tier: {interruption['fallback']}"
+        return f"; {interruption['tier'] or 'durable'} tier: {interruption['fallback']}"
     return f"; {interruption['tier']} tier" if interruption["tier"] else ""
 
 

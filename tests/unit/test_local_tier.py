@@ -13,7 +13,8 @@ import torch
 
 from disttrain.config import LocalTierConfig, load_config
 from disttrain.errors import ConfigError
-from disttrain.local_tier import LocalTier, default_dir
+from disttrain.local_peers import Packed, Topology, pack, unpack
+from disttrain.local_tier import LocalTier, Source, default_dir, plan_restore
 
 
 def tier(tmp_path, first_attempt=False, **cfg) -> LocalTier:
@@ -73,7 +74,10 @@ def test_a_corrupt_newest_piece_falls_back_to_the_older_one(tmp_path):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     loaded, fallbacks = local.restore(durable_step=None)
-    assert loaded is not None and loaded.step == 2 and fallbacks == []
+    assert loaded is not None and loaded.step == 2 and loaded.tier == "local"
+    # The record says why step 4 did not serve: which rank, which file, what was wrong.
+    assert [(f["tier"], f["step"]) for f in fallbacks] == [("local", 4)]
+    assert "rank 0" in fallbacks[0]["reason"] and "state.pt: sha256" in fallbacks[0]["reason"]
 
 
 def test_a_replaced_file_is_refused_by_its_hash_before_it_is_unpickled(tmp_path):
@@ -160,24 +164,81 @@ def test_config_keys():
 
 
 def test_ranks_agree_on_the_newest_step_all_of_them_can_restore():
-    from disttrain.local_tier import _agree
+    topo = Topology((("a", "/x"), ("b", "/y")), replicas=0)
+    own = lambda node, rank: Source(node, f"rank_{rank:05d}")  # noqa: E731
 
-    def report(step, why=None, first=False):
-        return (step, why, "host", first)
+    def held(**steps):  # rank -> steps of its own pieces
+        return {(int(r[1:]), s): {own(int(r[1:]), int(r[1:])): None} for r, ss in steps.items() for s in ss}
 
     # A rank killed while writing step 12 still has 8: every rank restores 8.
-    assert _agree([report(12), report(8)], durable_step=None) == (8, [])
-    assert _agree([report(12), report(8)], durable_step=4) == (8, [])
+    assert plan_restore(held(r0=[12, 8], r1=[8]), None, 2, topo) == ((8, {0: own(0, 0), 1: own(1, 1)}), None)
+    assert plan_restore(held(r0=[12, 8], r1=[8]), 4, 2, topo)[0][0] == 8
     # A durable checkpoint at least as new serves, and nothing was lost by skipping the local tier.
-    assert _agree([report(12), report(8)], durable_step=12) == (None, [])
-    assert _agree([report(12), report(8)], durable_step=8) == (None, [])
+    assert plan_restore(held(r0=[12, 8], r1=[8]), 12, 2, topo) == (None, None)
+    assert plan_restore(held(r0=[12, 8], r1=[8]), 8, 2, topo) == (None, None)
     # A rank without a piece: the durable tier serves, and the record says which rank and why.
-    step, notes = _agree([report(12), report(None, "none in /x")], durable_step=4)
-    assert step is None and notes == [
-        {"tier": "local", "step": None, "reason": "rank 1 (host) has no verified local copy: none in /x"}
-    ]
-    # A fresh start on every rank: nothing to say.
-    assert _agree([report(None, "first", True), report(None, "first", True)], durable_step=None) == (None, [])
+    plan, why = plan_restore(held(r0=[12]), 4, 2, topo)
+    assert plan is None and why == {
+        "tier": "local", "step": 12, "reason": "rank 1 (b) has no verified local copy: none kept on any node"
+    }  # fmt: skip
+    bad = held(r0=[12], r1=[12])
+    bad[(1, 12)][own(1, 1)] = "state.pt: sha256 does not match"
+    assert "rank 1 (b)" in plan_restore(bad, None, 2, topo)[1]["reason"]
+    assert "sha256" in plan_restore(bad, None, 2, topo)[1]["reason"]
+    # Nothing kept anywhere on a restart: said, with no step.
+    assert plan_restore({}, None, 2, topo)[1]["step"] is None
+
+
+def test_a_copy_on_another_node_serves_when_the_own_one_is_gone_or_bad():
+    topo = Topology((("a", "/x"), ("a", "/x"), ("b", "/y"), ("b", "/y")), replicas=1)
+    assert topo.nodes() == [[0, 1], [2, 3]] and topo.copies() == 1
+    assert [topo.holders(r) for r in range(4)] == [[2], [3], [0], [1]]
+    assert [topo.owners(r) for r in range(4)] == [[2], [3], [0], [1]]
+    own, copy = Source(1, "rank_00002"), Source(0, "peer_00002")
+    pieces = {(r, 8): {Source(topo.node_of(r), f"rank_{r:05d}"): None} for r in range(4)}
+    pieces[(2, 8)][copy] = None
+    plan, _ = plan_restore(pieces, None, 4, topo)
+    assert plan is not None and plan[1][2] == own, "a rank's own node is preferred"
+    pieces[(2, 8)][own] = "sha256 does not match"
+    plan, _ = plan_restore(pieces, None, 4, topo)
+    assert plan is not None and plan[0] == 8 and plan[1][2] == copy
+    del pieces[(2, 8)][own]
+    assert plan_restore(pieces, None, 4, topo)[0][1][2] == copy, "node 1's folder wiped: node 0 serves"
+
+
+def test_copies_go_to_other_nodes_only_and_cover_any_lost_node():
+    one_node = Topology((("a", "/x"),) * 4, replicas=1)
+    assert one_node.copies() == 0 and one_node.holders(0) == []
+    uneven = Topology((("a", "/x"),) * 2 + (("b", "/x"),) * 1 + (("c", "/x"),) * 3, replicas=2)
+    assert uneven.copies() == 2
+    for owner in range(6):
+        homes = [uneven.node_of(h) for h in uneven.holders(owner)]
+        assert len(set(homes)) == 2 and uneven.node_of(owner) not in homes
+    # Same host, two local folders (two torchrun agents on one machine): two failure domains.
+    assert Topology((("a", "/x"), ("a", "/y")), replicas=1).holders(0) == [1]
+
+
+def test_a_piece_travels_as_bytes_and_is_published_whole(tmp_path):
+    local = tier(tmp_path)
+    save(local, 2)
+    piece = tmp_path / "local" / "rank_00000" / "step_00000002"
+    packed = pack(str(piece))
+    dest = tmp_path / "there" / "step_00000002"
+    assert unpack(packed, str(tmp_path / "there" / "work"), str(dest)) == 2
+    assert {p.name: p.read_bytes() for p in dest.iterdir() if p.name != "manifest.json"} == {
+        p.name: p.read_bytes() for p in piece.iterdir() if p.name != "manifest.json"
+    }
+    assert json.loads((dest / "manifest.json").read_text()) == json.loads(
+        (piece / "manifest.json").read_text()
+    )
+    short = Packed(packed.manifest, packed.payload[:-1])
+    with pytest.raises(ValueError, match="bytes"):
+        unpack(short, str(tmp_path / "w2"), str(tmp_path / "x" / "step_00000002"))
+    assert not (tmp_path / "x").exists()
+    evil = json.loads(packed.manifest)
+    evil["files"]["../escape"] = evil["files"].pop("state.pt")
+    with pytest.raises(ValueError, match="not one"):
+        unpack(Packed(json.dumps(evil).encode(), packed.payload), str(tmp_path / "w3"), str(tmp_path / "y"))
 
 
 def test_a_finished_run_leaves_no_pieces_and_a_fresh_run_no_fallback(tmp_path):

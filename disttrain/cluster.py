@@ -151,3 +151,16 @@ def _tasks_on_this_node(env: Mapping[str, str], world: int, num_nodes: int) -> i
     per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")
     match = re.match(r"(\d+)", per_node)
     return int(match.group(1)) if match else max(1, world // max(1, num_nodes))
+
+
+def parent_started(pid: int | None = None) -> float | None:
+    """When this process's parent (a torchrun worker's agent) started, as a wall-clock time, from /proc
+    (to a clock tick, plus the boot time's whole second); None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid or os.getppid()}/stat", encoding="utf-8") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat", encoding="utf-8") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None

@@ -9,9 +9,11 @@ config differs in one is refused, naming the key. Every other key is applied fro
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from disttrain import manifest
+from disttrain import cluster, manifest
+from disttrain.cluster import ClusterEnv
 from disttrain.config import RESUME_CRITICAL_KEYS, Config, get_dotted, to_dict
 from disttrain.errors import CheckpointError, ConfigError
 from disttrain.rundir import RunDir, is_committed
@@ -55,6 +57,34 @@ def continue_after_restart(cfg: Config) -> None:
     where the run dir holds none yet, and with nothing anywhere `auto` starts fresh as `never` did."""
     if cfg.resume == "never" or (cfg.resume != "auto" and RunDir(cfg.run_dir).committed_steps()):
         cfg.resume = "auto"
+
+
+def late_joiner(env: ClusterEnv, run_dir: str) -> ClusterEnv:
+    """`env` with the restart count of the job it joins, for a torchrun worker whose agent came in after
+    the job's first round: a spare node standing in for a lost one (`disttrain submit --spare-nodes`, a
+    third `torchrun --nnodes 2` agent). Its agent counts no restart while the agents it joins do, and
+    every rank must take the same path (a restart continues the run: `resume=never` becomes `auto`, the
+    restart checks below). Such an agent started before records of its job were written, which no rank
+    writes before every rank of its round has joined: finding one means an earlier round ran without
+    this rank. A torchrun job id ("none" by default) may be reused by a later invocation, but that one's
+    agents start after the earlier one's records."""
+    if env.launcher != "torchrun" or env.restart_count > 0 or not env.job_id:
+        return env
+    since = cluster.parent_started()
+    if since is None:
+        return env
+    from disttrain import events as ev  # torch-free
+
+    try:
+        records = ev.read(run_dir)
+    except (OSError, ValueError, RuntimeError):  # an unusable run dir: preflight says what is wrong
+        return env
+    ours = [
+        int(r.get("restart_count") or 0)
+        for r in records
+        if str(r.get("job_id")) == env.job_id and r["time"] >= since
+    ]
+    return dataclasses.replace(env, restart_count=max([1, *ours])) if ours else env
 
 
 def ended_for_good(run_dir: str) -> str | None:

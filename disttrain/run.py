@@ -208,6 +208,7 @@ def start(
 
     tie_to_launcher(env)  # a torchrun worker must not outlive its agent
     mask_output(secret_values(cfg))  # before anything is printed: tracebacks can quote a credential
+    env = resume.late_joiner(env, cfg.run_dir)
     try:
         preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
     except ConfigError as err:

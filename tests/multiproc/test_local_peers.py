@@ -53,34 +53,48 @@ def worker(agent: subprocess.Popen) -> psutil.Process:
     return child
 
 
-def run_and_break_node_b(tmp_path: Path, damage) -> tuple[Path, list[Path], int, int]:
+def run_and_break_node_b(tmp_path: Path, damage, spare: bool = False) -> tuple[Path, list[Path], int, int]:
     """Two agents; once node A keeps a copy of node B's piece of step 8 or later, freeze B's worker,
-    `damage(a_dir, b_dir, b_rank, copied_step)`, kill -9 the worker; both agents finish. Returns the run
+    `damage(a_dir, b_dir, b_rank, copied_step)`, kill -9 the worker; both agents finish. With `spare`, a
+    third agent (node C) waits for a place in the rendezvous from the start of training, and node B's
+    agent is killed with its worker (the node lost whole): A's restart takes C in instead. Returns the run
     dir, logs, B's rank before the kill and the newest step of B's piece node A held a copy of."""
     run_dir, port = tmp_path / "run", free_port()
-    dirs = [tmp_path / "node_a", tmp_path / "node_b"]
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    names = ["node_a", "node_b", "node_c"][: 3 if spare else 2]
+    dirs = [tmp_path / name for name in names]
+    logs = [tmp_path / f"{name}.log" for name in names]
     agents = [node(run_dir, dirs[i], port, i == 0, logs[i]) for i in range(2)]
     try:
         deadline = time.monotonic() + 120
         while True:
             assert all(a.poll() is None for a in agents) and time.monotonic() < deadline, _tail(logs)
+            if spare and len(agents) == 2 and steps_anywhere(dirs[0]):  # training: the round is full
+                agents.append(node(run_dir, dirs[2], port, False, logs[2]))
             copies = [p for p in dirs[0].glob("peer_*") if steps(p) and steps(p)[-1] >= 2 * LOCAL_EVERY]
-            if copies:
+            if copies and len(agents) == len(names):
                 break
             time.sleep(0.01)
+        assert not dirs[-1].exists() or not spare, "the spare trained before a node was lost"
         victim = worker(agents[1])
         b_rank = int(victim.environ()["RANK"])
         victim.send_signal(signal.SIGSTOP)  # nothing more written by node B from here
         copied = steps(dirs[0] / f"peer_{b_rank:05d}")[-1]
         damage(dirs[0], dirs[1], b_rank, copied)
+        if spare:
+            agents[1].kill()  # the agent first: it must not restart its worker
+            agents[1].wait()
         victim.send_signal(signal.SIGKILL)
         codes = [a.wait(timeout=180) for a in agents]
     finally:
         for a in agents:
             a.kill()
-    assert codes == [0, 0], _tail(logs)
+    expected = [0, -signal.SIGKILL, 0] if spare else [0, 0]
+    assert codes == expected, _tail(logs)
     return run_dir, logs, b_rank, copied
+
+
+def steps_anywhere(folder: Path) -> bool:
+    return any(steps(p) for p in folder.glob("rank_*"))
 
 
 def test_a_node_whose_local_folder_is_lost_resumes_from_the_peer_copy_bit_identical(
@@ -124,6 +138,25 @@ def test_a_corrupt_own_piece_is_refused_and_the_peer_copy_serves(tmp_path, tmp_p
     assert (fallback["tier"], fallback["served"], fallback["step"]) == ("local", "peer", copied), fallback
     assert "sha256" in fallback["reason"] and "state.pt" in fallback["reason"], fallback
     assert events.index(fallback) < events.index(resume)
+    assert outcome(run_dir) == expected
+
+
+def test_a_lost_node_is_replaced_by_a_waiting_spare_which_resumes_from_the_peer_copy(tmp_path, tmp_path_factory):
+    """Three agents for `--nnodes 2`: the third waits (torch's rendezvous keeps it as a spare). Node B is
+    lost whole (agent and worker killed -9, its folder wiped); node A's restart admits the spare, whose
+    rank has nothing of its own: it gets B's piece from A's copy, and the run ends bit-identical. The
+    spare's torchrun counts no restart, yet continues the run as A does (resume.late_joiner): with
+    `resume=never` it would otherwise start afresh and never reach the restore the others wait in."""
+    expected = reference(tmp_path_factory, ())
+    wipe = lambda a, b, rank, step: shutil.rmtree(b)  # noqa: E731
+    run_dir, logs, _, copied = run_and_break_node_b(tmp_path, wipe, spare=True)
+
+    events = read_jsonl(run_dir / "events.jsonl")
+    resume = next(e for e in events if e["event"] == "resume")
+    assert resume["tier"] == "peer" and resume["step"] == copied and resume["restart_count"] == 1, resume
+    assert [e["event"] for e in events][-2:] == ["finish", "exit"]
+    # Made by the spare's rank (empty again: a finished run drops its pieces); absent before node B was lost.
+    assert (tmp_path / "node_c").is_dir(), "the spare's rank never ran"
     assert outcome(run_dir) == expected
 
 

@@ -106,3 +106,34 @@ def test_one_port_rule_for_a_slurm_attempt_and_a_torchrun_restart():
     assert port_for_job("4242_3", 2) == attempt_port(42423, 2)
     restarts = [attempt_port(29500, n) for n in range(1, 30)]
     assert len(set(restarts)) == len(restarts) and all(15000 <= p < 30000 for p in restarts)
+
+
+def test_a_worker_whose_agent_joined_after_the_first_round_counts_the_restart_of_the_ranks_it_joins(tmp_path):
+    """A spare node's torchrun counts no restart; the records its job wrote since that agent started
+    say it joined a later round, so it continues the run as the others do (resume.late_joiner)."""
+    import json
+    import time
+
+    from disttrain.cluster import ClusterEnv, parent_started
+    from disttrain.resume import late_joiner
+
+    started = parent_started()
+    assert started is not None and started <= time.time()
+    env = ClusterEnv(launcher="torchrun", rank=1, world_size=2, job_id="peers")
+    events = tmp_path / "events.jsonl"
+
+    def records(*rows: tuple[str, float, int]) -> None:
+        events.write_text("".join(json.dumps({"time": t, "event": "start", "job_id": j, "restart_count": r}) + "\n"
+                                  for j, t, r in rows))  # fmt: skip
+
+    assert late_joiner(env, str(tmp_path)) == env  # no records: a first round
+    records(("peers", started - 60, 0))  # an earlier invocation reusing the id, before this agent started
+    assert late_joiner(env, str(tmp_path)).restart_count == 0
+    records(("other", time.time(), 2))  # another job
+    assert late_joiner(env, str(tmp_path)).restart_count == 0
+    records(("peers", started - 60, 0), ("peers", time.time(), 0), ("peers", time.time(), 2))
+    assert late_joiner(env, str(tmp_path)).restart_count == 2
+    records(("peers", time.time(), 0))  # the round before the one it joined: still a restart
+    assert late_joiner(env, str(tmp_path)).restart_count == 1
+    restarted = ClusterEnv(launcher="torchrun", job_id="peers", restart_count=3)
+    assert late_joiner(restarted, str(tmp_path)) == restarted

@@ -141,7 +141,9 @@ def test_a_corrupt_own_piece_is_refused_and_the_peer_copy_serves(tmp_path, tmp_p
     assert outcome(run_dir) == expected
 
 
-def test_a_lost_node_is_replaced_by_a_waiting_spare_which_resumes_from_the_peer_copy(tmp_path, tmp_path_factory):
+def test_a_lost_node_is_replaced_by_a_waiting_spare_which_resumes_from_the_peer_copy(
+    tmp_path, tmp_path_factory
+):
     """Three agents for `--nnodes 2`: the third waits (torch's rendezvous keeps it as a spare). Node B is
     lost whole (agent and worker killed -9, its folder wiped); node A's restart admits the spare, whose
     rank has nothing of its own: it gets B's piece from A's copy, and the run ends bit-identical. The

@@ -5,7 +5,9 @@ without a trip through the queue; the restarted ranks resume from the local tier
 the newest durable checkpoint, exactly as under `torchrun --max-restarts`.
 
 What this task process does, and nothing more:
-- starts the node's agent with the run's layout: `--nnodes` = the job's nodes, `--nproc-per-node` = the
+- starts the node's agent with the run's layout: `--nnodes` = the job's training nodes (`--nodes`; with
+  `--spare-nodes K` the job holds K more, whose agents torch's rendezvous keeps waiting until a node is
+  lost and the next restart admits one), `--nproc-per-node` = the
   node's ranks, the rendezvous on the job's first node at a port every node derives from the job id and
   the SLURM attempt (slurm.port_for_job), `--max-restarts N`;
 - hands the workers the requeue policy (slurm.RequeuePolicy.from_env), the marker that makes a stopped
@@ -45,11 +47,14 @@ from disttrain.secrets import SECRETS_ENV
 POLL_S = 0.2
 
 
-def agent_command(env: ClusterEnv, ranks_per_node: int, restarts: int, config_path: str) -> list[str]:
-    """The node's `torch.distributed.run` command line (no secret on it)."""
+def agent_command(
+    env: ClusterEnv, ranks_per_node: int, restarts: int, config_path: str, nodes: int | None = None
+) -> list[str]:
+    """The node's `torch.distributed.run` command line (no secret on it). `nodes`: how many of the job's
+    nodes train (default all); the agents of the others wait as spares (`--spare-nodes`)."""
     endpoint = f"{env.master_addr}:{slurm.port_for_job(env.job_id, env.restart_count)}"
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(env.num_nodes),
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes or env.num_nodes),
         "--nproc-per-node", str(ranks_per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
         "--rdzv-id", f"{env.job_id}-{env.restart_count}", "--max-restarts", str(restarts),
         # Who hosts the rendezvous store is decided here, not by matching host names (on a test cluster
@@ -79,7 +84,7 @@ def agent_env(
 
 def run_node(
     config_yaml: str, secrets: list[str], env: ClusterEnv, stop: StopSignal, *, ranks_per_node: int,
-    restarts: int, policy: slurm.RequeuePolicy,
+    nodes: int, restarts: int, policy: slurm.RequeuePolicy,
 ) -> int:  # fmt: skip
     """Run this node's agent to its end; returns its exit code. Stop signals are passed on meanwhile."""
     with tempfile.TemporaryDirectory(prefix="disttrain-agent-") as tmp:
@@ -87,7 +92,7 @@ def run_node(
         with open(config_path, "w", encoding="utf-8") as fh:
             fh.write(config_yaml)
         proc = subprocess.Popen(
-            agent_command(env, ranks_per_node, restarts, config_path),
+            agent_command(env, ranks_per_node, restarts, config_path, nodes),
             env=agent_env(dict(os.environ), policy, secrets, ranks_per_node),
             preexec_fn=_ignore_usr2,  # the agent must outlive the warning; its workers handle it
         )

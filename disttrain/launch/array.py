@@ -121,6 +121,7 @@ def submit(plan: SweepPlan) -> int:
                 o.exclude_slow_nodes,
                 o.in_job_restarts,
                 o.ranks_per_node,
+                o.nodes,
             )
         )
     created = first_missing(plan.folder)

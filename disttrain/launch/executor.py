@@ -7,6 +7,8 @@ What disttrain asks of SLURM and why:
   whose torch elastic agent spawns the node's ranks (launch/agent.py);
 - `--signal=USR2@N`: the time-limit warning that lets the job save and requeue before the limit;
 - `--requeue`: the job may be requeued even where the cluster's JobRequeue default says otherwise;
+- with `--spare-nodes K`, K more nodes (`--nodes` N+K) whose agents wait in the rendezvous, and
+  `--no-kill` for sbatch and srun: a failed node must not end the job or its step (the spare replaces it);
 - `--open-mode=append` (submitit's default): every attempt of a requeued job appends to the same logs.
 submitit's own signal handling is not used for training: disttrain's handlers own SIGTERM/USR2 while the
 job runs, and disttrain requeues (tests/cluster/NOTES.md §3-4 say why).
@@ -26,7 +28,7 @@ def slurm_parameters(o: SubmitOptions, job_name: str) -> dict[str, Any]:
     agent = o.in_job_restarts > 0  # one task per node: its elastic agent spawns the node's ranks
     params: dict[str, Any] = {
         "job_name": job_name,
-        "nodes": o.nodes,
+        "nodes": o.nodes + o.spare_nodes,
         "ntasks_per_node": 1 if agent else o.ranks_per_node,
         "time": o.time_minutes,  # submitit keeps minutes for itself; the exact text goes below
         "signal_delay_s": o.signal_delay,
@@ -44,8 +46,12 @@ def slurm_parameters(o: SubmitOptions, job_name: str) -> dict[str, Any]:
         "exclude": o.exclude,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    if o.container_image:
-        params["srun_args"] = [f"--container-image={o.container_image}"]
+    srun_args = [f"--container-image={o.container_image}"] if o.container_image else []
+    if agent and o.spare_nodes:
+        params["additional_parameters"]["no-kill"] = True
+        srun_args.append("--no-kill")
+    if srun_args:
+        params["srun_args"] = srun_args
     return params
 
 

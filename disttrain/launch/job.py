@@ -12,6 +12,7 @@ The trainer, torch and the run lifecycle are imported only inside the job, so `d
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,7 @@ class TrainJob:
     exclude_slow_nodes: bool = False  # --exclude-slow-nodes: a requeue leaves out the nodes that were slow
     in_job_restarts: int = 0  # > 0: this task is a node's elastic agent (launch/agent.py), not a rank
     ranks_per_node: int = 1  # the ranks that agent spawns
+    nodes: int = 0  # the nodes that train (--nodes); the job's others are spares (--spare-nodes). 0: all
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal
@@ -73,8 +75,12 @@ class TrainJob:
 
         secrets = secret_overrides(to_dict(cfg, redact=False))
         code = agent.run_node(self.config_yaml, secrets, env, stop, ranks_per_node=self.ranks_per_node,
-                              restarts=self.in_job_restarts, policy=policy)  # fmt: skip
+                              nodes=self.nodes or env.num_nodes, restarts=self.in_job_restarts, policy=policy)  # fmt: skip
         ended, record = agent.how_it_ended(self.run_dir, env.job_id)
+        if code != 0 and ended in ("finished", "requeued"):  # a spare's agent loses its rendezvous at the end
+            print(f"disttrain: node {env.node_rank}: torchrun exited {code} after the run {ended} (an agent "
+                  "still waiting as a spare loses the rendezvous when the others leave); the run's outcome "
+                  "stands", file=sys.stderr, flush=True)  # fmt: skip
         if ended == "finished":
             return {"outcome": "finished", "step": record and record.get("step"), "run_dir": self.run_dir}
         if ended == "requeued":

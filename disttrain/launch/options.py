@@ -49,6 +49,7 @@ class SubmitOptions:
     signal_delay: int = DEFAULT_SIGNAL_DELAY_S
     max_requeues: int = DEFAULT_MAX_REQUEUES
     in_job_restarts: int = 0  # > 0: one elastic agent per node restarts crashed ranks in the allocation
+    spare_nodes: int = 0  # extra nodes whose agents wait to stand in for a lost one (needs in_job_restarts)
     cluster: str = "slurm"
     container_image: str | None = None
     log_dir: str | None = None
@@ -84,7 +85,7 @@ class SubmitOptions:
 # Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "cluster",
+    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "spare_nodes", "cluster",
     "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
@@ -136,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="restart crashed ranks inside the allocation up to N times (one torch elastic agent per node, "
         "resuming from checkpoint.local or the newest checkpoint); default 0: a crash fails the job",
+    )
+    add(
+        "--spare-nodes",
+        type=int,
+        help="allocate K more nodes whose agents wait in the rendezvous and stand in for a node that is lost "
+        "(needs --in-job-restarts; the job is not killed when a node fails); default 0",
     )
     add(
         "--cluster",
@@ -237,7 +244,8 @@ def validate(o: SubmitOptions) -> None:
 
 def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                      ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("array_parallelism", 1)):  # fmt: skip
+                      ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("spare_nodes", 0),
+                      ("array_parallelism", 1)):  # fmt: skip
         value = getattr(o, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ConfigError(f"--{name.replace('_', '-')}: {value!r} must be an integer >= {low}")
@@ -256,6 +264,11 @@ def _check_cluster(o: SubmitOptions) -> None:
     if o.cluster == "local" and o.in_job_restarts:
         raise ConfigError(
             "--in-job-restarts needs --cluster slurm; on one machine use torchrun --max-restarts N"
+        )
+    if o.spare_nodes and not o.in_job_restarts:
+        raise ConfigError(
+            f"--spare-nodes {o.spare_nodes} needs --in-job-restarts N: a spare joins when the nodes' elastic "
+            "agents restart; add e.g. --in-job-restarts 3"
         )
     if o.cluster == "local" and o.container_image:
         raise ConfigError("--container-image needs --cluster slurm (pyxis passes it to srun)")

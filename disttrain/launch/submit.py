@@ -69,6 +69,7 @@ def submit(plan: Plan) -> int:
                     opts.exclude_slow_nodes,
                     opts.in_job_restarts,
                     opts.ranks_per_node,
+                    opts.nodes,
                 )
             )
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind
@@ -89,7 +90,8 @@ def print_submitted(plan: Plan, job_id: str) -> None:
         f"{o.gpus_per_node} GPU rank(s)" if o.gpus_per_node else f"{o.ranks_per_node} CPU rank(s) over gloo"
     )
     log = os.path.join(plan.folder, f"{job_id}_0_log")
-    print(f"submitted job {job_id} ({o.cluster}): {o.nodes} node(s) x {ranks}, time {o.time}, "
+    spares = f" + {o.spare_nodes} spare node(s)" if o.spare_nodes else ""
+    print(f"submitted job {job_id} ({o.cluster}): {o.nodes} node(s) x {ranks}{spares}, time {o.time}, "
           f"USR2 {o.signal_delay}s before the limit, up to {o.max_requeues} requeue(s)"
           + (f", up to {o.in_job_restarts} in-job restart(s)" if o.in_job_restarts else ""))  # fmt: skip
     print(f"  run dir  {plan.cfg.run_dir}")

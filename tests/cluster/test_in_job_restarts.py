@@ -201,3 +201,23 @@ def test_a_node_whose_ranks_fail_twice_is_left_out_of_the_requeued_job(slurm, tm
     deadline = time.monotonic() + 30  # a pending job's planned nodes must be idle for the next test
     while "planned" in slurm.run(["sinfo", "-h", "-o", "%t"]).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def test_a_spare_nodes_agent_waits_through_the_run_and_the_job_completes(slurm, tmp_path):
+    """--nodes 1 --spare-nodes 1: the job holds both nodes; one agent trains (world size 1), the other's
+    agent waits in the rendezvous as a spare the whole run. When the run finishes the spare's task ends
+    too, and the job completes rather than failing or hanging on the agent that never trained."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "1", "--spare-nodes", "1", "--gpus-per-node", "0", "--time", "5",
+                 "--in-job-restarts", "1", *RUN[:1], "trainer.max_steps=20", "pipeline.args.step_delay=0.1",
+                 "data.batch_size=32")  # fmt: skip
+    wait_finished(slurm, job, run_dir, timeout=150)
+    info = slurm.scontrol_show_job(job)
+    assert (info["NumNodes"], info["NumTasks"], info["Restarts"]) == ("2", "2", "0"), info
+    starts = [e for e in events(run_dir) if e["event"] == "start"]
+    assert [(s["world_size"], s["restart_count"]) for s in starts] == [(1, 0)], starts
+    assert [e["event"] for e in events(run_dir)][-2:] == ["finish", "exit"]
+    spare_log = "".join(p.read_text(errors="replace") for p in (run_dir / "slurm").glob("*_log.err"))
+    assert "after the run finished" in spare_log and "the run's outcome stands" in spare_log, spare_log[
+        -3000:
+    ]

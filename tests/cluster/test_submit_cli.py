@@ -45,6 +45,8 @@ def test_help_is_instant_and_imports_no_torch():
         (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task per GPU"),
         (["--in-job-restarts", "-1"], "--in-job-restarts: -1 must be an integer >= 0"),
         (["--cluster", "local", "--in-job-restarts", "2"], "--in-job-restarts needs --cluster slurm"),
+        (["--nodes", "2", "--spare-nodes", "1"], "--spare-nodes 1 needs --in-job-restarts N"),
+        (["--spare-nodes", "-1"], "--spare-nodes: -1 must be an integer >= 0"),
         (["--profile", "nosuch.yaml"], "--profile 'nosuch.yaml' not found"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["trainer.max_stepz=5"], "did you mean trainer.max_steps?"),
@@ -155,6 +157,25 @@ def test_in_job_restarts_asks_for_one_task_per_node_with_the_nodes_cpus(slurm, t
     script = proc.stdout.partition("# resolved config")[0]
     assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --cpus-per-task=12\n" in script, script
     assert "world size 8" in proc.stdout
+
+
+def test_spare_nodes_are_allocated_beyond_the_training_nodes_and_a_node_failure_does_not_end_the_job(
+    slurm, tmp_path
+):
+    """--spare-nodes K: the job holds --nodes + K nodes (each an agent; the rendezvous trains on --nodes
+    of them), and neither the job nor its step is killed when a node fails; the world size stays."""
+    proc = run_submit(
+        slurm, "--dry-run", "--nodes", "1", "--spare-nodes", "1", "--in-job-restarts", "2",
+        f"run_dir={tmp_path / 'run'}", *PROBE,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout.partition("# resolved config")[0]
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --no-kill\n" in script, script
+    assert "srun --unbuffered" in script and "--no-kill" in script.split("srun --unbuffered", 1)[1], script
+    assert "world size 1" in proc.stdout
+    body = script[script.index("#!/bin/bash") :]
+    message = slurm.sbatch_test_only(script=body)  # SLURM itself takes the options
+    assert "to start at" in message, message
 
 
 def test_a_partition_sbatch_refuses_exits_2_and_leaves_nothing(slurm, tmp_path):

@@ -216,18 +216,36 @@ def _torch_load(data: bytes, where: str) -> Any:
         ) from None
 
 
-def host_copy(obj: Any, where: str, snapshot: bool = True) -> Any:
+def host_copy(obj: Any, where: str, snapshot: bool = True, into: Any = None) -> Any:
     """The tensors of nested plain data on the CPU (copied when `snapshot`, or when they live on a GPU);
-    refuses what weights_only loading would refuse."""
+    refuses what weights_only loading would refuse. `into`: an earlier host copy of the same state that
+    nothing reads any more; each tensor is copied into its counterpart there where shape and dtype match
+    (no allocation, no fresh pages to fault in: the local tier's snapshot every few steps)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=snapshot)
+        src = obj.detach()
+        if _reusable(into, src):
+            return into.copy_(src)
+        return src.to("cpu", copy=snapshot)
     if isinstance(obj, dict):
-        return {k: host_copy(v, f"{where}[{k!r}]", snapshot) for k, v in obj.items()}
+        old = into if isinstance(into, dict) else {}
+        return {k: host_copy(v, f"{where}[{k!r}]", snapshot, old.get(k)) for k, v in obj.items()}
     if type(obj) in (list, tuple):
-        return type(obj)(host_copy(v, f"{where}[{i}]", snapshot) for i, v in enumerate(obj))
+        olds = into if type(into) is type(obj) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(host_copy(v, f"{where}[{i}]", snapshot, olds[i]) for i, v in enumerate(obj))
     if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
         return obj
     raise CheckpointError(
         f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
         "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
+    )
+
+
+def _reusable(into: Any, src: torch.Tensor) -> bool:
+    return (
+        isinstance(into, torch.Tensor)
+        and into.device.type == "cpu"
+        and src.layout == torch.strided
+        and into.dtype == src.dtype
+        and into.shape == src.shape
+        and into.is_contiguous()
     )

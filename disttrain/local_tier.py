@@ -114,6 +114,8 @@ class LocalTier:
         self.dir = self._folder(OWN, dist.rank())
         self.last_step: int | None = None  # the step this rank last wrote (or resumed from)
         self._thread: threading.Thread | None = None
+        # The last piece's host copy, kept for the next save to copy into (no allocation in the step)
+        self._previous: tuple[State, State, Shards | None] | None = None
         self._warned = False
         self._tidied = False
         self.first_attempt = first_attempt
@@ -144,12 +146,17 @@ class LocalTier:
     def save(self, step: int, shared: State, mine: State, shards: Shards | None) -> None:
         """Copy this rank's state to host memory now; write it (and trade copies with this rank's peers)
         in the background. No collective on the training group."""
-        self._join()  # one write in flight per rank
+        self._join()  # one write in flight per rank: the previous piece's host copy is free again
+        old = self._previous or ({}, {}, None)
+        self._previous = None
         try:
-            host = fmt.host_copy(shared, "app_state")
-            own = fmt.host_copy(mine, "rank_state")
-            rows = None if shards is None else (fmt.host_copy(shards[0], "shards"), shards[1])
+            host = fmt.host_copy(shared, "app_state", into=old[0])
+            own = fmt.host_copy(mine, "rank_state", into=old[1])
+            rows = None
+            if shards is not None:
+                rows = (fmt.host_copy(shards[0], "shards", into=old[2] and old[2][0]), shards[1])
             piece: tuple[State, State, Shards | None] | None = (host, own, rows)
+            self._previous = piece
         except CheckpointError as err:
             self._warn(step, err)
             piece = None  # still trades: the peers wait for this rank's message ("none")
@@ -283,6 +290,7 @@ class LocalTier:
         """Remove this rank's pieces and the copies it keeps (the run finished and its final checkpoint
         is durable): tmpfs is memory. The node's folder goes too once its last rank left it."""
         self._join()
+        self._previous = None
         for folder in self._mine():
             fs.remove(folder, recursive=True)
         if self.cfg.dir:

@@ -59,6 +59,29 @@ def test_restore_loads_the_newest_piece_bit_for_bit(tmp_path):
     assert torch.equal(loaded.rank_state["rng"]["torch"], state(4)[1]["rng"]["torch"])
 
 
+def test_each_save_copies_into_the_last_ones_host_memory_after_its_write_finished(tmp_path):
+    """The snapshot reuses the previous piece's host tensors (no allocation in the step), and only once
+    that piece is on disk: every piece holds its own step's values."""
+    import safetensors.torch
+
+    local = tier(tmp_path, keep_last=3)
+    local.save(2, *state(2), None)
+    first = local._previous[0]["model"]["w"]
+    local.save(4, *state(4), None)  # joins step 2's write, then copies into its tensors
+    assert local._previous[0]["model"]["w"].data_ptr() == first.data_ptr()
+    shared, mine = state(6)
+    shared["model"]["w"] = torch.zeros(4, 2)  # a new shape: new memory
+    local.save(6, shared, mine, None)
+    local.wait()
+    assert local._previous[0]["model"]["w"].data_ptr() != first.data_ptr()
+    for step, value in ((2, 2.0), (4, 4.0), (6, 0.0)):
+        piece = tmp_path / "local" / "rank_00000" / f"step_{step:08d}" / "model.safetensors"
+        assert torch.equal(
+            safetensors.torch.load_file(piece)["w"],
+            torch.full((3, 2), value) if step < 6 else torch.zeros(4, 2),
+        )
+
+
 def test_a_durable_checkpoint_as_new_serves_instead(tmp_path):
     local = tier(tmp_path)
     save(local, 2, 4)

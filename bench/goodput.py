@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, machine_info
+from bench.common import REPO, machine_info, median
 from bench.sections import replace_section
 
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
@@ -362,7 +362,40 @@ def report(variants: list[Variant]) -> str:
             lines.append(
                 f"Checkpoint interval at the end: {goodput.describe_interval(v.summary['last_interval'])}."
             )
+        if v.in_job:
+            lines += ["", *kill_split(v)]
     return "\n".join(lines)
+
+
+SPLIT = (
+    ("detection, teardown, agents' re-rendezvous", lambda after: after["lost"]["restart"]),
+    ("interpreter and imports", lambda after: after["startup"]["imports"]),
+    ("process group", lambda after: after["startup"]["process_group"]),
+    ("build (model, data, optimizer)", lambda after: after["startup"]["build"]),
+    ("load (the local tier's pieces)", lambda after: after["startup"]["checkpoint"]),
+    ("other", lambda after: after["startup"]["other"]),
+)
+
+
+def kill_split(v: Variant) -> list[str]:
+    """Where the time from a kill -9 to training again goes, per restart: the restarted segment's events
+    (the `restart` cause: the killed segment's last record to the new processes' start, which takes in
+    the failure's detection, the teardown of the surviving ranks and the agents' new rendezvous round;
+    then the new processes' own `ready` split), against the harness's own clock."""
+    pairs = [(c, after) for c, after in zip(v.cycles, v.cycles[1:]) if c.get("kill_to_training_s") is not None]
+    if not pairs:
+        return []
+    head = "| phase | " + " | ".join(f"restart {after['restart']}" for _, after in pairs) + " | median |"
+    lines = [f"Kill -9 to training again, split (seconds; {v.name}):", "", head, "|" + " --- |" * (len(pairs) + 2)]
+    for name, part in SPLIT:
+        values = [part(after) for _, after in pairs]
+        lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in values) + f" | {median(values):.2f} |")
+    total = [sum(part(after) for _, part in SPLIT) for _, after in pairs]
+    harness = [c["kill_to_training_s"] for c, _ in pairs]
+    lines.append("| sum | " + " | ".join(f"{x:.2f}" for x in total) + f" | {median(total):.2f} |")
+    lines.append("| the harness's clock (kill to a new step seen, polled every 0.25 s) | "
+                 + " | ".join(f"{x:.2f}" for x in harness) + f" | {median(harness):.2f} |")  # fmt: skip
+    return lines
 
 
 def _run_row(v: Variant) -> str:
@@ -414,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-job-periods", default="120,60", help="in-job variant: seconds between kills")
     p.add_argument("--workdir", default="/tmp/gpbench", help="cluster and runs (short: unix socket paths)")
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the section from RESULTS_goodput.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        replace_section(args.out, "goodput", report(_merged(Path(args.out).with_name("RESULTS_goodput.json"), [])))
+        return 0
     command = "python -m bench.goodput" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )

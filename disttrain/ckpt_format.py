@@ -221,31 +221,58 @@ def host_copy(obj: Any, where: str, snapshot: bool = True, into: Any = None) -> 
     refuses what weights_only loading would refuse. `into`: an earlier host copy of the same state that
     nothing reads any more; each tensor is copied into its counterpart there where shape and dtype match
     (no allocation, no fresh pages to fault in: the local tier's snapshot every few steps)."""
+    try:
+        with torch.no_grad():
+            return _host_copy(obj, snapshot, into)
+    except _Refused as err:
+        raise CheckpointError(
+            f"{where}{err.path} is a {err.kind}: checkpoints hold only tensors and plain data (dict, list, "
+            "tuple, str, int, float, bool, None); convert it in state_dict()"
+        ) from None
+
+
+class _Refused(Exception):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind, self.path = kind, ""
+
+
+_NOTHING: dict[Any, Any] = {}
+
+
+def _host_copy(obj: Any, snapshot: bool, into: Any) -> Any:
+    """host_copy's walk, kept lean: it runs for every tensor of the state at every local save."""
     if isinstance(obj, torch.Tensor):
-        src = obj.detach()
-        if _reusable(into, src):
-            return into.copy_(src)
-        return src.to("cpu", copy=snapshot)
+        if (
+            isinstance(into, torch.Tensor)
+            and into.shape == obj.shape
+            and into.dtype == obj.dtype
+            and into.is_cpu
+            and obj.layout == torch.strided
+            and into.is_contiguous()
+        ):
+            return into.copy_(obj)
+        return obj.detach().to("cpu", copy=snapshot)
     if isinstance(obj, dict):
-        old = into if isinstance(into, dict) else {}
-        return {k: host_copy(v, f"{where}[{k!r}]", snapshot, old.get(k)) for k, v in obj.items()}
+        old = into if isinstance(into, dict) else _NOTHING
+        out = {}
+        for k, v in obj.items():
+            try:
+                out[k] = _host_copy(v, snapshot, old.get(k))
+            except _Refused as err:
+                err.path = f"[{k!r}]{err.path}"
+                raise
+        return out
     if type(obj) in (list, tuple):
-        olds = into if type(into) is type(obj) and len(into) == len(obj) else [None] * len(obj)
-        return type(obj)(host_copy(v, f"{where}[{i}]", snapshot, olds[i]) for i, v in enumerate(obj))
+        olds = into if type(into) is type(obj) and len(into) == len(obj) else (None,) * len(obj)
+        items = []
+        for i, v in enumerate(obj):
+            try:
+                items.append(_host_copy(v, snapshot, olds[i]))
+            except _Refused as err:
+                err.path = f"[{i}]{err.path}"
+                raise
+        return type(obj)(items)
     if isinstance(obj, _PLAIN) and type(obj).__module__ in ("builtins", "torch"):
         return obj
-    raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: checkpoints hold only tensors and "
-        "plain data (dict, list, tuple, str, int, float, bool, None); convert it in state_dict()"
-    )
-
-
-def _reusable(into: Any, src: torch.Tensor) -> bool:
-    return (
-        isinstance(into, torch.Tensor)
-        and into.device.type == "cpu"
-        and src.layout == torch.strided
-        and into.dtype == src.dtype
-        and into.shape == src.shape
-        and into.is_contiguous()
-    )
+    raise _Refused(f"{type(obj).__module__}.{type(obj).__qualname__}")

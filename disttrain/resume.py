@@ -123,6 +123,25 @@ def failing_hosts(run_dir: str, job_id: str) -> list[str]:
     return sorted(host for host, segments in seen.items() if len(segments) >= FAILURES_TO_LEAVE_OUT)
 
 
+def lost_hosts(run_dir: str, job_id: str) -> list[str]:
+    """The hosts the surviving ranks named in this SLURM job's newest `hang` records (those of its latest
+    segment): where the ranks that stopped answering ran, when a node was lost whole."""
+    from disttrain import events as ev
+
+    hangs = [r for r in ev.read(run_dir) if ev.kind(r) == ev.HANG and str(r.get("job_id", "")) == job_id]
+    if not hangs:
+        return []
+    latest = max(int(r.get("restart_count") or 0) for r in hangs)
+    hosts = {
+        str(rank["host"])
+        for r in hangs
+        if int(r.get("restart_count") or 0) == latest
+        for rank in r.get("ranks") or []
+        if isinstance(rank, dict) and rank.get("host")
+    }
+    return sorted(hosts)
+
+
 def source(cfg: Config, committed: list[int]) -> str | None:
     """The checkpoint directory `resume` points at before anything is verified (the newest committed one
     of the run dir, or of the run dir `resume=PATH` names); None for a fresh start."""

@@ -217,7 +217,8 @@ def start(
         resume.failing_hosts(cfg.run_dir, env.job_id) if env.slurm_agent and env.restart_count > 0 else []
     )
     if failing:  # every rank reads the same records: all leave alike, rank 0 requeues without the node(s)
-        return _requeue_without(cfg, env, policy, failing)
+        why = f"node(s) {', '.join(failing)} failed twice in this job"
+        return requeue_without(cfg, env, policy, failing, why)
     final = resume.ended_for_good(cfg.run_dir) if env.restart_count > 0 and not test else None
     if final is not None:  # a restart (torchrun, in-job, requeue) after a non-finite stop: fail again at once
         if env.rank == 0:
@@ -313,12 +314,15 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, policy: slurm.
     return RunResult(outcome, fit.step, decision.signal, decision.reason)
 
 
-def _requeue_without(
-    cfg: Config, env: ClusterEnv, policy: slurm.RequeuePolicy, hosts: list[str]
-) -> RunResult:
-    """An in-job restart whose node(s) failed twice in this job: the job goes back to SLURM with them
-    excluded (merged with --exclude), within --max-requeues, instead of restarting on them again. Rank 0
-    requeues; every rank returns the same outcome without training (exit 0, so torch's agent stops)."""
+def requeue_without(
+    cfg: Config, env: ClusterEnv, policy: slurm.RequeuePolicy, hosts: list[str], why: str,
+    field: str = "failing_nodes",
+) -> RunResult:  # fmt: skip
+    """The job goes back to SLURM with `hosts` excluded (merged with --exclude), within --max-requeues,
+    instead of training on them again: an in-job restart whose node(s) failed twice in this job (every
+    rank returns the same outcome without training: exit 0, so torch's agent stops), or a node lost whole
+    (the first node's SLURM task, launch/job.py; `hosts` may then be empty: requeued without exclusion).
+    Rank 0 requeues; the `requeue` event names the nodes under `field`."""
     from disttrain.writers import EventLog
 
     nodes = ", ".join(hosts)
@@ -326,18 +330,18 @@ def _requeue_without(
         return RunResult(Outcome.REQUEUED, message=f"node(s) {nodes} left out")
     events = EventLog(cfg.run_dir, env.job_id, env.restart_count, cfg=cfg)
     used = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    fields: dict[str, Any] = {"signal": None, "failing_nodes": hosts}
+    fields: dict[str, Any] = {"signal": None, field: hosts}
     if used >= policy.max_requeues:
-        reason = f"node(s) {nodes} failed twice, and the requeue budget is spent ({used} of --max-requeues)"
+        reason = f"{why}, and the requeue budget is spent ({used} of --max-requeues)"
         events.emit(ev.REQUEUE_REFUSED, reason=reason, **fields)
         print(f"disttrain: error: {reason}", file=sys.stderr)
         return RunResult(Outcome.FAILED, message=reason)
-    decision = slurm.Requeue(
-        True, f"node(s) {nodes} failed twice in this job", None, policy.max_requeues - used - 1
-    )
+    decision = slurm.Requeue(True, why, None, policy.max_requeues - used - 1)
     decision = slurm.requeue(env.job_id, decision)
-    if decision.requeued:
-        decision = slurm.exclude(env.job_id, hosts, decision, what="failing")
+    if decision.requeued and hosts:
+        decision = slurm.exclude(
+            env.job_id, hosts, decision, what="failing" if field == "failing_nodes" else "lost"
+        )
     kind = ev.REQUEUE if decision.requeued else ev.REQUEUE_REFUSED
     excluded = {"excluded": list(decision.excluded)} if decision.excluded else {}
     events.emit(kind, reason=decision.reason, budget_left=decision.budget_left, **fields, **excluded)

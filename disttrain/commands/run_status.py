@@ -138,6 +138,9 @@ def _state(
             "requeued",
             f"requeued without node(s) {nodes}, whose ranks failed twice in this job; waiting for SLURM",
         )
+    if kind == ev.REQUEUE and "lost_nodes" in last:  # a node lost whole, no spare: the agents gave up on it
+        nodes = ", ".join(last.get("excluded") or last["lost_nodes"]) or "a node"
+        return "requeued", f"requeued without {nodes}, lost during the job; waiting for SLURM"
     if any(ev.kind(e) == ev.REQUEUE for e in segment):
         return (
             "requeued",

@@ -22,7 +22,7 @@ What this task process does, and nothing more:
 A run that uses up its restarts fails as before (exit 1, not requeued). Bad input fails every attempt at
 once. After a non-finite stop, each restarted attempt fails at once without training
 (resume.ended_for_good); after a node's ranks failed twice, the restart requeues the job without that
-node (resume.failing_hosts, run._requeue_without). torch's agent itself is not told which failures to
+node (resume.failing_hosts, run.requeue_without). torch's agent itself is not told which failures to
 retry: it restarts, and the restarted ranks decide.
 """
 
@@ -36,11 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from disttrain import events as ev
 from disttrain import slurm
 from disttrain.cluster import SLURM_AGENT_ENV, ClusterEnv
+from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from disttrain.process import StopSignal
 from disttrain.secrets import SECRETS_ENV
 
@@ -48,10 +50,12 @@ POLL_S = 0.2
 
 
 def agent_command(
-    env: ClusterEnv, ranks_per_node: int, restarts: int, config_path: str, nodes: int | None = None
-) -> list[str]:
+    env: ClusterEnv, ranks_per_node: int, restarts: int, config_path: str, nodes: int | None = None,
+    join_timeout: int = DEFAULT_RENDEZVOUS_TIMEOUT_S,
+) -> list[str]:  # fmt: skip
     """The node's `torch.distributed.run` command line (no secret on it). `nodes`: how many of the job's
-    nodes train (default all); the agents of the others wait as spares (`--spare-nodes`)."""
+    nodes train (default all); the agents of the others wait as spares (`--spare-nodes`). `join_timeout`:
+    how long a rendezvous round waits for all of them (the first, and each after a restart)."""
     endpoint = f"{env.master_addr}:{slurm.port_for_job(env.job_id, env.restart_count)}"
     return [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes or env.num_nodes),
@@ -59,7 +63,8 @@ def agent_command(
         "--rdzv-id", f"{env.job_id}-{env.restart_count}", "--max-restarts", str(restarts),
         # Who hosts the rendezvous store is decided here, not by matching host names (on a test cluster
         # every node is the same machine). A node that died holds its place until 3 missed heartbeats.
-        "--rdzv-conf", f"is_host={int(env.node_rank == 0)},keep_alive_interval=2,keep_alive_max_attempt=3",
+        "--rdzv-conf",
+        f"is_host={int(env.node_rank == 0)},keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout={join_timeout}",
         "--monitor-interval", "0.5", "-m", "disttrain.main", "--config", config_path,
     ]  # fmt: skip
 
@@ -82,18 +87,28 @@ def agent_env(
     return env
 
 
+@dataclass(frozen=True)
+class AgentExit:
+    code: int
+    gave_up_waiting: bool  # the agent's rendezvous timed out: a node did not come (back) in time
+
+
 def run_node(
     config_yaml: str, secrets: list[str], env: ClusterEnv, stop: StopSignal, *, ranks_per_node: int,
-    nodes: int, restarts: int, policy: slurm.RequeuePolicy,
-) -> int:  # fmt: skip
-    """Run this node's agent to its end; returns its exit code. Stop signals are passed on meanwhile."""
+    nodes: int, restarts: int, policy: slurm.RequeuePolicy, join_timeout: int = DEFAULT_RENDEZVOUS_TIMEOUT_S,
+) -> AgentExit:  # fmt: skip
+    """Run this node's agent to its end. Stop signals are passed on meanwhile."""
     with tempfile.TemporaryDirectory(prefix="disttrain-agent-") as tmp:
         config_path = os.path.join(tmp, "config.yaml")  # the resolved config, secrets redacted
         with open(config_path, "w", encoding="utf-8") as fh:
             fh.write(config_yaml)
+        error_file = os.path.join(tmp, "agent_error.json")  # torch's agent records its own exception here
         proc = subprocess.Popen(
-            agent_command(env, ranks_per_node, restarts, config_path, nodes),
-            env=agent_env(dict(os.environ), policy, secrets, ranks_per_node),
+            agent_command(env, ranks_per_node, restarts, config_path, nodes, join_timeout),
+            env={
+                **agent_env(dict(os.environ), policy, secrets, ranks_per_node),
+                "TORCHELASTIC_ERROR_FILE": error_file,
+            },
             preexec_fn=_ignore_usr2,  # the agent must outlive the warning; its workers handle it
         )
         forwarded = 0
@@ -102,7 +117,19 @@ def run_node(
             for name in stop.received[forwarded:]:
                 _pass_on(proc, name)
             forwarded = len(stop.received)
-        return int(proc.returncode)
+        return AgentExit(int(proc.returncode), proc.returncode != 0 and _timed_out(error_file))
+
+
+def _timed_out(error_file: str) -> bool:
+    """Whether the agent ended on a rendezvous timeout (not on its ranks' failure): torch's error file
+    names the exception it raised."""
+    try:
+        with open(error_file, encoding="utf-8") as fh:
+            message = json.load(fh)["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    text = message.get("message", "") if isinstance(message, dict) else str(message)
+    return str(text).startswith("RendezvousTimeoutError")
 
 
 def _ignore_usr2() -> None:

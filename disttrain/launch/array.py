@@ -20,7 +20,7 @@ from typing import Any
 from disttrain import fs, sweepdir
 from disttrain.config import Config, get_dotted, load_config, to_dict
 from disttrain.errors import EXIT_OK, ConfigError
-from disttrain.launch.options import SubmitOptions
+from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, SubmitOptions
 from disttrain.launch.plan import check_config, first_missing, log_folder, not_submitted
 from disttrain.launch.sweep import Task, expand, read_sweep_file
 from disttrain.rundir import RunDir
@@ -122,6 +122,7 @@ def submit(plan: SweepPlan) -> int:
                 o.in_job_restarts,
                 o.ranks_per_node,
                 o.nodes,
+                o.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
             )
         )
     created = first_missing(plan.folder)

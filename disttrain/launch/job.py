@@ -21,6 +21,7 @@ from disttrain import cluster as cluster_mod
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, dump_yaml, load_config, to_dict
 from disttrain.errors import ConfigError
+from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from disttrain.secrets import SECRETS_ENV, redacted_keys, secret_overrides, take_secrets
 from disttrain.slurm import RequeuePolicy
 
@@ -48,6 +49,7 @@ class TrainJob:
     in_job_restarts: int = 0  # > 0: this task is a node's elastic agent (launch/agent.py), not a rank
     ranks_per_node: int = 1  # the ranks that agent spawns
     nodes: int = 0  # the nodes that train (--nodes); the job's others are spares (--spare-nodes). 0: all
+    rendezvous_timeout: int = DEFAULT_RENDEZVOUS_TIMEOUT_S  # the agents' wait for every node
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal
@@ -74,9 +76,13 @@ class TrainJob:
         from disttrain.launch import agent
 
         secrets = secret_overrides(to_dict(cfg, redact=False))
-        code = agent.run_node(self.config_yaml, secrets, env, stop, ranks_per_node=self.ranks_per_node,
-                              nodes=self.nodes or env.num_nodes, restarts=self.in_job_restarts, policy=policy)  # fmt: skip
+        done = agent.run_node(self.config_yaml, secrets, env, stop, ranks_per_node=self.ranks_per_node,
+                              nodes=self.nodes or env.num_nodes, restarts=self.in_job_restarts, policy=policy,
+                              join_timeout=self.rendezvous_timeout)  # fmt: skip
+        code = done.code
         ended, record = agent.how_it_ended(self.run_dir, env.job_id)
+        if ended == "other" and done.gave_up_waiting and env.node_rank == 0:
+            return self.finish(self.without_lost_nodes(cfg, env, policy), env)
         if code != 0 and ended in ("finished", "requeued"):  # a spare's agent loses its rendezvous at the end
             print(f"disttrain: node {env.node_rank}: torchrun exited {code} after the run {ended} (an agent "
                   "still waiting as a spare loses the rendezvous when the others leave); the run's outcome "
@@ -88,6 +94,17 @@ class TrainJob:
         what = ev_name(record)
         raise JobError(f"job {env.job_id} node {env.node_rank}: torchrun exited {code} (up to {self.in_job_restarts} "
                        f"in-job restart(s)); the run's last end: {what} (events: {self.run_dir}/events.jsonl)")  # fmt: skip
+
+    def without_lost_nodes(self, cfg: Config, env: ClusterEnv, policy: RequeuePolicy) -> RunResult:
+        """A node was lost whole (its agent gone) and no spare took its place: the agents left waited
+        `rendezvous_timeout` seconds for it in vain. The first node's task (which hosts the rendezvous)
+        requeues the job without the node(s) its ranks' last failure named, within --max-requeues."""
+        from disttrain import resume, run
+
+        hosts = resume.lost_hosts(self.run_dir, env.job_id)
+        nodes = ", ".join(hosts) if hosts else "a node"
+        why = f"{nodes} did not come back to the rendezvous within {self.rendezvous_timeout} s (--rendezvous-timeout)"
+        return run.requeue_without(cfg, env, policy, hosts, why, field="lost_nodes")
 
     def config(self) -> Config:
         with tempfile.TemporaryDirectory(prefix="disttrain-job-") as tmp:

@@ -21,6 +21,7 @@ from disttrain.errors import ConfigError
 from disttrain.slurm import DEFAULT_MAX_REQUEUES
 
 DEFAULT_TIME = "1:00:00"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300  # --in-job-restarts: how long agents wait for a lost node to come back
 DEFAULT_SIGNAL_DELAY_S = 90  # submitit's default; SLURM may send the warning up to ~60 s earlier still
 CLUSTERS = ("slurm", "local")
 # SLURM time formats (man sbatch): M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
@@ -50,6 +51,7 @@ class SubmitOptions:
     max_requeues: int = DEFAULT_MAX_REQUEUES
     in_job_restarts: int = 0  # > 0: one elastic agent per node restarts crashed ranks in the allocation
     spare_nodes: int = 0  # extra nodes whose agents wait to stand in for a lost one (needs in_job_restarts)
+    rendezvous_timeout: int | None = None  # agents' wait for every node (None: DEFAULT_RENDEZVOUS_TIMEOUT_S)
     cluster: str = "slurm"
     container_image: str | None = None
     log_dir: str | None = None
@@ -85,7 +87,7 @@ class SubmitOptions:
 # Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "spare_nodes", "cluster",
+    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "spare_nodes", "rendezvous_timeout", "cluster",
     "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="allocate K more nodes whose agents wait in the rendezvous and stand in for a node that is lost "
         "(needs --in-job-restarts; the job is not killed when a node fails); default 0",
+    )
+    add(
+        "--rendezvous-timeout",
+        type=int,
+        help="seconds the nodes' agents wait for every node in a rendezvous (--in-job-restarts): when a node is "
+        f"lost and no spare waits, the job is requeued without it after this long (default {DEFAULT_RENDEZVOUS_TIMEOUT_S})",
     )
     add(
         "--cluster",
@@ -244,7 +252,7 @@ def validate(o: SubmitOptions) -> None:
 
 def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
-                      ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("spare_nodes", 0),
+                      ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("spare_nodes", 0), ("rendezvous_timeout", 10),
                       ("array_parallelism", 1)):  # fmt: skip
         value = getattr(o, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -264,6 +272,11 @@ def _check_cluster(o: SubmitOptions) -> None:
     if o.cluster == "local" and o.in_job_restarts:
         raise ConfigError(
             "--in-job-restarts needs --cluster slurm; on one machine use torchrun --max-restarts N"
+        )
+    if o.rendezvous_timeout is not None and not o.in_job_restarts:
+        raise ConfigError(
+            f"--rendezvous-timeout {o.rendezvous_timeout} applies to the agents of --in-job-restarts N; add that "
+            "or drop it"
         )
     if o.spare_nodes and not o.in_job_restarts:
         raise ConfigError(

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from disttrain.errors import EXIT_BAD_INPUT, EXIT_OK, ConfigError
-from disttrain.launch.options import parse
+from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, parse
 from disttrain.launch.plan import Plan, first_missing, not_submitted, prepare
 
 
@@ -70,6 +70,7 @@ def submit(plan: Plan) -> int:
                     opts.in_job_restarts,
                     opts.ranks_per_node,
                     opts.nodes,
+                    opts.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
                 )
             )
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind

@@ -221,3 +221,55 @@ def test_a_spare_nodes_agent_waits_through_the_run_and_the_job_completes(slurm, 
     assert "after the run finished" in spare_log and "the run's outcome stands" in spare_log, spare_log[
         -3000:
     ]
+
+
+def node_processes(job: int, node: str) -> list[int]:
+    """Every python process of the job on `node`: its SLURM task, the task's torch agent, the ranks."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            environ = set(Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        mine = {f"SLURM_JOB_ID={job}".encode(), f"SLURMD_NODENAME={node}".encode()} <= environ
+        if mine and b"python" in cmdline.split(b"\0")[0]:
+            found.append(int(entry))
+    return found
+
+
+def test_a_node_lost_whole_without_a_spare_requeues_the_job_without_it(slurm, tmp_path):
+    """Every process of the job on node2 killed -9 (the node lost: its agent gone too). node1's agent
+    restarts its rank, and the new rendezvous round waits for node2 in vain; after --rendezvous-timeout
+    the first node's task requeues the job with node2 excluded, and the events and status name it."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--time", "5", "--in-job-restarts", "3",
+                 "--rendezvous-timeout", "15", *RUN[:1], "trainer.max_steps=2000", "pipeline.args.step_delay=0.1",
+                 "trainer.log_every=5", "checkpoint.every_steps=20")  # fmt: skip
+    wait_for_event(run_dir, lambda e: e["event"] == "ready", 120, slurm, job)
+    deadline = time.monotonic() + 30
+    while node_worker(job, "node2") is None:
+        assert time.monotonic() < deadline, job_logs(run_dir)
+        time.sleep(0.1)
+    time.sleep(1.0)  # a few steps in
+    doomed = node_processes(job, "node2")
+    assert len(doomed) >= 3, doomed  # the task, its agent, the rank
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", 120, slurm, job)
+    assert requeue["lost_nodes"] == ["node2"] and requeue["excluded"] == ["node2"], requeue
+    assert "node2 did not come back to the rendezvous within 15 s" in requeue["reason"], requeue
+    slurm.wait_state(job, "PENDING", timeout=60)
+    info = slurm.scontrol_show_job(job)
+    assert (info["ExcNodeList"], info["Restarts"]) == ("node2", "1"), info
+    assert "requeued without node2, lost during the job" in collect(str(run_dir))["detail"]
+    assert [e["event"] for e in events(run_dir)].count("requeue") == 1, (
+        "one requeue, by the first node's task"
+    )
+    slurm.cancel(job)
+    slurm.wait_state(job, {"CANCELLED"}, timeout=30)
+    deadline = time.monotonic() + 30  # a pending job's planned nodes must be idle for the next test
+    while "planned" in slurm.run(["sinfo", "-h", "-o", "%t"]).stdout and time.monotonic() < deadline:
+        time.sleep(0.5)

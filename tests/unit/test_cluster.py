@@ -137,3 +137,28 @@ def test_a_worker_whose_agent_joined_after_the_first_round_counts_the_restart_of
     assert late_joiner(env, str(tmp_path)).restart_count == 1
     restarted = ClusterEnv(launcher="torchrun", job_id="peers", restart_count=3)
     assert late_joiner(restarted, str(tmp_path)) == restarted
+
+
+def test_a_lost_node_is_told_from_torchs_error_file_and_named_by_the_survivors_hang_records(tmp_path):
+    import json
+
+    from disttrain.launch.agent import _timed_out
+    from disttrain.resume import lost_hosts
+
+    error = tmp_path / "agent_error.json"
+    assert not _timed_out(str(error))  # no file: the agent did not record an exception
+    error.write_text(json.dumps({"message": {"message": "RendezvousTimeoutError: ", "extraInfo": {}}}))
+    assert _timed_out(str(error))
+    error.write_text(json.dumps({"message": {"message": "ChildFailedError: rank 1 exited 1"}}))
+    assert not _timed_out(str(error))  # its ranks failed: not a lost node
+
+    hang = lambda job, restart, host: {"time": 1.0, "event": "hang", "job_id": job, "restart_count": restart,  # noqa: E731
+                                       "ranks": [{"rank": 1, "host": host}]}  # fmt: skip
+    (tmp_path / "events.jsonl").write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in (hang("7", 0, "node3"), hang("7", 1, "node2"), hang("8", 2, "node9"))
+        )
+    )
+    assert lost_hosts(str(tmp_path), "7") == ["node2"]  # the job's newest segment only
+    assert lost_hosts(str(tmp_path), "5") == []

@@ -315,14 +315,24 @@ class History:
     running_s: float
     unclean: int  # segments that ended without a recorded stop or finish: killed, lost, failed
     save_s: list[float]  # blocking seconds of past saves, oldest first
+    local_served: int = 0  # of the unclean ones, those the next segment resumed from the local tier
 
 
 def history(events: list[Event]) -> History:
     """A run's interruption and save history (every segment here has ended: call it before `start`)."""
     g = compute(events)
-    unclean = sum(1 for s in g.segments if s.ended in ("killed", ev.ERROR))
+    lost = [s.ended in ("killed", ev.ERROR) for s in g.segments]
+    after = [ev.resumed_from(seg) for seg in ev.split_segments(_timed_records(events))][1:] + [None]
+    served = sum(
+        1 for was, r in zip(lost, after) if was and r is not None and r.get("tier") in ("local", "peer")
+    )
     saves = [_num(e.get("seconds")) for e in events if ev.kind(e) == ev.CHECKPOINT and e.get("seconds")]
-    return History(g.running_s, unclean, saves)
+    return History(g.running_s, sum(lost), saves, served)
+
+
+def _timed_records(events: list[Event]) -> list[Event]:
+    """The records `compute` splits into segments (those with a numeric time)."""
+    return [e for e in events if isinstance(e.get("time"), (int, float))]
 
 
 # ---------------------------------------------------------------------------------------- render
@@ -353,6 +363,11 @@ def describe_interval(info: dict[str, Any]) -> str:
         f"auto, {duration(_num(info.get('seconds')))} = sqrt(2 x MTBI {duration(_num(info.get('mtbi_s')))} x save "
         f"{duration(_num(info.get('save_s')))}); MTBI from {_int(info.get('unclean'))} unclean interruption(s) in "
         f"{duration(_num(info.get('running_s')))} running plus the prior {duration(_num(info.get('prior_s')))}"
+        + (
+            f" ({_int(info['local_served'])} more served by the local tier)"
+            if info.get("local_served")
+            else ""
+        )
     )
 
 

@@ -15,7 +15,9 @@ on average every M seconds, the expected loss per unit time, C / T + T / (2 M), 
   current one. The prior (checkpoint.mtbi_prior_minutes) counts as one interruption's worth of
   evidence: a new run assumes it, and its own history takes over as interruptions and hours add up.
   Clean stops (preemption, the time-limit warning) save on the way out and lose nothing, so they do
-  not count.
+  not count; with the local tier on (checkpoint.local), neither do the crashes a restart resumed from
+  it (own node or a peer's copy): the durable tier only has to cover what the local one cannot (a node
+  lost with its peers, a requeue onto other nodes).
 
 When (the steps): rank 0 decides from its clock; every rank learns the decision at a step all of them
 know in advance (one small broadcast, about one per save), so no other step pays a collective.
@@ -48,6 +50,7 @@ class Estimate:
     unclean: int
     running_s: float
     prior_s: float
+    local_served: int = 0  # unclean interruptions the local tier served, left out of the MTBI
 
     def fields(self) -> dict[str, float]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -58,13 +61,18 @@ def young_daly(mtbi_s: float, save_s: float) -> float:
     return max(save_s, math.sqrt(2.0 * mtbi_s * save_s))
 
 
-def estimate(past: History, running_now_s: float, saves_now: list[float], prior_s: float) -> Estimate:
-    """The interval from the run's past segments, the current segment's running time and its saves."""
+def estimate(
+    past: History, running_now_s: float, saves_now: list[float], prior_s: float, local: bool = False
+) -> Estimate:
+    """The interval from the run's past segments, the current segment's running time and its saves.
+    `local`: the local tier is on, so the crashes it served before do not count."""
     running = past.running_s + running_now_s
-    mtbi = (prior_s + running) / (1 + past.unclean)
+    served = past.local_served if local else 0
+    unclean = past.unclean - served
+    mtbi = (prior_s + running) / (1 + unclean)
     recent = (past.save_s + saves_now)[-RECENT_SAVES:]
     save = statistics.median(recent) if recent else DEFAULT_SAVE_S
-    return Estimate(young_daly(mtbi, save), mtbi, save, past.unclean, running, prior_s)
+    return Estimate(young_daly(mtbi, save), mtbi, save, unclean, running, prior_s, served)
 
 
 class AutoInterval:
@@ -72,9 +80,12 @@ class AutoInterval:
     every step; `saved(seconds)` after every save, whatever its reason. `past` is rank 0's (the other
     ranks pass None: they only learn decisions)."""
 
-    def __init__(self, past: History | None, prior_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, past: History | None, prior_s: float, clock: Callable[[], float] = time.monotonic,
+        local: bool = False,
+    ):  # fmt: skip
         self.past = past or History(0.0, 0, [])
-        self.prior_s, self.clock = prior_s, clock
+        self.prior_s, self.clock, self.local = prior_s, clock, local
         self.began = self.last_save = clock()
         self.saves: list[float] = []
         self.next_check: int | None = None  # the step of the next decision (None: the first step)
@@ -93,7 +104,7 @@ class AutoInterval:
     def decide(self, step: int) -> tuple[bool, int]:
         """(save now?, the step of the next decision), from this process's clock (rank 0's)."""
         now = self.clock()
-        self.current = estimate(self.past, now - self.began, self.saves, self.prior_s)
+        self.current = estimate(self.past, now - self.began, self.saves, self.prior_s, self.local)
         pace = (now - self.checked[1]) / max(1, step - self.checked[0]) if self.checked else None
         self.checked = (step, now)
         since = now - self.last_save
@@ -122,4 +133,4 @@ def for_run(layout: RunDir, cfg: CheckpointConfig) -> AutoInterval | None:
     from disttrain import dist
 
     past = dist.on_main(lambda: goodput.history(events.read(layout.path)))
-    return AutoInterval(past, cfg.mtbi_prior_minutes * 60)
+    return AutoInterval(past, cfg.mtbi_prior_minutes * 60, local=cfg.local.every_steps > 0)

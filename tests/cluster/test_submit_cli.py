@@ -47,8 +47,14 @@ def test_help_is_instant_and_imports_no_torch():
         (["--cluster", "local", "--in-job-restarts", "2"], "--in-job-restarts needs --cluster slurm"),
         (["--nodes", "2", "--spare-nodes", "1"], "--spare-nodes 1 needs --in-job-restarts N"),
         (["--spare-nodes", "-1"], "--spare-nodes: -1 must be an integer >= 0"),
-        (["--rendezvous-timeout", "60"], "--rendezvous-timeout 60 applies to the agents of --in-job-restarts"),
-        (["--in-job-restarts", "2", "--rendezvous-timeout", "5"], "--rendezvous-timeout: 5 must be an integer >= 10"),
+        (
+            ["--rendezvous-timeout", "60"],
+            "--rendezvous-timeout 60 applies to the agents of --in-job-restarts",
+        ),
+        (
+            ["--in-job-restarts", "2", "--rendezvous-timeout", "5"],
+            "--rendezvous-timeout: 5 must be an integer >= 10",
+        ),
         (["--profile", "nosuch.yaml"], "--profile 'nosuch.yaml' not found"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["trainer.max_stepz=5"], "did you mean trainer.max_steps?"),

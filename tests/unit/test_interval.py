@@ -59,6 +59,26 @@ def test_clean_stops_are_not_interruptions_kills_and_failures_are():
     assert (h.unclean, h.save_s) == (2, [0.3, 0.5]) and h.running_s > 0
 
 
+def test_crashes_the_local_tier_served_do_not_shorten_the_durable_interval():
+    """Two kills: the first resumed from the local tier, the second from the durable one. With the local
+    tier on, only the second counts towards the durable tier's MTBI; with it off, both do."""
+    events = [
+        {"time": 0.0, "event": "start", "step": 0},
+        {"time": 10.0, "event": "checkpoint", "step": 100, "seconds": 0.3, "reason": "periodic"},
+        {"time": 30.0, "event": "start", "step": 180, "restart_count": 1},  # killed before
+        {"time": 31.0, "event": "resume", "step": 180, "tier": "local"},
+        {"time": 60.0, "event": "start", "step": 100, "restart_count": 2},  # killed again, local lost
+        {"time": 61.0, "event": "resume", "step": 100, "tier": "durable"},
+        {"time": 90.0, "event": "finish", "step": 400},
+    ]
+    h = goodput.history(events)
+    assert (h.unclean, h.local_served) == (2, 1)
+    on, off = estimate(h, 0.0, [], 3600, local=True), estimate(h, 0.0, [], 3600, local=False)
+    assert (on.unclean, on.local_served, off.unclean) == (1, 1, 2)
+    assert on.mtbi_s == pytest.approx((3600 + h.running_s) / 2) and on.seconds > off.seconds
+    assert "(1 more served by the local tier)" in goodput.describe_interval(on.fields())
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0

@@ -153,3 +153,19 @@ def test_a_full_disk_under_the_metrics_log_ends_in_one_line_naming_it(small_disk
     verify = subprocess.run([sys.executable, "-m", "disttrain", "ckpt", "verify", str(run_dir)], env=child_env(),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert verify.returncode == 0 and verify.stdout == "step 2: OK\n", verify  # committed: intact
+
+
+def test_a_full_local_tier_folder_warns_once_and_training_goes_on_with_the_durable_tier(small_disk, tmp_path):
+    """Issue 20: checkpoint.local.dir on a tmpfs with no free page. Every local piece fails to write; the
+    run warns once, trains to the end and commits its durable checkpoint as without the tier."""
+    fill(small_disk)
+    run_dir = tmp_path / "run"
+    done = run_main(f"run_dir={run_dir}", "trainer.max_steps=8", "trainer.eval_every=0", *FAST,
+                    "checkpoint.local.every_steps=2", f"checkpoint.local.dir={small_disk / 'local'}")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "warning: local checkpoint" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], done.stderr[-3000:]
+    assert "training goes on, the durable tier" in warnings[0] and "Traceback" not in done.stderr
+    verify = subprocess.run([sys.executable, "-m", "disttrain", "ckpt", "verify", str(run_dir)], env=child_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0 and verify.stdout == "step 8: OK\n", verify

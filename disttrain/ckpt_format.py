@@ -8,6 +8,7 @@ refused twice. `manifest.json` is written last; a directory without one does not
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -165,17 +166,20 @@ def _check(path: str, name: str, m: State, data: bytes, hasher: _Sha256) -> None
 def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     """(app_state, per-rank states) of the checkpoint at `path`; every file is checked before use."""
     m = read_manifest(path)
-    # The weights are parsed while their hash is still being computed: safetensors is a format made
-    # to be parsed untrusted (no code runs), and nothing parsed is returned unless the hash matched.
-    # The .pt files are unpickled only after theirs matched.
-    data, hasher = _read_hashing(path, FILES[0])
-    try:
-        model = safetensors.torch.load(data)
-    except Exception as err:  # the safetensors parser's own error types
-        _check(path, FILES[0], m, data, hasher)  # a corrupt file: say so by its hash first
-        raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
-    _check(path, FILES[0], m, data, hasher)
-    blobs = {name: read_verified(path, name, m) for name in FILES[1:]}
+    # The .pt files are read and hashed on a thread of their own meanwhile (reads and sha256 release the
+    # GIL), and unpickled only after their hash matched. The weights are parsed while their hash is
+    # still being computed: safetensors is a format made to be parsed untrusted (no code runs), and
+    # nothing parsed is returned unless the hash matched.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disttrain-read") as pool:
+        later = pool.submit(lambda: {name: read_verified(path, name, m) for name in FILES[1:]})
+        data, hasher = _read_hashing(path, FILES[0])
+        try:
+            model = safetensors.torch.load(data)
+        except Exception as err:  # the safetensors parser's own error types
+            _check(path, FILES[0], m, data, hasher)  # a corrupt file: say so by its hash first
+            raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
+        _check(path, FILES[0], m, data, hasher)
+        blobs = later.result()
     state = _torch_load(blobs["state.pt"], fs.join(path, "state.pt"))
     ranks = _torch_load(blobs["ranks.pt"], fs.join(path, "ranks.pt"))
     if not isinstance(state, dict) or not isinstance(ranks, list):

@@ -65,7 +65,8 @@ def agent_command(
         # every node is the same machine). A node that died holds its place until 3 missed heartbeats.
         "--rdzv-conf",
         f"is_host={int(env.node_rank == 0)},keep_alive_interval=2,keep_alive_max_attempt=3,join_timeout={join_timeout}",
-        "--monitor-interval", "0.5", "-m", "disttrain.main", "--config", config_path,
+        # torch's default monitor interval (0.1 s): a dead rank is seen sooner than at the 0.5 s used before
+        "--monitor-interval", "0.1", "-m", "disttrain.main", "--config", config_path,
     ]  # fmt: skip
 
 

@@ -382,11 +382,18 @@ def kill_split(v: Variant) -> list[str]:
     (the `restart` cause: the killed segment's last record to the new processes' start, which takes in
     the failure's detection, the teardown of the surviving ranks and the agents' new rendezvous round;
     then the new processes' own `ready` split), against the harness's own clock."""
-    pairs = [(c, after) for c, after in zip(v.cycles, v.cycles[1:]) if c.get("kill_to_training_s") is not None]
+    pairs = [
+        (c, after) for c, after in zip(v.cycles, v.cycles[1:]) if c.get("kill_to_training_s") is not None
+    ]
     if not pairs:
         return []
     head = "| phase | " + " | ".join(f"restart {after['restart']}" for _, after in pairs) + " | median |"
-    lines = [f"Kill -9 to training again, split (seconds; {v.name}):", "", head, "|" + " --- |" * (len(pairs) + 2)]
+    lines = [
+        f"Kill -9 to training again, split (seconds; {v.name}):",
+        "",
+        head,
+        "|" + " --- |" * (len(pairs) + 2),
+    ]
     for name, part in SPLIT:
         values = [part(after) for _, after in pairs]
         lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in values) + f" | {median(values):.2f} |")
@@ -450,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rewrite the section from RESULTS_goodput.json")
     args = p.parse_args(argv)
     if args.report_only:
-        replace_section(args.out, "goodput", report(_merged(Path(args.out).with_name("RESULTS_goodput.json"), [])))
+        replace_section(
+            args.out, "goodput", report(_merged(Path(args.out).with_name("RESULTS_goodput.json"), []))
+        )
         return 0
     command = "python -m bench.goodput" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])

@@ -83,7 +83,9 @@ def report(data: dict[str, Any]) -> str:
             mine = runs[variant]
             state = f"{median([r['state_bytes'] for r in mine]) / 1e6:.0f} MB"
             if variant == "off":
-                lines.append(f"| {model} ({what}) | {state} | off | {median(off) * 1e3:.1f} ms | 1 (baseline) | | | | | | |")
+                lines.append(
+                    f"| {model} ({what}) | {state} | off | {median(off) * 1e3:.1f} ms | 1 (baseline) | | | | | | |"
+                )
                 continue
             steps = [r["step_s"] for r in mine]
             rs = [a / b for a, b in zip(steps, off)]

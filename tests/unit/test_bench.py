@@ -90,3 +90,32 @@ def test_sections_other_commands_own_survive_a_rewrite_and_are_replaced_in_place
         and "## Goodput\nsecond" in text
         and "## Start-up\nonly" in text
     )
+
+
+def test_new_sections_judge_their_goals_from_the_measured_numbers():
+    """bench.localtier and bench.lightning_resume: the verdicts follow the figures (a ratio over the goal
+    is `missed`, under it `met`), from repetitions shaped as their workers return them."""
+    from bench import lightning_resume, localtier
+
+    info = {"date": "d", "nproc": 2, "cpu_model": "cpu", "load_avg_at_start": [0.0] * 3,
+            "load_avg_at_end": [0.0] * 3, "git_commit": "c", "torch": "t"}  # fmt: skip
+
+    def run(step_s: float, blocked_s: float) -> dict:
+        return {"step_s": step_s, "blocked_s": blocked_s, "copy_s": 0.01, "waited_s": 0.0, "state_bytes": 3e8}
+
+    results = {m: {"off": [run(1.0, 0)], "every step": [run(1.5, 0.011)], "every 20 steps": [run(1.01, 0.02)]}
+               for m in localtier.MODELS}  # fmt: skip
+    text = localtier.report({"info": info, "reps": 1, "results": results})
+    assert (
+        "| 1.500 (1.500-1.500) | <= 1.02 **missed** |" in text
+        and "| 1.10 (1.10-1.10) | <= 1.2: **met** |" in text
+    )
+    assert "| 2.00 (2.00-2.00) | <= 1.2: **missed** |" in text
+
+    def worker(fresh: float, resumed: float) -> dict:
+        return {"fresh": [fresh] * 3, "resumed": [resumed] * 3, "bytes": 3e8, "version": "2.6"}
+
+    data = {"info": info, "reps": 3, "rounds": 1,
+            "results": {"disttrain": [worker(1.0, 1.2)], "lightning": [worker(1.0, 1.1)]}}  # fmt: skip
+    assert "disttrain's added time / Lightning's: **2.00**" in lightning_resume.report(data)
+    assert "goal <= 1.0: **missed**" in lightning_resume.report(data)

@@ -229,7 +229,8 @@ def run_variant(cluster: SlurmCluster, v: Variant, cycles: int, root: Path) -> V
     shutil.rmtree(base, ignore_errors=True)
     reference = Reference(base / "reference", args, steps)
     run_dir = base / "run"
-    in_job = ("--in-job-restarts", "1000", f"checkpoint.local.every_steps={LOCAL_EVERY}",
+    # --leave-out-after 0: the harness's kills are not the node's fault, and would get it left out
+    in_job = ("--in-job-restarts", "1000", "--leave-out-after", "0", f"checkpoint.local.every_steps={LOCAL_EVERY}",
               f"checkpoint.local.dir={base / 'local'}") if v.in_job else ()  # fmt: skip
     job = submit(cluster, run_dir, "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2",
                  "--time", "600", "--max-requeues", "1000", *in_job, *args)  # fmt: skip

@@ -103,11 +103,8 @@ def ended_for_good(run_dir: str) -> str | None:
     )
 
 
-FAILURES_TO_LEAVE_OUT = 2  # a node whose ranks failed this many times in one job is left out of it
-
-
-def failing_hosts(run_dir: str, job_id: str) -> list[str]:
-    """Hosts whose ranks died or hung `FAILURES_TO_LEAVE_OUT` times in this SLURM job (its attempts and
+def failing_hosts(run_dir: str, job_id: str, times: int = 2) -> list[str]:
+    """Hosts whose ranks died or hung `times` times (--leave-out-after) in this SLURM job (its attempts and
     in-job restarts), as the `hang` events of the surviving ranks named them: one count per host per
     segment. Torch-free: read before anything is built."""
     from disttrain import events as ev
@@ -120,7 +117,7 @@ def failing_hosts(run_dir: str, job_id: str) -> list[str]:
             host = rank.get("host") if isinstance(rank, dict) else None
             if host:
                 seen.setdefault(str(host), set()).add(int(record.get("restart_count") or 0))
-    return sorted(host for host, segments in seen.items() if len(segments) >= FAILURES_TO_LEAVE_OUT)
+    return sorted(host for host, segments in seen.items() if len(segments) >= times)
 
 
 def lost_hosts(run_dir: str, job_id: str) -> list[str]:

@@ -213,11 +213,11 @@ def start(
         preflight(cfg, env.world_size, restart_count=env.restart_count, test=test)
     except ConfigError as err:
         return _bad_input(env, err)
-    failing = (
-        resume.failing_hosts(cfg.run_dir, env.job_id) if env.slurm_agent and env.restart_count > 0 else []
-    )
+    restarted_agent = env.slurm_agent and env.restart_count > 0 and policy.leave_out_after > 0
+    failing = resume.failing_hosts(cfg.run_dir, env.job_id, policy.leave_out_after) if restarted_agent else []
     if failing:  # every rank reads the same records: all leave alike, rank 0 requeues without the node(s)
-        why = f"node(s) {', '.join(failing)} failed twice in this job"
+        times = "twice" if policy.leave_out_after == 2 else f"{policy.leave_out_after} times"
+        why = f"node(s) {', '.join(failing)} failed {times} in this job"
         return requeue_without(cfg, env, policy, failing, why)
     final = resume.ended_for_good(cfg.run_dir) if env.restart_count > 0 and not test else None
     if final is not None:  # a restart (torchrun, in-job, requeue) after a non-finite stop: fail again at once

@@ -28,6 +28,8 @@ EXCLUDE_SLOW_ENV = (
     "DISTTRAIN_EXCLUDE_SLOW_NODES"  # srun python -m disttrain.main: "1" for --exclude-slow-nodes
 )
 DEFAULT_MAX_REQUEUES = 10
+LEAVE_OUT_ENV = "DISTTRAIN_LEAVE_OUT_AFTER"  # in-job agents' ranks: --leave-out-after N
+DEFAULT_LEAVE_OUT_AFTER = 2  # a node whose ranks failed this many times in one job is left out of it
 SCONTROL_TIMEOUT_S = 30
 PORT_BASE, PORT_SPAN = 15000, 15000  # rendezvous ports: 15000-29999, clear of Linux's ephemeral 32768+
 PORT_STRIDE = 7919  # a prime: each attempt's port moves far from the last, and cycles through the span
@@ -142,11 +144,15 @@ class RequeuePolicy:
 
     max_requeues: int = 0
     exclude_slow_nodes: bool = False
+    leave_out_after: int = DEFAULT_LEAVE_OUT_AFTER  # failures of a node's ranks in a job; 0: never
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RequeuePolicy:
-        """A job launched without `disttrain submit` (srun python -m disttrain.main)."""
-        return cls(max_requeues_from_env(environ), exclude_slow_from_env(environ))
+        """A job launched without `disttrain submit` (srun python -m disttrain.main), or the ranks an
+        in-job agent spawns (launch/agent.py hands them the policy in these variables)."""
+        value = (os.environ if environ is None else environ).get(LEAVE_OUT_ENV, "").strip()
+        leave_out = int(value) if value.isdigit() else DEFAULT_LEAVE_OUT_AFTER
+        return cls(max_requeues_from_env(environ), exclude_slow_from_env(environ), leave_out)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def _state(
         nodes = ", ".join(last.get("excluded") or last["failing_nodes"])
         return (
             "requeued",
-            f"requeued without node(s) {nodes}, whose ranks failed twice in this job; waiting for SLURM",
+            f"requeued without node(s) {nodes}, whose ranks kept failing in this job; waiting for SLURM",
         )
     if kind == ev.REQUEUE and "lost_nodes" in last:  # a node lost whole, no spare: the agents gave up on it
         nodes = ", ".join(last.get("excluded") or last["lost_nodes"]) or "a node"

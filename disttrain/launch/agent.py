@@ -80,6 +80,7 @@ def agent_env(
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # fmt: skip
     if policy.exclude_slow_nodes:
         env[slurm.EXCLUDE_SLOW_ENV] = "1"
+    env[slurm.LEAVE_OUT_ENV] = str(policy.leave_out_after)
     if secrets:
         env[SECRETS_ENV] = json.dumps(secrets)
     if "OMP_NUM_THREADS" not in env:  # the task's CPUs shared by its ranks, as one task per rank gets them

@@ -24,6 +24,7 @@ from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, SubmitOptions
 from disttrain.launch.plan import check_config, first_missing, log_folder, not_submitted
 from disttrain.launch.sweep import Task, expand, read_sweep_file
 from disttrain.rundir import RunDir
+from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER
 
 
 @dataclass
@@ -123,6 +124,7 @@ def submit(plan: SweepPlan) -> int:
                 o.ranks_per_node,
                 o.nodes,
                 o.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
+                DEFAULT_LEAVE_OUT_AFTER if o.leave_out_after is None else o.leave_out_after,
             )
         )
     created = first_missing(plan.folder)

@@ -23,7 +23,7 @@ from disttrain.config import Config, dump_yaml, load_config, to_dict
 from disttrain.errors import ConfigError
 from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S
 from disttrain.secrets import SECRETS_ENV, redacted_keys, secret_overrides, take_secrets
-from disttrain.slurm import RequeuePolicy
+from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER, RequeuePolicy
 
 if TYPE_CHECKING:
     from disttrain.run import RunResult
@@ -50,6 +50,7 @@ class TrainJob:
     ranks_per_node: int = 1  # the ranks that agent spawns
     nodes: int = 0  # the nodes that train (--nodes); the job's others are spares (--spare-nodes). 0: all
     rendezvous_timeout: int = DEFAULT_RENDEZVOUS_TIMEOUT_S  # the agents' wait for every node
+    leave_out_after: int = DEFAULT_LEAVE_OUT_AFTER  # a node failing this many times is left out; 0: never
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal
@@ -66,7 +67,7 @@ class TrainJob:
             cfg = self.config()
         except ConfigError as err:
             return self.finish(run.RunResult(run.Outcome.BAD_INPUT, message=str(err)), env)
-        policy = RequeuePolicy(self.max_requeues, self.exclude_slow_nodes)
+        policy = RequeuePolicy(self.max_requeues, self.exclude_slow_nodes, self.leave_out_after)
         if self.in_job_restarts and env.launcher == "slurm":
             return self.run_agent(cfg, env, stop, policy)
         return self.finish(run.start(cfg, env, stop, policy=policy), env)

@@ -18,7 +18,7 @@ from typing import NoReturn
 import yaml
 
 from disttrain.errors import ConfigError
-from disttrain.slurm import DEFAULT_MAX_REQUEUES
+from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER, DEFAULT_MAX_REQUEUES
 
 DEFAULT_TIME = "1:00:00"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300  # --in-job-restarts: how long agents wait for a lost node to come back
@@ -51,6 +51,9 @@ class SubmitOptions:
     max_requeues: int = DEFAULT_MAX_REQUEUES
     in_job_restarts: int = 0  # > 0: one elastic agent per node restarts crashed ranks in the allocation
     spare_nodes: int = 0  # extra nodes whose agents wait to stand in for a lost one (needs in_job_restarts)
+    leave_out_after: int | None = (
+        None  # failures of a node's ranks before it is left out (None: the default 2)
+    )
     rendezvous_timeout: int | None = None  # agents' wait for every node (None: DEFAULT_RENDEZVOUS_TIMEOUT_S)
     cluster: str = "slurm"
     container_image: str | None = None
@@ -87,7 +90,7 @@ class SubmitOptions:
 # Settings a profile may hold: the SLURM side of a submission, never the config or the run's actions.
 PROFILE_KEYS = (
     "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "spare_nodes", "rendezvous_timeout", "cluster",
+    "time", "job_name", "constraint", "exclude", "exclude_slow_nodes", "signal_delay", "max_requeues", "in_job_restarts", "spare_nodes", "rendezvous_timeout", "leave_out_after", "cluster",
     "container_image", "log_dir", "array_parallelism",
 )  # fmt: skip
 
@@ -145,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="allocate K more nodes whose agents wait in the rendezvous and stand in for a node that is lost "
         "(needs --in-job-restarts; the job is not killed when a node fails); default 0",
+    )
+    add(
+        "--leave-out-after",
+        type=int,
+        help="with --in-job-restarts: a node whose ranks fail N times in a job is left out (the job is "
+        f"requeued without it); 0: never (default {DEFAULT_LEAVE_OUT_AFTER})",
     )
     add(
         "--rendezvous-timeout",
@@ -253,6 +262,7 @@ def validate(o: SubmitOptions) -> None:
 def _check_counts(o: SubmitOptions) -> None:
     for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 1), ("cpus_per_task", 1),
                       ("signal_delay", 0), ("max_requeues", 0), ("in_job_restarts", 0), ("spare_nodes", 0), ("rendezvous_timeout", 10),
+                      ("leave_out_after", 0),
                       ("array_parallelism", 1)):  # fmt: skip
         value = getattr(o, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
@@ -277,6 +287,11 @@ def _check_cluster(o: SubmitOptions) -> None:
         raise ConfigError(
             f"--rendezvous-timeout {o.rendezvous_timeout} applies to the agents of --in-job-restarts N; add that "
             "or drop it"
+        )
+    if o.leave_out_after is not None and not o.in_job_restarts:
+        raise ConfigError(
+            f"--leave-out-after {o.leave_out_after} applies to the agents of --in-job-restarts N; add that or "
+            "drop it"
         )
     if o.spare_nodes and not o.in_job_restarts:
         raise ConfigError(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from disttrain.errors import EXIT_BAD_INPUT, EXIT_OK, ConfigError
 from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, parse
 from disttrain.launch.plan import Plan, first_missing, not_submitted, prepare
+from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +72,7 @@ def submit(plan: Plan) -> int:
                     opts.ranks_per_node,
                     opts.nodes,
                     opts.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
+                    DEFAULT_LEAVE_OUT_AFTER if opts.leave_out_after is None else opts.leave_out_after,
                 )
             )
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind

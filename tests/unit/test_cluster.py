@@ -162,3 +162,18 @@ def test_a_lost_node_is_told_from_torchs_error_file_and_named_by_the_survivors_h
     )
     assert lost_hosts(str(tmp_path), "7") == ["node2"]  # the job's newest segment only
     assert lost_hosts(str(tmp_path), "5") == []
+
+
+def test_how_many_failures_leave_a_node_out_travels_to_the_ranks_and_counts_segments(tmp_path):
+    import json
+
+    from disttrain.resume import failing_hosts
+    from disttrain.slurm import LEAVE_OUT_ENV, RequeuePolicy
+
+    assert RequeuePolicy.from_env({}).leave_out_after == 2
+    assert RequeuePolicy.from_env({LEAVE_OUT_ENV: "0"}).leave_out_after == 0
+    hang = lambda restart: {"time": 1.0, "event": "hang", "job_id": "7", "restart_count": restart,  # noqa: E731
+                            "ranks": [{"rank": 1, "host": "node2"}]}  # fmt: skip
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(hang(r)) + "\n" for r in (0, 1, 1)))
+    assert failing_hosts(str(tmp_path), "7") == ["node2"]  # two segments: twice
+    assert failing_hosts(str(tmp_path), "7", times=3) == []

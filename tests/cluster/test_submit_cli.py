@@ -47,6 +47,7 @@ def test_help_is_instant_and_imports_no_torch():
         (["--cluster", "local", "--in-job-restarts", "2"], "--in-job-restarts needs --cluster slurm"),
         (["--nodes", "2", "--spare-nodes", "1"], "--spare-nodes 1 needs --in-job-restarts N"),
         (["--spare-nodes", "-1"], "--spare-nodes: -1 must be an integer >= 0"),
+        (["--leave-out-after", "0"], "--leave-out-after 0 applies to the agents of --in-job-restarts"),
         (
             ["--rendezvous-timeout", "60"],
             "--rendezvous-timeout 60 applies to the agents of --in-job-restarts",

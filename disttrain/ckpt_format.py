@@ -171,7 +171,7 @@ def read_checkpoint(path: str) -> tuple[State, list[Any]]:
     # still being computed: safetensors is a format made to be parsed untrusted (no code runs), and
     # nothing parsed is returned unless the hash matched.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="disttrain-read") as pool:
-        later = pool.submit(lambda: {name: read_verified(path, name, m) for name in FILES[1:]})
+        later = pool.submit(lambda: {name: load_pt_verified(path, name, m) for name in FILES[1:]})
         data, hasher = _read_hashing(path, FILES[0])
         try:
             model = safetensors.torch.load(data)
@@ -179,9 +179,8 @@ def read_checkpoint(path: str) -> tuple[State, list[Any]]:
             _check(path, FILES[0], m, data, hasher)  # a corrupt file: say so by its hash first
             raise CheckpointError(f"{fs.join(path, FILES[0])}: not a safetensors file ({err})") from None
         _check(path, FILES[0], m, data, hasher)
-        blobs = later.result()
-    state = _torch_load(blobs["state.pt"], fs.join(path, "state.pt"))
-    ranks = _torch_load(blobs["ranks.pt"], fs.join(path, "ranks.pt"))
+        loaded = later.result()
+    state, ranks = loaded["state.pt"], loaded["ranks.pt"]
     if not isinstance(state, dict) or not isinstance(ranks, list):
         raise CheckpointError(f"{path}: state.pt or ranks.pt does not hold what disttrain writes")
     return {"model": model, **state}, ranks
@@ -197,7 +196,7 @@ def parse_weights(path: str, data: bytes) -> State:
 
 def read_state(path: str, m: State) -> State:
     """state.pt, verified then loaded with weights_only."""
-    state = _torch_load(read_verified(path, "state.pt", m), fs.join(path, "state.pt"))
+    state = load_pt_verified(path, "state.pt", m)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: state.pt does not hold what disttrain writes")
     return state
@@ -205,15 +204,50 @@ def read_state(path: str, m: State) -> State:
 
 def read_ranks(path: str, m: State) -> list[Any]:
     """ranks.pt (every rank's RNG states and cursor), verified then loaded with weights_only."""
-    ranks = _torch_load(read_verified(path, "ranks.pt", m), fs.join(path, "ranks.pt"))
+    ranks = load_pt_verified(path, "ranks.pt", m)
     if not isinstance(ranks, list):
         raise CheckpointError(f"{path}: ranks.pt does not hold what disttrain writes")
     return ranks
 
 
-def _torch_load(data: bytes, where: str) -> Any:
+def load_pt_verified(path: str, name: str, m: State) -> Any:
+    """A .pt file of the checkpoint, unpickled (weights_only) only after its sha256 matched the manifest.
+    A local file is hashed through one open file descriptor in chunks, then loaded from that same
+    descriptor: one pass over the bytes fewer than reading them into memory first, and a file swapped
+    meanwhile by a rename is not the one loaded. Remote files: read whole, verified, loaded."""
+    where = fs.join(path, name)
+    if not fs.is_local(where):
+        return _torch_load(read_verified(path, name, m), where)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with open(fs.local_path(where), "rb") as fh:
+            return _verified_load(fh, where, m["files"][name])
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing (the manifest lists it)") from None
+
+
+def _verified_load(fh: Any, where: str, meta: State) -> Any:
+    digest, size = _sha256_open(fh)
+    problem = _mismatch(where, meta, size, digest)
+    if problem is not None:
+        raise CheckpointError(problem)
+    fh.seek(0)
+    return _torch_load(fh, where)
+
+
+def _sha256_open(fh: Any) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    while n := fh.readinto(buf):
+        h.update(view[:n])  # hashlib and readinto both release the GIL on chunks this size
+        size += n
+    return h.hexdigest(), size
+
+
+def _torch_load(data: bytes | Any, where: str) -> Any:
+    try:
+        source = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for foreign objects, RuntimeError for a broken archive
         raise CheckpointError(
             f"{where}: refused by torch.load(weights_only=True): {fs.first_line(err)}"

@@ -45,6 +45,9 @@ def _local(path: str) -> str:
     return path[len("file://") :] if path.startswith("file://") else path
 
 
+local_path = _local  # a local path or file:// URL as the OS takes it
+
+
 def filesystem(path: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it). Raises a clear error when the protocol's package is missing."""
     try:

@@ -190,15 +190,25 @@ def test_a_node_whose_ranks_fail_twice_is_left_out_of_the_requeued_job(slurm, tm
     requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", 120, slurm, job)
     assert requeue["excluded"] == ["node2"] and requeue["failing_nodes"] == ["node2"], requeue
     assert "node(s) node2 failed twice in this job" in requeue["reason"], requeue
-    slurm.wait_state(job, "PENDING", timeout=60)
-    info = slurm.scontrol_show_job(job)
-    assert (info["ExcNodeList"], info["Restarts"]) == ("node2", "1"), info
+    pending_without_node2(slurm, job)
     hangs = [e for e in events(run_dir) if e["event"] == "hang"]
     assert len(hangs) == 2 and all(r["host"] == "node2" for e in hangs for r in e["ranks"]), hangs
     assert "requeued without node(s) node2" in collect(str(run_dir))["detail"]
+    cancel_pending(slurm, job)
+
+
+def pending_without_node2(slurm, job: int) -> None:
+    """The job went back to the queue once, with node2 excluded."""
+    slurm.wait_state(job, "PENDING", timeout=60)
+    info = slurm.scontrol_show_job(job)
+    assert (info["ExcNodeList"], info["Restarts"]) == ("node2", "1"), info
+
+
+def cancel_pending(slurm, job: int) -> None:
+    """Cancel a requeued job; the nodes SLURM planned for it must be idle for the next test."""
     slurm.cancel(job)
     slurm.wait_state(job, {"CANCELLED"}, timeout=30)
-    deadline = time.monotonic() + 30  # a pending job's planned nodes must be idle for the next test
+    deadline = time.monotonic() + 30
     while "planned" in slurm.run(["sinfo", "-h", "-o", "%t"]).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
 
@@ -261,15 +271,9 @@ def test_a_node_lost_whole_without_a_spare_requeues_the_job_without_it(slurm, tm
     requeue = wait_for_event(run_dir, lambda e: e["event"] == "requeue", 120, slurm, job)
     assert requeue["lost_nodes"] == ["node2"] and requeue["excluded"] == ["node2"], requeue
     assert "node2 did not come back to the rendezvous within 15 s" in requeue["reason"], requeue
-    slurm.wait_state(job, "PENDING", timeout=60)
-    info = slurm.scontrol_show_job(job)
-    assert (info["ExcNodeList"], info["Restarts"]) == ("node2", "1"), info
+    pending_without_node2(slurm, job)
     assert "requeued without node2, lost during the job" in collect(str(run_dir))["detail"]
     assert [e["event"] for e in events(run_dir)].count("requeue") == 1, (
         "one requeue, by the first node's task"
     )
-    slurm.cancel(job)
-    slurm.wait_state(job, {"CANCELLED"}, timeout=30)
-    deadline = time.monotonic() + 30  # a pending job's planned nodes must be idle for the next test
-    while "planned" in slurm.run(["sinfo", "-h", "-o", "%t"]).stdout and time.monotonic() < deadline:
-        time.sleep(0.5)
+    cancel_pending(slurm, job)

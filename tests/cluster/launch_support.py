@@ -88,7 +88,10 @@ def wait_finished(slurm, job: int, run_dir: Path, timeout: float) -> None:
 
 def release(slurm, job: int, timeout: float = 60) -> None:
     """Start a requeued job now rather than after its ~2 min BeginTime (NOTES §6)."""
-    from tests.cluster.slurm_cluster import SlurmError
+    # The cluster fixture's module, as conftest imports it (tests/cluster on sys.path): the same module
+    # under its package name would be another SlurmError class, and the race below would not be caught
+    # (seen once in a full run: "Job is no longer pending execution").
+    from slurm_cluster import SlurmError
 
     deadline = time.monotonic() + timeout
     # The previous attempt may still be completing on its nodes for a moment after the job shows

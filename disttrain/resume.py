@@ -107,6 +107,20 @@ def failing_hosts(run_dir: str, job_id: str, times: int = 2) -> list[str]:
     """Hosts whose ranks died or hung `times` times (--leave-out-after) in this SLURM job (its attempts and
     in-job restarts), as the `hang` events of the surviving ranks named them: one count per host per
     segment. Torch-free: read before anything is built."""
+    seen = _hang_hosts(run_dir, job_id)
+    return sorted(host for host, segments in seen.items() if len(segments) >= times)
+
+
+def lost_hosts(run_dir: str, job_id: str) -> list[str]:
+    """The hosts the surviving ranks named in this SLURM job's newest `hang` records (those of its latest
+    segment): where the ranks that stopped answering ran, when a node was lost whole."""
+    seen = _hang_hosts(run_dir, job_id)
+    latest = max((max(segments) for segments in seen.values()), default=None)
+    return sorted(host for host, segments in seen.items() if latest in segments)
+
+
+def _hang_hosts(run_dir: str, job_id: str) -> dict[str, set[int]]:
+    """{host: the segments (restart counts) in which this job's `hang` records named a rank there}."""
     from disttrain import events as ev
 
     seen: dict[str, set[int]] = {}
@@ -117,26 +131,7 @@ def failing_hosts(run_dir: str, job_id: str, times: int = 2) -> list[str]:
             host = rank.get("host") if isinstance(rank, dict) else None
             if host:
                 seen.setdefault(str(host), set()).add(int(record.get("restart_count") or 0))
-    return sorted(host for host, segments in seen.items() if len(segments) >= times)
-
-
-def lost_hosts(run_dir: str, job_id: str) -> list[str]:
-    """The hosts the surviving ranks named in this SLURM job's newest `hang` records (those of its latest
-    segment): where the ranks that stopped answering ran, when a node was lost whole."""
-    from disttrain import events as ev
-
-    hangs = [r for r in ev.read(run_dir) if ev.kind(r) == ev.HANG and str(r.get("job_id", "")) == job_id]
-    if not hangs:
-        return []
-    latest = max(int(r.get("restart_count") or 0) for r in hangs)
-    hosts = {
-        str(rank["host"])
-        for r in hangs
-        if int(r.get("restart_count") or 0) == latest
-        for rank in r.get("ranks") or []
-        if isinstance(rank, dict) and rank.get("host")
-    }
-    return sorted(hosts)
+    return seen
 
 
 def source(cfg: Config, committed: list[int]) -> str | None:

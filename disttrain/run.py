@@ -316,13 +316,13 @@ def _after_fit(trainer: Trainer, fit: FitResult, env: ClusterEnv, policy: slurm.
 
 def requeue_without(
     cfg: Config, env: ClusterEnv, policy: slurm.RequeuePolicy, hosts: list[str], why: str,
-    field: str = "failing_nodes",
+    what: str = "failing",
 ) -> RunResult:  # fmt: skip
     """The job goes back to SLURM with `hosts` excluded (merged with --exclude), within --max-requeues,
     instead of training on them again: an in-job restart whose node(s) failed twice in this job (every
     rank returns the same outcome without training: exit 0, so torch's agent stops), or a node lost whole
     (the first node's SLURM task, launch/job.py; `hosts` may then be empty: requeued without exclusion).
-    Rank 0 requeues; the `requeue` event names the nodes under `field`."""
+    Rank 0 requeues; the `requeue` event names the nodes under `{what}_nodes`."""
     from disttrain.writers import EventLog
 
     nodes = ", ".join(hosts)
@@ -330,7 +330,7 @@ def requeue_without(
         return RunResult(Outcome.REQUEUED, message=f"node(s) {nodes} left out")
     events = EventLog(cfg.run_dir, env.job_id, env.restart_count, cfg=cfg)
     used = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    fields: dict[str, Any] = {"signal": None, field: hosts}
+    fields: dict[str, Any] = {"signal": None, f"{what}_nodes": hosts}
     if used >= policy.max_requeues:
         reason = f"{why}, and the requeue budget is spent ({used} of --max-requeues)"
         events.emit(ev.REQUEUE_REFUSED, reason=reason, **fields)
@@ -339,9 +339,7 @@ def requeue_without(
     decision = slurm.Requeue(True, why, None, policy.max_requeues - used - 1)
     decision = slurm.requeue(env.job_id, decision)
     if decision.requeued and hosts:
-        decision = slurm.exclude(
-            env.job_id, hosts, decision, what="failing" if field == "failing_nodes" else "lost"
-        )
+        decision = slurm.exclude(env.job_id, hosts, decision, what=what)
     kind = ev.REQUEUE if decision.requeued else ev.REQUEUE_REFUSED
     excluded = {"excluded": list(decision.excluded)} if decision.excluded else {}
     events.emit(kind, reason=decision.reason, budget_left=decision.budget_left, **fields, **excluded)

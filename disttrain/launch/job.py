@@ -105,7 +105,7 @@ class TrainJob:
         hosts = resume.lost_hosts(self.run_dir, env.job_id)
         nodes = ", ".join(hosts) if hosts else "a node"
         why = f"{nodes} did not come back to the rendezvous within {self.rendezvous_timeout} s (--rendezvous-timeout)"
-        return run.requeue_without(cfg, env, policy, hosts, why, field="lost_nodes")
+        return run.requeue_without(cfg, env, policy, hosts, why, what="lost")
 
     def config(self) -> Config:
         with tempfile.TemporaryDirectory(prefix="disttrain-job-") as tmp:

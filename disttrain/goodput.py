@@ -113,7 +113,7 @@ def compute(events: list[Event], open_until: float | None = None, open_step: int
     """Goodput over every segment of `events` (those with a numeric `time`). A last segment with no
     recorded end is still running up to `open_until` at step `open_step` when the caller knows it is
     alive (status does); without `open_until` it counts as killed at its last event."""
-    events = [e for e in events if isinstance(e.get("time"), (int, float))]
+    events = _timed_records(events)
     segments = ev.split_segments(events)
     timed: list[SegmentTime] = []
     for i, seg in enumerate(segments):

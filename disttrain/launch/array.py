@@ -20,11 +20,10 @@ from typing import Any
 from disttrain import fs, sweepdir
 from disttrain.config import Config, get_dotted, load_config, to_dict
 from disttrain.errors import EXIT_OK, ConfigError
-from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, SubmitOptions
+from disttrain.launch.options import SubmitOptions
 from disttrain.launch.plan import check_config, first_missing, log_folder, not_submitted
 from disttrain.launch.sweep import Task, expand, read_sweep_file
 from disttrain.rundir import RunDir
-from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER
 
 
 @dataclass
@@ -114,19 +113,7 @@ def submit(plan: SweepPlan) -> int:
     secrets: list[str] = []
     for cfg in plan.configs:  # the secrets are not swept (sweep.py refuses), so every task's are the same
         config_yaml, secrets = split_secrets(cfg)
-        jobs.append(
-            TrainJob(
-                config_yaml,
-                o.max_requeues,
-                cfg.run_dir,
-                o.exclude_slow_nodes,
-                o.in_job_restarts,
-                o.ranks_per_node,
-                o.nodes,
-                o.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
-                DEFAULT_LEAVE_OUT_AFTER if o.leave_out_after is None else o.leave_out_after,
-            )
-        )
+        jobs.append(TrainJob.of(o, config_yaml, cfg.run_dir))
     created = first_missing(plan.folder)
     try:
         executor = make_executor(o, plan.folder, plan.job_name, array_size=len(jobs))

@@ -21,7 +21,7 @@ from disttrain import cluster as cluster_mod
 from disttrain.cluster import ClusterEnv
 from disttrain.config import Config, dump_yaml, load_config, to_dict
 from disttrain.errors import ConfigError
-from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S
+from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, SubmitOptions
 from disttrain.secrets import SECRETS_ENV, redacted_keys, secret_overrides, take_secrets
 from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER, RequeuePolicy
 
@@ -51,6 +51,15 @@ class TrainJob:
     nodes: int = 0  # the nodes that train (--nodes); the job's others are spares (--spare-nodes). 0: all
     rendezvous_timeout: int = DEFAULT_RENDEZVOUS_TIMEOUT_S  # the agents' wait for every node
     leave_out_after: int = DEFAULT_LEAVE_OUT_AFTER  # a node failing this many times is left out; 0: never
+
+    @classmethod
+    def of(cls, o: SubmitOptions, config_yaml: str, run_dir: str) -> TrainJob:
+        """The job of one submission (or one task of a sweep), flags left unset taking their defaults."""
+        return cls(
+            config_yaml, o.max_requeues, run_dir, o.exclude_slow_nodes, o.in_job_restarts, o.ranks_per_node,
+            o.nodes, o.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
+            DEFAULT_LEAVE_OUT_AFTER if o.leave_out_after is None else o.leave_out_after,
+        )  # fmt: skip
 
     def __call__(self) -> dict[str, Any]:
         from disttrain.process import StopSignal

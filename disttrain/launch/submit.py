@@ -14,9 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from disttrain.errors import EXIT_BAD_INPUT, EXIT_OK, ConfigError
-from disttrain.launch.options import DEFAULT_RENDEZVOUS_TIMEOUT_S, parse
+from disttrain.launch.options import parse
 from disttrain.launch.plan import Plan, first_missing, not_submitted, prepare
-from disttrain.slurm import DEFAULT_LEAVE_OUT_AFTER
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,19 +61,7 @@ def submit(plan: Plan) -> int:
         executor = make_executor(opts, plan.folder, plan.job_name)
         # submitit echoes sbatch's stderr on failure; the error below carries it, on one line
         with secrets_in_environment(secrets), contextlib.redirect_stderr(io.StringIO()):
-            job = executor.submit(
-                TrainJob(
-                    config_yaml,
-                    opts.max_requeues,
-                    run_dir,
-                    opts.exclude_slow_nodes,
-                    opts.in_job_restarts,
-                    opts.ranks_per_node,
-                    opts.nodes,
-                    opts.rendezvous_timeout or DEFAULT_RENDEZVOUS_TIMEOUT_S,
-                    DEFAULT_LEAVE_OUT_AFTER if opts.leave_out_after is None else opts.leave_out_after,
-                )
-            )
+            job = executor.submit(TrainJob.of(opts, config_yaml, run_dir))
     except Exception as err:  # sbatch refused (bad partition, account...): say why, leave nothing behind
         return not_submitted(err, created)
     print_submitted(plan, job.job_id)
